@@ -1,0 +1,184 @@
+"""Reading and checking PEFT LoRA adapters (adapter_config.json + adapter_model.safetensors).
+
+Everything here runs before any tensor reaches the model: an adapter that fails a
+check is refused with a message naming the file and what to change. The
+checks follow vLLM's `PEFTHelper.validate_legal` idea: validate the config once, up front.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from qlora_serve.server.errors import FailedPrecondition, InvalidArgument
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+PICKLE_WEIGHTS = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
+_KEY_PREFIX = "base_model.model."
+# Config switches whose behaviour our batched LoRA does not implement. Refusing is
+# better than serving an adapter that silently computes something else.
+_UNSUPPORTED_TRUE = ("use_dora", "lora_bias", "use_qalora", "fan_in_fan_out")
+
+
+@dataclass(frozen=True)
+class LoraModule:
+    """One adapted Linear: delta(x) = scaling * (x @ lora_a.T) @ lora_b.T.
+
+    lora_a: [r, in_features]; lora_b: [out_features, r]; scaling: alpha / r (or alpha / sqrt(r) with rsLoRA).
+    """
+
+    lora_a: torch.Tensor
+    lora_b: torch.Tensor
+    scaling: float
+
+    @property
+    def rank(self) -> int:
+        return int(self.lora_a.shape[0])
+
+
+@dataclass(frozen=True)
+class LoraAdapter:
+    """A parsed, validated adapter. `modules` is keyed by the base model's module
+    name as in `model.named_modules()`, e.g. "model.layers.0.self_attn.q_proj"."""
+
+    path: Path
+    config: dict
+    modules: dict[str, LoraModule] = field(repr=False)
+
+    @property
+    def rank(self) -> int:
+        """The largest rank over all modules (rank_pattern can vary it per module)."""
+        return max(m.rank for m in self.modules.values())
+
+    @property
+    def alpha(self) -> float:
+        return float(self.config.get("lora_alpha", self.config.get("r", 8)))
+
+    @property
+    def target_modules(self) -> list[str]:
+        """Module name suffixes the adapter targets, sorted (e.g. ["q_proj", "v_proj"])."""
+        return sorted({name.rsplit(".", 1)[-1] for name in self.modules})
+
+    @property
+    def nbytes(self) -> int:
+        return sum(m.lora_a.numel() * m.lora_a.element_size() + m.lora_b.numel() * m.lora_b.element_size()
+                   for m in self.modules.values())
+
+
+def read_adapter_config(adapter_dir: Path) -> dict:
+    """Parse and check `adapter_config.json`; raise InvalidArgument naming the file and field."""
+    adapter_dir = Path(adapter_dir)
+    if not adapter_dir.is_dir():
+        raise InvalidArgument(f"adapter path {adapter_dir} is not a directory; pass the folder that holds {CONFIG_FILE} and {WEIGHTS_FILE}")
+    cfg_path = adapter_dir / CONFIG_FILE
+    if not cfg_path.is_file():
+        raise InvalidArgument(f"{cfg_path} is missing: a PEFT adapter directory needs {CONFIG_FILE} and {WEIGHTS_FILE} (save it with PeftModel.save_pretrained)")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InvalidArgument(f"{cfg_path} is not valid JSON: {exc}") from None
+    if not isinstance(cfg, dict):
+        raise InvalidArgument(f"{cfg_path} must hold a JSON object")
+    peft_type = str(cfg.get("peft_type", "")).upper()
+    if peft_type != "LORA":
+        raise InvalidArgument(f"{cfg_path}: peft_type is {cfg.get('peft_type')!r}; only LORA adapters are served")
+    r = cfg.get("r")
+    if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
+        raise InvalidArgument(f"{cfg_path}: field 'r' must be a positive integer, got {r!r}")
+    alpha = cfg.get("lora_alpha", r)
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha) or alpha <= 0:
+        raise InvalidArgument(f"{cfg_path}: field 'lora_alpha' must be a positive number, got {alpha!r}")
+    for key in _UNSUPPORTED_TRUE:
+        if cfg.get(key):
+            raise InvalidArgument(f"{cfg_path}: '{key}: true' is not supported by the serving engine; retrain without it or merge the adapter (qlora-serve merge)")
+    if cfg.get("modules_to_save"):
+        raise InvalidArgument(f"{cfg_path}: modules_to_save={cfg['modules_to_save']} replaces whole base modules, which a shared base cannot do per request; retrain without modules_to_save or merge the adapter (qlora-serve merge)")
+    if cfg.get("bias", "none") != "none":
+        raise InvalidArgument(f"{cfg_path}: bias={cfg['bias']!r} trains base biases, which a shared base cannot apply per request; use bias='none'")
+    return cfg
+
+
+def _scaling(cfg: dict, module_name: str, rank: int) -> float:
+    """PEFT's rule: alpha_pattern/rank_pattern override by key; rsLoRA divides by sqrt(r)."""
+    from peft.utils.other import get_pattern_key
+
+    alpha_pattern = cfg.get("alpha_pattern") or {}
+    alpha = alpha_pattern.get(get_pattern_key(alpha_pattern.keys(), module_name), cfg.get("lora_alpha", cfg["r"]))
+    return float(alpha) / (math.sqrt(rank) if cfg.get("use_rslora") else rank)
+
+
+def load_lora_adapter(adapter_dir: Path, *, max_rank: int | None = None) -> LoraAdapter:
+    """Read an adapter directory into host (CPU) fp32 tensors, checking everything
+    that can be checked without a base model: file formats, config, ranks, NaN/Inf."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    adapter_dir = Path(adapter_dir)
+    cfg = read_adapter_config(adapter_dir)
+    weights = adapter_dir / WEIGHTS_FILE
+    if not weights.is_file():
+        pickled = [p for p in PICKLE_WEIGHTS if (adapter_dir / p).exists()]
+        if pickled:
+            raise InvalidArgument(
+                f"{adapter_dir / pickled[0]} is a pickle checkpoint, which can run code when loaded and is refused; "
+                f"convert it: PeftModel.from_pretrained(base, dir).save_pretrained(out_dir, safe_serialization=True)"
+            )
+        raise InvalidArgument(f"{weights} is missing: a PEFT adapter directory needs {WEIGHTS_FILE}")
+    try:
+        tensors = load_file(str(weights), device="cpu")
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise InvalidArgument(f"{weights} is not a readable safetensors file: {exc}") from None
+
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        if "lora_embedding_" in key or "lora_magnitude_vector" in key:
+            raise InvalidArgument(f"{weights}: tensor {key!r} belongs to an embedding/DoRA adapter, which the serving engine does not support")
+        for part in ("lora_A", "lora_B"):
+            marker = f".{part}."
+            if marker in key:
+                module = key.split(marker)[0]
+                module = module[len(_KEY_PREFIX):] if module.startswith(_KEY_PREFIX) else module
+                pairs.setdefault(module, {})[part] = tensor
+                break
+        else:
+            raise InvalidArgument(f"{weights}: unexpected tensor {key!r}; only lora_A/lora_B weights are supported")
+    if not pairs:
+        raise InvalidArgument(f"{weights} holds no LoRA tensors")
+
+    modules: dict[str, LoraModule] = {}
+    for name, pair in sorted(pairs.items()):
+        if set(pair) != {"lora_A", "lora_B"}:
+            raise InvalidArgument(f"{weights}: module {name!r} has {sorted(pair)} but needs both lora_A and lora_B")
+        a, b = pair["lora_A"], pair["lora_B"]
+        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
+            raise InvalidArgument(f"{weights}: module {name!r} has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}; expected [r, in] and [out, r]")
+        rank = int(a.shape[0])
+        if max_rank is not None and rank > max_rank:
+            raise FailedPrecondition(f"{weights}: module {name!r} has rank {rank} > the server's max_lora_rank {max_rank}; raise --max-lora-rank or retrain with a smaller r")
+        a, b = a.float(), b.float()
+        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+            raise InvalidArgument(f"{weights}: module {name!r} has NaN or Inf weights; the adapter is corrupt or diverged in training")
+        modules[name] = LoraModule(lora_a=a, lora_b=b, scaling=_scaling(cfg, name, rank))
+    return LoraAdapter(path=adapter_dir, config=cfg, modules=modules)
+
+
+def check_fits_base(adapter: LoraAdapter, linear_shapes: dict[str, tuple[int, int]]) -> None:
+    """Refuse an adapter whose modules are not Linear layers of the base or whose
+    shapes differ. `linear_shapes` maps module name -> (in_features, out_features)."""
+    for name, mod in adapter.modules.items():
+        if name not in linear_shapes:
+            raise InvalidArgument(
+                f"{adapter.path / WEIGHTS_FILE}: module {name!r} is not a Linear layer of the base model; "
+                f"the adapter was trained for another architecture"
+            )
+        in_f, out_f = linear_shapes[name]
+        if mod.lora_a.shape[1] != in_f or mod.lora_b.shape[0] != out_f:
+            raise InvalidArgument(
+                f"{adapter.path / WEIGHTS_FILE}: module {name!r} expects a Linear of {mod.lora_a.shape[1]} -> "
+                f"{mod.lora_b.shape[0]} features but the base has {in_f} -> {out_f}; the adapter belongs to another base model"
+            )

@@ -1,0 +1,192 @@
+"""The embedded default: a tiny Llama-architecture base and demo adapters, built offline.
+
+`qlora-serve serve` with no flags must work on a fresh machine with no model hub,
+so the demo model is *built* here (random weights, a BPE tokenizer trained with the
+`tokenizers` library on an embedded corpus), written with `save_pretrained`, and
+loaded back through the same `from_pretrained` path a real hub id or local
+directory takes. Builds are deterministic and cached, so a second start is instant.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+# Bump when the recipe changes so stale caches are rebuilt, never reused.
+DEMO_RECIPE_VERSION = 1
+
+_CORPUS = [
+    "hello world, this is qlora-serve, a server for many LoRA adapters on one quantized base.",
+    "The quick brown fox jumps over the lazy dog while the model counts tokens.",
+    "Adapters change what the model says; the base stays resident in four-bit NormalFloat.",
+    "one two three four five six seven eight nine ten eleven twelve",
+    "Question: what is the capital of France? Answer: Paris.",
+    "def add(a, b):\n    return a + b\n",
+]
+
+
+@dataclass(frozen=True)
+class TinyModelSpec:
+    """Shape of a tiny Llama model. All Linear in_features are multiples of 64
+    because bitsandbytes' packed 4-bit CPU path needs it (see DESIGN.md)."""
+
+    hidden_size: int = 128
+    intermediate_size: int = 256
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    max_position_embeddings: int = 512
+    vocab_size: int = 384
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class DemoAdapterSpec:
+    """A demo LoRA adapter: random (not zero) B so it visibly changes the output."""
+
+    name: str
+    r: int
+    alpha: int
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    seed: int = 1
+    init_scale: float = 0.5
+
+
+DEMO_ADAPTERS = (
+    DemoAdapterSpec(name="pirate", r=8, alpha=16, seed=11),
+    DemoAdapterSpec(name="poet", r=4, alpha=8, seed=22, target_modules=("q_proj", "k_proj", "v_proj", "o_proj")),
+)
+
+
+@dataclass(frozen=True)
+class DemoPaths:
+    """Where the built demo lives: the base directory and one directory per adapter."""
+
+    base: Path
+    adapters: dict[str, Path] = field(default_factory=dict)
+
+
+def default_cache_dir() -> Path:
+    """`$QLORA_SERVE_CACHE`, else `$XDG_CACHE_HOME/qlora-serve`, else `~/.cache/qlora-serve`."""
+    env = os.environ.get("QLORA_SERVE_CACHE")
+    if env:
+        return Path(env)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return Path(xdg or Path.home() / ".cache") / "qlora-serve"
+
+
+def build_tokenizer(out_dir: Path, vocab_size: int):
+    """Train a byte-level BPE tokenizer on the embedded corpus and save it to `out_dir`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<s>", "</s>", "<pad>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_CORPUS * 4, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    fast.save_pretrained(out_dir)
+    return fast
+
+
+def build_tiny_base(out_dir: Path, spec: TinyModelSpec = TinyModelSpec()) -> Path:
+    """Write a random-weight tiny Llama model plus tokenizer to `out_dir` (fp32 safetensors)."""
+    import torch
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tok = build_tokenizer(out_dir, spec.vocab_size)
+    config = LlamaConfig(
+        vocab_size=spec.vocab_size,
+        hidden_size=spec.hidden_size,
+        intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.num_hidden_layers,
+        num_attention_heads=spec.num_attention_heads,
+        num_key_value_heads=spec.num_key_value_heads,
+        max_position_embeddings=spec.max_position_embeddings,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(spec.seed)
+    model = LlamaForCausalLM(config)
+    # A wider init than the default makes the random model's greedy output vary
+    # with the prompt instead of collapsing onto one token.
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.08)
+    model.generation_config = GenerationConfig(
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id
+    )
+    model.save_pretrained(out_dir)
+    return out_dir
+
+
+def build_random_adapter(base_dir: Path, out_dir: Path, spec: DemoAdapterSpec) -> Path:
+    """Write a PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors) for `base_dir`.
+
+    The base is loaded unquantized: adapters are defined on the original module shapes.
+    """
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    cfg = LoraConfig(r=spec.r, lora_alpha=spec.alpha, target_modules=list(spec.target_modules), lora_dropout=0.0)
+    peft_model = get_peft_model(model, cfg)
+    gen = torch.Generator().manual_seed(spec.seed)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_A" in name or "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * spec.init_scale / (p.shape[-1] ** 0.5))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    peft_model.save_pretrained(out_dir)
+    # PEFT records the base path it saw; the tmp build path means nothing to users.
+    cfg_path = out_dir / "adapter_config.json"
+    data = json.loads(cfg_path.read_text())
+    data["base_model_name_or_path"] = "qlora-serve-demo-tiny-llama"
+    cfg_path.write_text(json.dumps(data, indent=2, sort_keys=True))
+    return out_dir
+
+
+def ensure_demo(cache_dir: Path | None = None) -> DemoPaths:
+    """Build the demo base and adapters once and return their paths (cached, atomic)."""
+    root = (cache_dir or default_cache_dir()) / f"demo-v{DEMO_RECIPE_VERSION}"
+    marker = root / "READY.json"
+    paths = DemoPaths(base=root / "base", adapters={a.name: root / "adapters" / a.name for a in DEMO_ADAPTERS})
+    if marker.exists():
+        return paths
+    root.parent.mkdir(parents=True, exist_ok=True)
+    # Build in a sibling temp dir and rename, so a crash never leaves a half-built demo.
+    tmp = Path(tempfile.mkdtemp(prefix=".demo-build-", dir=root.parent))
+    try:
+        build_tiny_base(tmp / "base")
+        for spec in DEMO_ADAPTERS:
+            build_random_adapter(tmp / "base", tmp / "adapters" / spec.name, spec)
+        (tmp / "READY.json").write_text(
+            json.dumps({"recipe": DEMO_RECIPE_VERSION, "base": asdict(TinyModelSpec())}, indent=2)
+        )
+        if root.exists() and not marker.exists():
+            shutil.rmtree(root)  # an interrupted build from an older layout
+        try:
+            os.replace(tmp, root)
+        except OSError:
+            if not marker.exists():  # lost a race with a concurrent builder: theirs is complete
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return paths

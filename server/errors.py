@@ -1,0 +1,55 @@
+"""Domain errors. Code below the API raises these; `server/status.py` maps each
+kind to exactly one gRPC status code, so handlers never build statuses themselves.
+
+Every message must say what to fix, not only what went wrong.
+"""
+
+from __future__ import annotations
+
+
+class QloraServeError(Exception):
+    """Base class for every error the product reports to a caller."""
+
+
+class InvalidArgument(QloraServeError):
+    """The request (or a file it names) is malformed: fix the input. -> INVALID_ARGUMENT"""
+
+
+class NotFound(QloraServeError):
+    """A named thing (adapter, version, job) does not exist. -> NOT_FOUND"""
+
+
+class AlreadyExists(QloraServeError):
+    """Creating something that exists and may not be overwritten. -> ALREADY_EXISTS"""
+
+
+class FailedPrecondition(QloraServeError):
+    """Valid request, but the system is not in a state to do it. -> FAILED_PRECONDITION"""
+
+
+class ResourceExhausted(QloraServeError):
+    """A limit (queue, quota, KV budget, size) is reached; retrying later may work. -> RESOURCE_EXHAUSTED"""
+
+
+class Unauthenticated(QloraServeError):
+    """No or unknown credentials. -> UNAUTHENTICATED"""
+
+
+class PermissionDenied(QloraServeError):
+    """Known caller without the right to do this. -> PERMISSION_DENIED"""
+
+
+class Unavailable(QloraServeError):
+    """The server is loading or draining; retry elsewhere or later. -> UNAVAILABLE"""
+
+
+class DeadlineExceeded(QloraServeError):
+    """The request's deadline passed before it finished. -> DEADLINE_EXCEEDED"""
+
+
+class Cancelled(QloraServeError):
+    """The client went away. -> CANCELLED"""
+
+
+class Internal(QloraServeError):
+    """A bug or fault inside the server; the message carries a request id to report. -> INTERNAL"""
