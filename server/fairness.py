@@ -1,0 +1,145 @@
+"""Fair waiting queue across tenants, after VTC (Sheng et al., "Fairness in Serving
+Large Language Models", OSDI 2024).
+
+Each tenant has a virtual counter of the service it received, in weighted
+tokens: ``input_weight * prompt_tokens + output_weight * output_tokens``
+(output tokens cost more: each needs its own decode step). ``pop`` serves the
+waiting tenant with the smallest counter, FIFO within a tenant. When a tenant
+with nothing queued arrives, its counter is lifted to the smallest counter of
+the tenants that are waiting, so a tenant that was idle cannot bank credit and
+then monopolise the server.
+
+Bound (proved in the VTC paper): between two backlogged tenants the service difference
+stays within a small multiple of ``max(input_weight * max_prompt_tokens, output_weight * batch_tokens)``;
+in queue terms, an arriving tenant that was lifted to the minimum has its first
+item popped after at most one item of each tenant tied at that minimum, provided
+pops are charged (a tenant that already used more than the others waits its turn).
+
+Charging: pass ``prompt_tokens`` to `push` and `pop` charges them at admission
+(before the next pop, as VTC does); call `charge(tenant, output_tokens=n)` as
+tokens are generated. If you do not pass ``prompt_tokens``, charge them
+yourself right after `pop`, or one tenant can win several pops in a row.
+
+NOT thread-safe by design: the engine thread owns the queue (servicers hand
+requests to the engine, which pushes, pops and charges between steps).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+from .errors import ResourceExhausted
+
+T = TypeVar("T")
+
+
+@dataclass
+class _Entry(Generic[T]):
+    seq: int  # global arrival order: breaks ties between equal counters FIFO
+    item: T
+    prompt_tokens: int
+
+
+class FairQueue(Generic[T]):
+    """Bounded multi-tenant queue: smallest virtual counter first, FIFO per tenant."""
+
+    def __init__(self, max_size: int, input_weight: float = 1.0, output_weight: float = 2.0) -> None:
+        if max_size < 1:
+            raise ValueError(f"max_size must be >= 1 (requests), got {max_size}")
+        if input_weight < 0 or output_weight < 0:
+            raise ValueError("input_weight and output_weight must be >= 0")
+        self.max_size = max_size
+        self.input_weight = input_weight
+        self.output_weight = output_weight
+        self._queues: dict[str, deque[_Entry[T]]] = {}  # only tenants with items waiting
+        self._counters: dict[str, float] = {}  # weighted tokens served, per tenant ever seen
+        self._owner: dict[int, str] = {}  # id(item) -> tenant, for remove()
+        self._seq = itertools.count()
+        self._len = 0
+        self._last_served: str | None = None
+
+    def __len__(self) -> int:
+        return self._len
+
+    def tenants_waiting(self) -> dict[str, int]:
+        """Tenants with queued items -> number of items waiting."""
+        return {t: len(q) for t, q in self._queues.items()}
+
+    def counter(self, tenant: str) -> float:
+        """A tenant's virtual counter, in weighted tokens (0 for unknown tenants)."""
+        return self._counters.get(tenant, 0.0)
+
+    def push(self, item: T, tenant: str, prompt_tokens: int = 0) -> None:
+        """Enqueue ``item``; ``prompt_tokens`` are charged when it is popped.
+
+        Raises `ResourceExhausted` when ``max_size`` items are waiting.
+        """
+        if self._len >= self.max_size:
+            raise ResourceExhausted(
+                f"request queue is full: {self._len} requests waiting, the limit max_queue_size="
+                f"{self.max_size}; retry later"
+            )
+        if id(item) in self._owner:
+            raise ValueError("item is already queued; push each request object once")
+        q = self._queues.get(tenant)
+        if q is None:
+            self._lift(tenant)
+            q = self._queues[tenant] = deque()
+        q.append(_Entry(next(self._seq), item, prompt_tokens))
+        self._owner[id(item)] = tenant
+        self._len += 1
+
+    def _lift(self, tenant: str) -> None:
+        """VTC counter lift for a tenant arriving with nothing queued."""
+        c = self._counters.get(tenant, 0.0)
+        if self._queues:
+            floor = min(self._counters[t] for t in self._queues)
+        elif self._last_served is not None:
+            # Nobody waiting: match the tenant served last, so idle time banks no credit.
+            floor = self._counters[self._last_served]
+        else:
+            floor = c
+        self._counters[tenant] = max(c, floor)
+
+    def pop(self) -> T | None:
+        """The next item (smallest counter, then earliest arrival), or None if empty."""
+        if not self._queues:
+            return None
+        tenant = min(self._queues, key=lambda t: (self._counters[t], self._queues[t][0].seq))
+        q = self._queues[tenant]
+        entry = q.popleft()
+        if not q:
+            del self._queues[tenant]
+        del self._owner[id(entry.item)]
+        self._len -= 1
+        self._last_served = tenant
+        self.charge(tenant, prompt_tokens=entry.prompt_tokens)
+        return entry.item
+
+    def remove(self, item: T) -> bool:
+        """Drop a waiting item (by identity), e.g. cancelled by its client. False if not queued."""
+        tenant = self._owner.pop(id(item), None)
+        if tenant is None:
+            return False
+        q = self._queues[tenant]
+        for i, e in enumerate(q):
+            if e.item is item:
+                del q[i]
+                break
+        if not q:
+            del self._queues[tenant]
+        self._len -= 1
+        return True
+
+    def charge(self, tenant: str, prompt_tokens: int = 0, output_tokens: int = 0) -> None:
+        """Add served tokens to a tenant's counter (the scheduler calls this as it serves)."""
+        if prompt_tokens < 0 or output_tokens < 0:
+            raise ValueError("prompt_tokens and output_tokens must be >= 0")
+        self._counters[tenant] = (
+            self._counters.get(tenant, 0.0)
+            + self.input_weight * prompt_tokens
+            + self.output_weight * output_tokens
+        )
