@@ -104,11 +104,24 @@ class FairQueue(Generic[T]):
             floor = c
         self._counters[tenant] = max(c, floor)
 
+    def _next_tenant(self) -> str:
+        return min(self._queues, key=lambda t: (self._counters[t], self._queues[t][0].seq))
+
+    def peek(self) -> T | None:
+        """The item `pop` would return next, left in place (None if empty)."""
+        if not self._queues:
+            return None
+        return self._queues[self._next_tenant()][0].item
+
+    def __iter__(self):
+        """Every waiting item, in no particular order (a snapshot: safe to remove while iterating)."""
+        return iter([e.item for q in self._queues.values() for e in q])
+
     def pop(self) -> T | None:
         """The next item (smallest counter, then earliest arrival), or None if empty."""
         if not self._queues:
             return None
-        tenant = min(self._queues, key=lambda t: (self._counters[t], self._queues[t][0].seq))
+        tenant = self._next_tenant()
         q = self._queues[tenant]
         entry = q.popleft()
         if not q:

@@ -1,0 +1,131 @@
+"""Where each adapter's weights live: device slots, host cache, or disk only.
+
+Pure bookkeeping, owned by the engine thread (not thread-safe by design): the
+engine asks which slot to use and does the copying itself, between steps.
+Two tiers as in vLLM's LoRA model manager: a fixed number of device slots
+(LRU among unpinned adapters) and a size-bounded host cache (LRU) of parsed
+adapters, so a re-load after eviction skips disk and parsing.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+from qlora_serve.adapters.peft_format import LoraAdapter
+
+
+@dataclass
+class SlotState:
+    key: str
+    pins: int = 0  # running requests using it: never evicted while > 0
+    unload_when_idle: bool = False
+
+
+@dataclass
+class Residency:
+    """Device slot table plus host cache. Keys are adapter digests."""
+
+    num_slots: int
+    host_cache_bytes: int
+    _slots: list[SlotState | None] = field(init=False)
+    _lru: "OrderedDict[str, int]" = field(init=False, default_factory=OrderedDict)  # key -> slot, oldest first
+    _host: "OrderedDict[str, LoraAdapter]" = field(init=False, default_factory=OrderedDict)
+    _host_bytes: int = field(init=False, default=0)
+
+    def __post_init__(self) -> None:
+        if self.num_slots < 1:
+            raise ValueError(f"num_slots must be >= 1, got {self.num_slots}")
+        self._slots = [None] * self.num_slots
+
+    # -- device tier -------------------------------------------------------
+    def slot_of(self, key: str) -> int | None:
+        return self._lru.get(key)
+
+    def resident_keys(self) -> list[str]:
+        return list(self._lru)
+
+    def touch(self, key: str) -> None:
+        self._lru.move_to_end(key)
+
+    def choose_slot(self, key: str) -> tuple[int, str | None] | None:
+        """A slot for `key`: (slot, key evicted from it or None), or None when every
+        slot is pinned by running requests. Does not change state: see `assign`."""
+        if key in self._lru:
+            return self._lru[key], None
+        for i, s in enumerate(self._slots):
+            if s is None:
+                return i, None
+        for victim, slot in self._lru.items():  # oldest first
+            if self._slots[slot].pins == 0:
+                return slot, victim
+        return None
+
+    def assign(self, key: str, slot: int) -> None:
+        """Record that `key`'s weights now occupy `slot` (after the engine copied them)."""
+        old = self._slots[slot]
+        if old is not None:
+            del self._lru[old.key]
+        self._slots[slot] = SlotState(key)
+        self._lru[key] = slot
+
+    def release(self, key: str) -> int | None:
+        """Forget `key`'s slot now (caller zeroes it); refuses if pinned. Returns the freed slot."""
+        slot = self._lru.get(key)
+        if slot is None:
+            return None
+        if self._slots[slot].pins:
+            raise RuntimeError(f"adapter {key} is pinned")
+        self._slots[slot] = None
+        del self._lru[key]
+        return slot
+
+    def pins(self, key: str) -> int:
+        slot = self._lru.get(key)
+        return 0 if slot is None else self._slots[slot].pins
+
+    def pin(self, key: str) -> None:
+        self._slots[self._lru[key]].pins += 1
+        self.touch(key)
+
+    def unpin(self, key: str) -> bool:
+        """Drop one pin; True when the adapter is now idle and was asked to unload."""
+        state = self._slots[self._lru[key]]
+        state.pins -= 1
+        return state.pins == 0 and state.unload_when_idle
+
+    def unload_when_idle(self, key: str) -> None:
+        self._slots[self._lru[key]].unload_when_idle = True
+
+    # -- host tier ---------------------------------------------------------
+    def host_get(self, key: str) -> LoraAdapter | None:
+        adapter = self._host.get(key)
+        if adapter is not None:
+            self._host.move_to_end(key)
+        return adapter
+
+    def host_put(self, key: str, adapter: LoraAdapter) -> list[str]:
+        """Cache a parsed adapter; returns the keys evicted to stay within budget.
+        An adapter larger than the whole budget is not cached."""
+        if key in self._host:
+            self._host.move_to_end(key)
+            return []
+        size = adapter.nbytes
+        if size > self.host_cache_bytes:
+            return []
+        evicted = []
+        while self._host and self._host_bytes + size > self.host_cache_bytes:
+            old_key, old = self._host.popitem(last=False)
+            self._host_bytes -= old.nbytes
+            evicted.append(old_key)
+        self._host[key] = adapter
+        self._host_bytes += size
+        return evicted
+
+    def host_drop(self, key: str) -> None:
+        old = self._host.pop(key, None)
+        if old is not None:
+            self._host_bytes -= old.nbytes
+
+    def in_host(self, key: str) -> bool:
+        return key in self._host

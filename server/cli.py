@@ -1,0 +1,253 @@
+"""`qlora-serve` command line: serve, generate, adapters, train, merge, keys."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from qlora_serve import __version__
+from qlora_serve.server.client import DEFAULT_ADDRESS
+
+log = logging.getLogger("qlora_serve")
+
+
+# ----------------------------------------------------------------- serve
+def _add_config_flags(parser: argparse.ArgumentParser, cls) -> None:
+    """One --flag per field of a config dataclass, help and default from the field."""
+    for f in dataclasses.fields(cls):
+        parser.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default,
+                            help=f"{f.metadata['help']} (default: {f.default})")
+
+
+def _config_from(args, cls):
+    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+
+
+def _adapter_flag(value: str) -> tuple[str, str]:
+    name, sep, path = value.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"--adapter needs NAME=PATH, got {value!r}")
+    return name, path
+
+
+def _add_serve(sub) -> None:
+    from qlora_serve.server.engine.config import EngineConfig
+    from qlora_serve.server.inference_service import RequestLimits
+
+    p = sub.add_parser("serve", help="start the gRPC server (no flags: the embedded tiny demo model)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--base", help="hub id or local directory of the base model; default: the embedded demo "
+                                  "(tiny Llama + demo adapters 'pirate' and 'poet', built offline on first start)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind; 0.0.0.0 to accept remote clients")
+    p.add_argument("--port", type=int, default=50051, help="gRPC port (0 = any free port)")
+    p.add_argument("--metrics-port", type=int, default=9090, help="Prometheus /metrics port (0 = any free port)")
+    p.add_argument("--no-metrics", action="store_true", help="do not serve /metrics")
+    p.add_argument("--compute-dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"],
+                   help="dtype the NF4 weights are dequantized to for matmuls")
+    p.add_argument("--device", default="auto", help="auto (CUDA if present, else CPU), cpu, cuda, cuda:N")
+    p.add_argument("--data-dir", type=Path, default=None,
+                   help="registry database and adapter store (default: $QLORA_SERVE_DATA or ~/.local/share/qlora-serve)")
+    p.add_argument("--adapter", type=_adapter_flag, action="append", default=[], metavar="NAME=PATH",
+                   help="register a PEFT adapter directory at start-up (repeatable)")
+    p.add_argument("--allowed-adapter-root", type=Path, action="append", default=[], metavar="DIR",
+                   help="directory RegisterAdapter may read server-side paths from (repeatable; none = off)")
+    p.add_argument("--allow-fingerprint-mismatch", action="store_true",
+                   help="accept adapters that declare a different base model")
+    p.add_argument("--key-file", type=Path, help="TOML file of hashed API keys, tenants and quotas; none = auth off")
+    p.add_argument("--grace", type=float, default=30.0, help="seconds in-flight requests get to finish on SIGTERM")
+    p.add_argument("--max-message-bytes", type=int, default=8 << 20, help="largest gRPC message, bytes")
+    p.add_argument("--max-upload-bytes", type=int, default=256 << 20, help="largest adapter upload, bytes")
+    _add_config_flags(p.add_argument_group("engine"), EngineConfig)
+    _add_config_flags(p.add_argument_group("request limits"), RequestLimits)
+    p.set_defaults(func=_serve)
+
+
+def _serve(args) -> int:
+    from qlora_serve.server.app import QloraServer, ServerConfig, default_data_dir
+    from qlora_serve.server.engine.config import EngineConfig
+    from qlora_serve.server.errors import QloraServeError
+    from qlora_serve.server.inference_service import RequestLimits
+
+    try:
+        config = ServerConfig(
+            base=args.base, host=args.host, port=args.port,
+            metrics_port=None if args.no_metrics else args.metrics_port,
+            compute_dtype=args.compute_dtype, device=args.device, data_dir=args.data_dir or default_data_dir(),
+            adapters=args.adapter, allowed_roots=args.allowed_adapter_root,
+            allow_fingerprint_mismatch=args.allow_fingerprint_mismatch, key_file=args.key_file, grace_s=args.grace,
+            max_message_bytes=args.max_message_bytes, max_upload_bytes=args.max_upload_bytes,
+            engine=_config_from(args, EngineConfig), limits=_config_from(args, RequestLimits))
+        server = QloraServer(config).start()
+    except (ValueError, OSError, QloraServeError) as exc:
+        print(f"qlora-serve: error: {exc}", file=sys.stderr)
+        return 2
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        server.load()
+    except QloraServeError as exc:
+        print(f"qlora-serve: error: {exc}", file=sys.stderr)
+        server.stop(0)
+        return 2
+    address = f"{'localhost' if args.host in ('127.0.0.1', '0.0.0.0', '::') else args.host}:{server.port}"
+    adapters = sorted({r.name for r in server.runtime.registry.list()})
+    print(f"qlora-serve {__version__} ready on {address}  (adapters: {', '.join(adapters) or 'none'})", flush=True)
+    example = f" --adapter {adapters[0]}" if adapters else ""
+    print(f"try:  qlora-serve generate --address {address}{example} \"hello\"", flush=True)
+    stop.wait()
+    log.info("shutting down: finishing in-flight requests (up to %.0f s)", args.grace)
+    server.stop()
+    return 0
+
+
+# --------------------------------------------------------------- clients
+def _client(args):
+    from qlora_serve.server.client import Client
+
+    return Client(args.address, api_key=args.api_key, timeout=args.timeout)
+
+
+def _add_client_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--address", default=None, help=f"server address (default: $QLORA_SERVE_ADDRESS or {DEFAULT_ADDRESS})")
+    p.add_argument("--api-key", default=None, help="API key (default: $QLORA_SERVE_API_KEY)")
+    p.add_argument("--timeout", type=float, default=None, help="deadline per call, seconds")
+
+
+def _add_generate(sub) -> None:
+    p = sub.add_parser("generate", help="generate text from a running server")
+    p.add_argument("prompt")
+    p.add_argument("--adapter", default="", help="adapter ref: name, name@VERSION or name@ALIAS (default: base)")
+    p.add_argument("--stream", action="store_true", help="print tokens as they arrive")
+    p.add_argument("--max-new-tokens", type=int, default=None)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--json", action="store_true", help="print the whole response as JSON")
+    _add_client_flags(p)
+    p.set_defaults(func=_generate)
+
+
+def _generate(args) -> int:
+    from google.protobuf.json_format import MessageToDict
+
+    kw = dict(adapter=args.adapter, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+              top_p=args.top_p, top_k=args.top_k, seed=args.seed, stop=args.stop)
+    with _client(args) as client:
+        if args.stream:
+            for chunk in client.stream(args.prompt, **kw):
+                print(json.dumps(MessageToDict(chunk)) if args.json else chunk.text, end="\n" if args.json else "",
+                      flush=True)
+            if not args.json:
+                print()
+        else:
+            resp = client.generate(args.prompt, **kw)
+            print(json.dumps(MessageToDict(resp), indent=2) if args.json else resp.text)
+    return 0
+
+
+def _add_adapters(sub) -> None:
+    p = sub.add_parser("adapters", help="manage the adapter registry of a running server")
+    verbs = p.add_subparsers(dest="verb", required=True)
+    v = verbs.add_parser("list", help="list adapters you can use")
+    v.add_argument("--name", default="")
+    v = verbs.add_parser("show", help="one adapter version in detail")
+    v.add_argument("ref", help="name, name@VERSION or name@ALIAS")
+    v = verbs.add_parser("register", help="register a new version (uploads a local directory by default)")
+    v.add_argument("name")
+    v.add_argument("path", help="PEFT adapter directory (adapter_config.json + adapter_model.safetensors)")
+    v.add_argument("--server-path", action="store_true",
+                   help="PATH is on the server, inside an --allowed-adapter-root; nothing is uploaded")
+    v.add_argument("--owner", default="")
+    v.add_argument("--label", action="append", default=[], metavar="KEY=VALUE")
+    v.add_argument("--set-default", action="store_true", help="point the 'default' alias at the new version")
+    v = verbs.add_parser("alias", help="point NAME@ALIAS at a version ('default' decides what plain NAME serves)")
+    v.add_argument("name")
+    v.add_argument("alias")
+    v.add_argument("version", type=int)
+    v = verbs.add_parser("delete", help="delete a version, or every version of a name")
+    v.add_argument("name")
+    v.add_argument("--version", type=int, default=0, help="0 = all versions")
+    for verb, text in (("load", "make resident on the device now"), ("unload", "free its device slot")):
+        v = verbs.add_parser(verb, help=text)
+        v.add_argument("ref")
+    for v in verbs.choices.values():
+        _add_client_flags(v)
+        v.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=_adapters)
+
+
+def _adapters(args) -> int:
+    from google.protobuf.json_format import MessageToDict
+
+    with _client(args) as c:
+        if args.verb == "list":
+            infos = c.list_adapters(args.name)
+        elif args.verb == "show":
+            infos = [c.get_adapter(args.ref)]
+        elif args.verb == "register":
+            labels = dict(l.split("=", 1) for l in args.label)
+            fn = c.register_path if args.server_path else c.upload
+            infos = [fn(args.name, args.path, owner=args.owner, labels=labels, set_default=args.set_default)]
+        elif args.verb == "alias":
+            infos = [c.set_alias(args.name, args.alias, args.version)]
+        elif args.verb == "delete":
+            infos = c.delete(args.name, args.version)
+        else:
+            infos = [getattr(c, args.verb)(args.ref)]
+    if args.json or args.verb == "show":
+        print(json.dumps([MessageToDict(i, always_print_fields_with_no_presence=True) for i in infos], indent=2))
+        return 0
+    from qlora_serve.v1 import registry_pb2
+
+    print(f"{'ADAPTER':<28} {'RANK':>4} {'ALIASES':<16} {'RESIDENCY':<9} {'OWNER':<12} DIGEST")
+    for i in infos:
+        residency = registry_pb2.Residency.Name(i.residency).removeprefix("RESIDENCY_").lower()
+        print(f"{i.name + '@' + str(i.version):<28} {i.rank:>4} {','.join(i.aliases) or '-':<16} "
+              f"{residency:<9} {i.owner or 'public':<12} {i.digest[:12]}")
+    return 0
+
+
+# ------------------------------------------------------------------ main
+def build_parser() -> argparse.ArgumentParser:
+    from qlora_serve.server.auth import add_keys_parser
+    from qlora_serve.training.cli import add_merge_parser, add_train_parser
+
+    parser = argparse.ArgumentParser(prog="qlora-serve", description="Multi-adapter LLM server: one NF4 "
+                                     "double-quantized base, LoRA adapters per request, over gRPC.")
+    parser.add_argument("--version", action="version", version=f"qlora-serve {__version__}")
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_serve(sub)
+    _add_generate(sub)
+    _add_adapters(sub)
+    add_train_parser(sub)
+    add_merge_parser(sub)
+    add_keys_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    import grpc
+
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except grpc.RpcError as exc:  # a client verb's server answered with an error status
+        print(f"qlora-serve: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,129 @@
+"""A small Python client for a running qlora-serve server.
+
+    from qlora_serve.server.client import Client
+    with Client("localhost:50051") as c:
+        print(c.generate("hello", adapter="pirate", max_new_tokens=16).text)
+        for chunk in c.stream("hello"):
+            print(chunk.text, end="", flush=True)
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterator
+
+import grpc
+
+from qlora_serve.v1 import inference_pb2, inference_pb2_grpc, registry_pb2, registry_pb2_grpc
+
+DEFAULT_ADDRESS = "localhost:50051"
+_UPLOAD_CHUNK = 1 << 20  # bytes per streamed chunk, well under gRPC's 4 MiB default message limit
+_UPLOAD_FILES = ("adapter_config.json", "adapter_model.safetensors", "README.md", "qlora_serve_metadata.json")
+
+
+class Client:
+    """Inference and registry calls. `api_key` (or $QLORA_SERVE_API_KEY) is sent as a
+    bearer token; `timeout` (seconds) becomes each call's gRPC deadline."""
+
+    def __init__(self, address: str | None = None, *, api_key: str | None = None, timeout: float | None = None):
+        self.address = address or os.environ.get("QLORA_SERVE_ADDRESS", DEFAULT_ADDRESS)
+        key = api_key if api_key is not None else os.environ.get("QLORA_SERVE_API_KEY")
+        self._metadata = (("authorization", f"Bearer {key}"),) if key else ()
+        self.timeout = timeout
+        self.channel = grpc.insecure_channel(self.address)
+        self.inference = inference_pb2_grpc.InferenceStub(self.channel)
+        self.registry = registry_pb2_grpc.AdapterRegistryStub(self.channel)
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def _kw(self) -> dict:
+        return {"metadata": self._metadata, "timeout": self.timeout}
+
+    @staticmethod
+    def request(prompt: str = "", *, adapter: str = "", prompt_token_ids=None, max_new_tokens: int | None = None,
+                temperature: float = 0.0, top_p: float | None = None, top_k: int = 0, seed: int | None = None,
+                stop=(), request_id: str = "") -> inference_pb2.GenerateRequest:
+        """Build a GenerateRequest; None leaves optional fields unset (server defaults)."""
+        msg = inference_pb2.GenerateRequest(adapter=adapter, prompt=prompt, prompt_token_ids=prompt_token_ids or [],
+                                            temperature=temperature, top_k=top_k, stop=list(stop),
+                                            request_id=request_id)
+        if max_new_tokens is not None:
+            msg.max_new_tokens = max_new_tokens
+        if top_p is not None:
+            msg.top_p = top_p
+        if seed is not None:
+            msg.seed = seed
+        return msg
+
+    def generate(self, prompt: str = "", **kw) -> inference_pb2.GenerateResponse:
+        """Unary generation; keyword arguments as in `request`."""
+        return self.inference.Generate(self.request(prompt, **kw), **self._kw())
+
+    def stream(self, prompt: str = "", **kw) -> Iterator[inference_pb2.GenerateStreamResponse]:
+        """Streaming generation: token deltas, then a final message with finish_reason and usage."""
+        return self.inference.GenerateStream(self.request(prompt, **kw), **self._kw())
+
+    # ------------------------------------------------------------ registry
+    def list_adapters(self, name: str = "") -> list[registry_pb2.AdapterInfo]:
+        return list(self.registry.ListAdapters(registry_pb2.ListAdaptersRequest(name=name), **self._kw()).adapters)
+
+    def get_adapter(self, ref: str) -> registry_pb2.AdapterInfo:
+        return self.registry.GetAdapter(registry_pb2.GetAdapterRequest(adapter=ref), **self._kw())
+
+    def register_path(self, name: str, path: str, *, owner: str = "", labels=None,
+                      set_default: bool = False) -> registry_pb2.AdapterInfo:
+        """Register from a directory on the SERVER (inside its --allowed-adapter-root)."""
+        return self.registry.RegisterAdapter(registry_pb2.RegisterAdapterRequest(
+            name=name, path=path, owner=owner, labels=labels or {}, set_default=set_default), **self._kw())
+
+    def upload(self, name: str, directory: str | Path, *, owner: str = "", labels=None,
+               set_default: bool = False) -> registry_pb2.AdapterInfo:
+        """Register by streaming a LOCAL adapter directory's files to the server."""
+        directory = Path(directory)
+        if not (directory / "adapter_config.json").is_file():
+            raise FileNotFoundError(f"{directory} has no adapter_config.json; pass a PEFT adapter directory")
+
+        def messages():
+            yield registry_pb2.UploadAdapterRequest(header=registry_pb2.UploadHeader(
+                name=name, owner=owner, labels=labels or {}, set_default=set_default))
+            for fname in _UPLOAD_FILES:
+                path = directory / fname
+                if not path.is_file():
+                    continue
+                with path.open("rb") as fh:
+                    while chunk := fh.read(_UPLOAD_CHUNK):
+                        yield registry_pb2.UploadAdapterRequest(chunk=registry_pb2.FileChunk(filename=fname, data=chunk))
+            for pickled in ("adapter_model.bin", "adapter_model.pt"):
+                if (directory / pickled).is_file() and not (directory / "adapter_model.safetensors").is_file():
+                    # Let the server explain the refusal (with how to convert).
+                    yield registry_pb2.UploadAdapterRequest(chunk=registry_pb2.FileChunk(filename=pickled, data=b"\0"))
+
+        return self.registry.UploadAdapter(messages(), **self._kw())
+
+    def set_alias(self, name: str, alias: str, version: int) -> registry_pb2.AdapterInfo:
+        return self.registry.SetAlias(registry_pb2.SetAliasRequest(name=name, alias=alias, version=version), **self._kw())
+
+    def delete(self, name: str, version: int = 0) -> list[registry_pb2.AdapterInfo]:
+        req = registry_pb2.DeleteAdapterRequest(name=name, version=version)
+        return list(self.registry.DeleteAdapter(req, **self._kw()).deleted)
+
+    def load(self, ref: str) -> registry_pb2.AdapterInfo:
+        return self.registry.LoadAdapter(registry_pb2.LoadAdapterRequest(adapter=ref), **self._kw())
+
+    def unload(self, ref: str) -> registry_pb2.AdapterInfo:
+        return self.registry.UnloadAdapter(registry_pb2.UnloadAdapterRequest(adapter=ref), **self._kw())
+
+
+def register_adapter_dir(address: str, name: str, directory: str | Path, *, api_key: str | None = None,
+                         set_default: bool = True) -> registry_pb2.AdapterInfo:
+    """Upload a freshly trained adapter to a running server (used by `qlora-serve train --register`)."""
+    with Client(address, api_key=api_key, timeout=300) as client:
+        return client.upload(name, directory, set_default=set_default)

@@ -1,0 +1,155 @@
+"""gRPC AdapterRegistry service: the registry (SQLite + store) plus device residency.
+
+Access rules (auth on): a client tenant sees and uses its own adapters and
+public ones (no owner); it registers adapters it will own; alias, delete and
+unload need ownership or the admin role; load needs read access. With auth off
+every caller is an admin.
+"""
+
+from __future__ import annotations
+
+from qlora_serve.adapters.registry import AdapterRecord
+from qlora_serve.server.auth import Principal, can_read_adapter, check_adapter_access
+from qlora_serve.server.errors import InvalidArgument, PermissionDenied, ResourceExhausted
+from qlora_serve.server.runtime import handle_of
+from qlora_serve.server.status import abort
+from qlora_serve.v1 import registry_pb2, registry_pb2_grpc
+
+_ENGINE_CALL_TIMEOUT_S = 120.0  # a device load waits for the current step and a disk read
+
+
+def _rpc(fn):
+    """Run a handler with auth and readiness checks; domain errors become statuses."""
+    def wrapper(self, request, context):
+        try:
+            self._rt.require_ready()
+            return fn(self, request, context, self._rt.authenticate(context))
+        except Exception as exc:
+            abort(context, exc)
+    wrapper.__name__ = fn.__name__
+    return wrapper
+
+
+class RegistryService(registry_pb2_grpc.AdapterRegistryServicer):
+    """Implements qlora_serve.v1.AdapterRegistry."""
+
+    def __init__(self, runtime) -> None:
+        self._rt = runtime
+
+    # ------------------------------------------------------------ helpers
+    def _info(self, rec: AdapterRecord) -> registry_pb2.AdapterInfo:
+        reg, res = self._rt.registry, self._rt.engine.residency
+        if res.slot_of(rec.digest) is not None:
+            residency = registry_pb2.RESIDENCY_DEVICE
+        elif res.in_host(rec.digest):
+            residency = registry_pb2.RESIDENCY_HOST
+        else:
+            residency = registry_pb2.RESIDENCY_DISK
+        aliases = sorted(a for a, v in reg.aliases(rec.name).items() if v == rec.version)
+        return registry_pb2.AdapterInfo(
+            name=rec.name, version=rec.version, digest=rec.digest, source=rec.source,
+            base_fingerprint=rec.base_fingerprint, rank=rec.rank, alpha=rec.alpha,
+            target_modules=list(rec.target_modules), size_bytes=rec.size_bytes, created_at=rec.created_at,
+            owner=rec.owner or "", labels=rec.labels, aliases=aliases, residency=residency)
+
+    def _owner_for_new(self, principal: Principal, name: str, requested: str) -> str | None:
+        """Who will own a new version: the name's existing owner must match; a
+        client tenant can only register for itself."""
+        owner = requested or (principal.tenant if self._rt.auth.enabled else None)
+        if not principal.is_admin and owner != principal.tenant:
+            raise PermissionDenied(f"tenant {principal.tenant!r} can only register adapters it owns; "
+                                   f"leave owner empty or set it to {principal.tenant!r}")
+        existing = self._rt.registry.list(name=name) if name else []
+        if existing:
+            check_adapter_access(principal, existing[0].owner, write=True, adapter=f"adapter {name!r}")
+        return owner
+
+    def _writable(self, principal: Principal, name: str) -> list[AdapterRecord]:
+        records = self._rt.registry.list(name=name)
+        if not records:
+            self._rt.registry.get(name)  # raises the registry's NOT_FOUND message
+        check_adapter_access(principal, records[0].owner, write=True, adapter=f"adapter {name!r}")
+        return records
+
+    def _engine(self, fn):
+        return self._rt.engine.call(fn).result(timeout=_ENGINE_CALL_TIMEOUT_S)
+
+    # --------------------------------------------------------------- RPCs
+    @_rpc
+    def RegisterAdapter(self, request, context, principal):
+        if not request.path:
+            raise InvalidArgument("path is empty: give a directory on the server inside an --allowed-adapter-root")
+        owner = self._owner_for_new(principal, request.name, request.owner)
+        rec = self._rt.registry.register_path(request.name, request.path, owner=owner, labels=dict(request.labels),
+                                              set_default=request.set_default)
+        return self._info(rec)
+
+    def UploadAdapter(self, request_iterator, context):
+        try:
+            self._rt.require_ready()
+            principal = self._rt.authenticate(context)
+            limit = self._rt.registry.max_upload_bytes
+            header, files, total = None, {}, 0
+            for msg in request_iterator:
+                part = msg.WhichOneof("part")
+                if part == "header":
+                    if header is not None:
+                        raise InvalidArgument("upload has two headers; send one header, then file chunks")
+                    header = msg.header
+                elif part == "chunk":
+                    if header is None:
+                        raise InvalidArgument("upload must start with a header message (name, owner, labels)")
+                    total += len(msg.chunk.data)
+                    if total > limit:  # stop reading at the limit, not after buffering it all
+                        raise ResourceExhausted(f"upload exceeds {limit} bytes (--max-upload-bytes)")
+                    files.setdefault(msg.chunk.filename, bytearray()).extend(msg.chunk.data)
+                else:
+                    raise InvalidArgument("empty upload message: set header or chunk")
+            if header is None:
+                raise InvalidArgument("empty upload: send a header, then the adapter's files")
+            owner = self._owner_for_new(principal, header.name, header.owner)
+            rec = self._rt.registry.register_files(header.name, {k: bytes(v) for k, v in files.items()}, owner=owner,
+                                                   labels=dict(header.labels), set_default=header.set_default)
+            return self._info(rec)
+        except Exception as exc:
+            abort(context, exc)
+
+    @_rpc
+    def ListAdapters(self, request, context, principal):
+        records = self._rt.registry.list(name=request.name or None)
+        return registry_pb2.ListAdaptersResponse(
+            adapters=[self._info(r) for r in records if can_read_adapter(principal, r.owner)])
+
+    @_rpc
+    def GetAdapter(self, request, context, principal):
+        return self._info(self._rt.resolve_record(request.adapter, principal))
+
+    @_rpc
+    def SetAlias(self, request, context, principal):
+        self._writable(principal, request.name)
+        return self._info(self._rt.registry.set_alias(request.name, request.alias, request.version))
+
+    @_rpc
+    def DeleteAdapter(self, request, context, principal):
+        self._writable(principal, request.name)
+        deleted = self._rt.registry.delete(request.name, request.version or None)
+        still_used = {r.digest for r in self._rt.registry.list()}
+        gone = [r.digest for r in deleted if r.digest not in still_used]
+        # Running requests keep their (device-resident) weights until they finish.
+        self._engine(lambda: [self._rt.engine.forget(d) for d in gone])
+        return registry_pb2.DeleteAdapterResponse(deleted=[
+            registry_pb2.AdapterInfo(name=r.name, version=r.version, digest=r.digest, owner=r.owner or "")
+            for r in deleted])
+
+    @_rpc
+    def LoadAdapter(self, request, context, principal):
+        rec = self._rt.resolve_record(request.adapter, principal)
+        self._engine(lambda: self._rt.engine.ensure_resident(handle_of(rec)))
+        return self._info(rec)
+
+    @_rpc
+    def UnloadAdapter(self, request, context, principal):
+        rec = self._rt.resolve_record(request.adapter, principal)
+        check_adapter_access(principal, rec.owner, write=True, adapter=f"adapter {request.adapter!r}")
+        self._engine(lambda: self._rt.engine.unload(rec.digest))
+        return self._info(rec)

@@ -1,0 +1,90 @@
+"""The loaded server state that every servicer shares, and the request-path
+policies they all apply: readiness, authentication, adapter access, quotas."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+
+from qlora_serve.adapters.registry import AdapterRecord, AdapterRegistry
+from qlora_serve.server.auth import Authenticator, Principal, check_adapter_access, principal_from_context
+from qlora_serve.server.engine.engine import Engine
+from qlora_serve.server.engine.request import AdapterHandle, FinalEvent, Request
+from qlora_serve.server.errors import Unavailable
+from qlora_serve.server.inference_service import RequestLimits
+from qlora_serve.server.metrics import Metrics
+from qlora_serve.server.quotas import Lease, QuotaBook
+
+
+def handle_of(record: AdapterRecord) -> AdapterHandle:
+    """The engine's view of a registered adapter version (its digest keys the weights)."""
+    return AdapterHandle(name=record.name, version=record.version, key=record.digest, path=str(record.path))
+
+
+@dataclass
+class Runtime:
+    """Shared by the servicers. `engine` and `registry` are None until the base has
+    loaded; `draining` is set once shutdown starts."""
+
+    metrics: Metrics
+    limits: RequestLimits
+    auth: Authenticator
+    quotas: QuotaBook
+    engine: Engine | None = None
+    registry: AdapterRegistry | None = None
+    draining: bool = False
+    _leases: dict[int, Lease] = field(default_factory=dict)  # id(Request) -> its quota lease
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    # Facts about the loaded base the request path needs.
+    @property
+    def tokenizer(self):
+        return self.engine.base.tokenizer
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.engine.base.model.config.vocab_size)
+
+    @property
+    def max_context(self) -> int:
+        return self.engine.base.max_context
+
+    def require_ready(self) -> None:
+        if self.draining:
+            raise Unavailable("server is shutting down; retry on another replica")
+        if self.engine is None or self.registry is None:
+            raise Unavailable("server is still loading the base model; retry in a few seconds (health: NOT_SERVING)")
+
+    def authenticate(self, context) -> Principal:
+        return principal_from_context(context, self.auth)
+
+    def resolve_record(self, ref: str, principal: Principal) -> AdapterRecord:
+        """name | name@N | name@alias -> the record, if the caller may use it
+        (NOT_FOUND when unknown, PERMISSION_DENIED when another tenant's)."""
+        record = self.registry.resolve(ref)
+        check_adapter_access(principal, record.owner, adapter=f"adapter {ref!r}")
+        return record
+
+    def resolve_adapter(self, ref: str, principal: Principal) -> AdapterHandle:
+        return handle_of(self.resolve_record(ref, principal))
+
+    def admit(self, req: Request, principal: Principal) -> None:
+        """Take the tenant's quota, then queue on the engine; on refusal nothing is held."""
+        lease = self.quotas.acquire(principal.tenant, est_tokens=len(req.prompt_ids) + req.params.max_new_tokens)
+        try:
+            self.engine.submit(req)
+        except BaseException:
+            lease.release()
+            raise
+        with self._lock:
+            self._leases[id(req)] = lease
+
+    def finished(self, req: Request | None, final: FinalEvent | None) -> None:
+        """Release the request's quota lease, charging the tokens it really used."""
+        if req is None:
+            return
+        with self._lock:
+            lease = self._leases.pop(id(req), None)
+        if lease is not None:
+            lease.charge(len(req.prompt_ids) + (len(final.token_ids) if final else 0))
+            lease.release()

@@ -1,0 +1,44 @@
+"""The one place where domain errors become gRPC status codes."""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+
+from qlora_serve.server import errors
+
+log = logging.getLogger(__name__)
+
+CODES: dict[type[errors.QloraServeError], grpc.StatusCode] = {
+    errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.NotFound: grpc.StatusCode.NOT_FOUND,
+    errors.AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
+    errors.FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    errors.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
+    errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
+    errors.DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
+    errors.Cancelled: grpc.StatusCode.CANCELLED,
+    errors.Internal: grpc.StatusCode.INTERNAL,
+}
+
+
+def code_for(exc: BaseException) -> grpc.StatusCode:
+    """The status code for an exception; anything not a domain error is INTERNAL."""
+    for cls in type(exc).__mro__:
+        if cls in CODES:
+            return CODES[cls]
+    return grpc.StatusCode.INTERNAL
+
+
+def abort(context: grpc.ServicerContext, exc: BaseException, request_id: str = "") -> None:
+    """End the RPC with the status for `exc` (raises, as context.abort does)."""
+    code = code_for(exc)
+    if isinstance(exc, errors.QloraServeError):
+        message = str(exc)
+    else:
+        log.error("unexpected error in request %s", request_id or "-", exc_info=exc)
+        message = f"internal error ({type(exc).__name__}); report request id {request_id or '-'}"
+    context.abort(code, message)
