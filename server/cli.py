@@ -216,6 +216,23 @@ def _adapters(args) -> int:
     return 0
 
 
+def _add_health(sub) -> None:
+    p = sub.add_parser("health", help="exit 0 when the server reports SERVING (for container health checks)")
+    _add_client_flags(p)
+    p.set_defaults(func=_health)
+
+
+def _health(args) -> int:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with _client(args) as c:
+        resp = health_pb2_grpc.HealthStub(c.channel).Check(health_pb2.HealthCheckRequest(service=""),
+                                                            timeout=args.timeout or 5)
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
+    print(status)
+    return 0 if resp.status == health_pb2.HealthCheckResponse.SERVING else 1
+
+
 # ------------------------------------------------------------------ main
 def build_parser() -> argparse.ArgumentParser:
     from qlora_serve.server.auth import add_keys_parser
@@ -229,6 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_serve(sub)
     _add_generate(sub)
     _add_adapters(sub)
+    _add_health(sub)
     add_train_parser(sub)
     add_merge_parser(sub)
     add_keys_parser(sub)
