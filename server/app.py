@@ -29,13 +29,15 @@ from qlora_serve.server.metrics import Metrics
 from qlora_serve.server.quotas import QuotaBook
 from qlora_serve.server.registry_service import RegistryService
 from qlora_serve.server.runtime import Runtime, handle_of
-from qlora_serve.v1 import inference_pb2, inference_pb2_grpc, registry_pb2, registry_pb2_grpc
+from qlora_serve.server.training_service import TrainingService
+from qlora_serve.v1 import inference_pb2, inference_pb2_grpc, registry_pb2, registry_pb2_grpc, training_pb2, training_pb2_grpc
 
 log = logging.getLogger("qlora_serve")
 
 SERVICE_NAMES = (
     inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name,
     registry_pb2.DESCRIPTOR.services_by_name["AdapterRegistry"].full_name,
+    training_pb2.DESCRIPTOR.services_by_name["Training"].full_name,
 )
 
 
@@ -104,6 +106,9 @@ class QloraServer:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         inference_pb2_grpc.add_InferenceServicer_to_server(InferenceService(self.runtime), self.grpc)
         registry_pb2_grpc.add_AdapterRegistryServicer_to_server(RegistryService(self.runtime), self.grpc)
+        training_pb2_grpc.add_TrainingServicer_to_server(
+            TrainingService(self.runtime, config.data_dir / "jobs", max_dataset_bytes=config.max_message_bytes),
+            self.grpc)
         reflection.enable_server_reflection(SERVICE_NAMES + (health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc)
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         self.port = 0

@@ -11,23 +11,10 @@ from __future__ import annotations
 from qlora_serve.adapters.registry import AdapterRecord
 from qlora_serve.server.auth import Principal, can_read_adapter, check_adapter_access
 from qlora_serve.server.errors import InvalidArgument, PermissionDenied, ResourceExhausted
-from qlora_serve.server.runtime import handle_of
-from qlora_serve.server.status import abort
+from qlora_serve.server.runtime import handle_of, unary_rpc
 from qlora_serve.v1 import registry_pb2, registry_pb2_grpc
 
 _ENGINE_CALL_TIMEOUT_S = 120.0  # a device load waits for the current step and a disk read
-
-
-def _rpc(fn):
-    """Run a handler with auth and readiness checks; domain errors become statuses."""
-    def wrapper(self, request, context):
-        try:
-            self._rt.require_ready()
-            return fn(self, request, context, self._rt.authenticate(context))
-        except Exception as exc:
-            abort(context, exc)
-    wrapper.__name__ = fn.__name__
-    return wrapper
 
 
 class RegistryService(registry_pb2_grpc.AdapterRegistryServicer):
@@ -75,7 +62,7 @@ class RegistryService(registry_pb2_grpc.AdapterRegistryServicer):
         return self._rt.engine.call(fn).result(timeout=_ENGINE_CALL_TIMEOUT_S)
 
     # --------------------------------------------------------------- RPCs
-    @_rpc
+    @unary_rpc
     def RegisterAdapter(self, request, context, principal):
         if not request.path:
             raise InvalidArgument("path is empty: give a directory on the server inside an --allowed-adapter-root")
@@ -84,52 +71,48 @@ class RegistryService(registry_pb2_grpc.AdapterRegistryServicer):
                                               set_default=request.set_default)
         return self._info(rec)
 
-    def UploadAdapter(self, request_iterator, context):
-        try:
-            self._rt.require_ready()
-            principal = self._rt.authenticate(context)
-            limit = self._rt.registry.max_upload_bytes
-            header, files, total = None, {}, 0
-            for msg in request_iterator:
-                part = msg.WhichOneof("part")
-                if part == "header":
-                    if header is not None:
-                        raise InvalidArgument("upload has two headers; send one header, then file chunks")
-                    header = msg.header
-                elif part == "chunk":
-                    if header is None:
-                        raise InvalidArgument("upload must start with a header message (name, owner, labels)")
-                    total += len(msg.chunk.data)
-                    if total > limit:  # stop reading at the limit, not after buffering it all
-                        raise ResourceExhausted(f"upload exceeds {limit} bytes (--max-upload-bytes)")
-                    files.setdefault(msg.chunk.filename, bytearray()).extend(msg.chunk.data)
-                else:
-                    raise InvalidArgument("empty upload message: set header or chunk")
-            if header is None:
-                raise InvalidArgument("empty upload: send a header, then the adapter's files")
-            owner = self._owner_for_new(principal, header.name, header.owner)
-            rec = self._rt.registry.register_files(header.name, {k: bytes(v) for k, v in files.items()}, owner=owner,
-                                                   labels=dict(header.labels), set_default=header.set_default)
-            return self._info(rec)
-        except Exception as exc:
-            abort(context, exc)
+    @unary_rpc
+    def UploadAdapter(self, request_iterator, context, principal):
+        limit = self._rt.registry.max_upload_bytes
+        header, files, total = None, {}, 0
+        for msg in request_iterator:
+            part = msg.WhichOneof("part")
+            if part == "header":
+                if header is not None:
+                    raise InvalidArgument("upload has two headers; send one header, then file chunks")
+                header = msg.header
+            elif part == "chunk":
+                if header is None:
+                    raise InvalidArgument("upload must start with a header message (name, owner, labels)")
+                total += len(msg.chunk.data)
+                if total > limit:  # stop reading at the limit, not after buffering it all
+                    raise ResourceExhausted(f"upload exceeds {limit} bytes (--max-upload-bytes)")
+                files.setdefault(msg.chunk.filename, bytearray()).extend(msg.chunk.data)
+            else:
+                raise InvalidArgument("empty upload message: set header or chunk")
+        if header is None:
+            raise InvalidArgument("empty upload: send a header, then the adapter's files")
+        owner = self._owner_for_new(principal, header.name, header.owner)
+        rec = self._rt.registry.register_files(header.name, {k: bytes(v) for k, v in files.items()}, owner=owner,
+                                               labels=dict(header.labels), set_default=header.set_default)
+        return self._info(rec)
 
-    @_rpc
+    @unary_rpc
     def ListAdapters(self, request, context, principal):
         records = self._rt.registry.list(name=request.name or None)
         return registry_pb2.ListAdaptersResponse(
             adapters=[self._info(r) for r in records if can_read_adapter(principal, r.owner)])
 
-    @_rpc
+    @unary_rpc
     def GetAdapter(self, request, context, principal):
         return self._info(self._rt.resolve_record(request.adapter, principal))
 
-    @_rpc
+    @unary_rpc
     def SetAlias(self, request, context, principal):
         self._writable(principal, request.name)
         return self._info(self._rt.registry.set_alias(request.name, request.alias, request.version))
 
-    @_rpc
+    @unary_rpc
     def DeleteAdapter(self, request, context, principal):
         self._writable(principal, request.name)
         deleted = self._rt.registry.delete(request.name, request.version or None)
@@ -141,13 +124,13 @@ class RegistryService(registry_pb2_grpc.AdapterRegistryServicer):
             registry_pb2.AdapterInfo(name=r.name, version=r.version, digest=r.digest, owner=r.owner or "")
             for r in deleted])
 
-    @_rpc
+    @unary_rpc
     def LoadAdapter(self, request, context, principal):
         rec = self._rt.resolve_record(request.adapter, principal)
         self._engine(lambda: self._rt.engine.ensure_resident(handle_of(rec)))
         return self._info(rec)
 
-    @_rpc
+    @unary_rpc
     def UnloadAdapter(self, request, context, principal):
         rec = self._rt.resolve_record(request.adapter, principal)
         check_adapter_access(principal, rec.owner, write=True, adapter=f"adapter {request.adapter!r}")

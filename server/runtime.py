@@ -3,6 +3,7 @@ policies they all apply: readiness, authentication, adapter access, quotas."""
 
 from __future__ import annotations
 
+import functools
 import threading
 from dataclasses import dataclass, field
 
@@ -14,6 +15,33 @@ from qlora_serve.server.errors import Unavailable
 from qlora_serve.server.inference_service import RequestLimits
 from qlora_serve.server.metrics import Metrics
 from qlora_serve.server.quotas import Lease, QuotaBook
+from qlora_serve.server.status import abort
+
+
+def unary_rpc(fn):
+    """Servicer method wrapper: readiness and authentication first, then
+    fn(self, request, context, principal); domain errors become statuses.
+    The servicer keeps its Runtime in `self._rt`."""
+    @functools.wraps(fn)
+    def wrapper(self, request, context):
+        try:
+            self._rt.require_ready()
+            return fn(self, request, context, self._rt.authenticate(context))
+        except Exception as exc:
+            abort(context, exc)
+    return wrapper
+
+
+def streaming_rpc(fn):
+    """`unary_rpc` for handlers that yield (server streaming)."""
+    @functools.wraps(fn)
+    def wrapper(self, request, context):
+        try:
+            self._rt.require_ready()
+            yield from fn(self, request, context, self._rt.authenticate(context))
+        except Exception as exc:
+            abort(context, exc)
+    return wrapper
 
 
 def handle_of(record: AdapterRecord) -> AdapterHandle:

@@ -21,7 +21,7 @@ def test_committed_stubs_are_fresh(tmp_path):
 
 def test_public_contract_names():
     """Names clients compile against: renaming any of these breaks them."""
-    from qlora_serve.v1 import inference_pb2, registry_pb2
+    from qlora_serve.v1 import inference_pb2, registry_pb2, training_pb2
 
     assert inference_pb2.DESCRIPTOR.package == "qlora_serve.v1"
     inference = inference_pb2.DESCRIPTOR.services_by_name["Inference"]
@@ -30,6 +30,8 @@ def test_public_contract_names():
     assert {m.name for m in registry.methods} >= {
         "RegisterAdapter", "UploadAdapter", "ListAdapters", "GetAdapter", "SetAlias", "DeleteAdapter",
         "LoadAdapter", "UnloadAdapter"}
+    training = training_pb2.DESCRIPTOR.services_by_name["Training"]
+    assert {m.name for m in training.methods} == {"SubmitJob", "WatchJob", "ListJobs", "GetJob", "CancelJob"}
     req = inference_pb2.GenerateRequest.DESCRIPTOR.fields_by_name
     assert {"adapter", "prompt", "prompt_token_ids", "max_new_tokens", "temperature", "top_p", "top_k", "seed",
             "stop", "request_id"} <= set(req)

@@ -1,0 +1,264 @@
+"""gRPC Training service: QLoRA jobs on the server's base, one at a time, each in
+its own process; a finished adapter is registered and served at once."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+import tomllib
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from qlora_serve.server.auth import Principal
+from qlora_serve.server.errors import InvalidArgument, NotFound, PermissionDenied, ResourceExhausted
+from qlora_serve.server.runtime import streaming_rpc, unary_rpc
+from qlora_serve.v1 import common_pb2, training_pb2, training_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+_SERVER_SET = ("base", "data", "eval_data", "out", "register", "resume", "progress_bar")
+_MAX_QUEUED_JOBS = 16
+S = training_pb2  # enum values: S.JOB_STATE_*
+
+
+@dataclass
+class Job:
+    """One training job's record and event history (guarded by the manager's condition)."""
+
+    id: str
+    adapter_name: str
+    owner: str | None
+    set_default: bool
+    config: dict
+    workdir: Path
+    state: int = S.JOB_STATE_QUEUED
+    step: int = 0
+    max_steps: int = 0
+    loss: float = 0.0
+    eval_loss: float = 0.0
+    error: str = ""
+    created_at: float = field(default_factory=time.time)
+    started_at: float = 0.0
+    finished_at: float = 0.0
+    adapter: common_pb2.AdapterRef = field(default_factory=common_pb2.AdapterRef)
+    events: list[training_pb2.TrainingEvent] = field(default_factory=list)
+    cancel_requested: bool = False
+    process = None  # the TrainingJob while running
+
+    @property
+    def ended(self) -> bool:
+        return self.state in (S.JOB_STATE_SUCCEEDED, S.JOB_STATE_FAILED, S.JOB_STATE_CANCELLED)
+
+    def proto(self) -> training_pb2.TrainingJob:
+        return training_pb2.TrainingJob(
+            id=self.id, adapter_name=self.adapter_name, state=self.state, step=self.step, max_steps=self.max_steps,
+            loss=self.loss, eval_loss=self.eval_loss, error=self.error, created_at=self.created_at,
+            started_at=self.started_at, finished_at=self.finished_at, adapter=self.adapter, owner=self.owner or "")
+
+
+class JobManager:
+    """Runs queued jobs one after another on a worker thread."""
+
+    def __init__(self, runtime, jobs_dir: Path) -> None:
+        self._rt = runtime
+        self._dir = jobs_dir
+        self._jobs: dict[str, Job] = {}
+        self._queue: list[Job] = []
+        self._cv = threading.Condition()
+        self._worker = threading.Thread(target=self._work, name="training-jobs", daemon=True)
+        self._worker.start()
+
+    def submit(self, job: Job) -> Job:
+        with self._cv:
+            if len(self._queue) >= _MAX_QUEUED_JOBS:
+                raise ResourceExhausted(f"{_MAX_QUEUED_JOBS} training jobs are already queued; retry when one finishes")
+            self._jobs[job.id] = job
+            self._queue.append(job)
+            self._event(job, "queued", {})
+            self._cv.notify_all()
+        return job
+
+    def get(self, job_id: str) -> Job:
+        with self._cv:
+            job = self._jobs.get(job_id)
+        if job is None:
+            raise NotFound(f"training job {job_id!r} does not exist; list jobs with ListJobs")
+        return job
+
+    def all(self) -> list[Job]:
+        with self._cv:
+            return sorted(self._jobs.values(), key=lambda j: j.created_at)
+
+    def cancel(self, job: Job) -> Job:
+        with self._cv:
+            if job.ended:
+                return job
+            job.cancel_requested = True
+            if job in self._queue:
+                self._queue.remove(job)
+                self._end(job, S.JOB_STATE_CANCELLED, "cancelled", {})
+            elif job.process is not None:
+                job.process.cancel()
+        return job
+
+    def watch(self, job: Job, is_active):
+        """Every event of the job so far, then new ones until it ends or the client leaves."""
+        sent = 0
+        while True:
+            with self._cv:
+                while sent == len(job.events) and not job.ended and is_active():
+                    self._cv.wait(timeout=0.5)
+                batch, sent = job.events[sent:], len(job.events)
+                done = job.ended and sent == len(job.events)
+            yield from batch
+            if done or not is_active():
+                return
+
+    # ---------------------------------------------------------- internals
+    def _event(self, job: Job, kind: str, details: dict) -> None:
+        """Append an event (caller holds the condition)."""
+        job.events.append(training_pb2.TrainingEvent(job=job.proto(), event=kind,
+                                                     details_json=json.dumps(details, default=str)))
+        self._cv.notify_all()
+
+    def _end(self, job: Job, state: int, kind: str, details: dict) -> None:
+        job.state, job.finished_at = state, time.time()
+        self._event(job, kind, details)
+
+    def _work(self) -> None:
+        from qlora_serve.training.config import TrainConfig
+        from qlora_serve.training.jobs import run_job_in_subprocess
+
+        while True:
+            with self._cv:
+                while not self._queue:
+                    self._cv.wait()
+                job = self._queue.pop(0)
+                job.state, job.started_at = S.JOB_STATE_RUNNING, time.time()
+                job.process = run_job_in_subprocess(TrainConfig.from_dict(job.config, source="job config"))
+            result = None
+            for ev in job.process:
+                with self._cv:
+                    kind = ev.get("event", "")
+                    job.step = int(ev.get("step", ev.get("global_step", job.step)) or job.step)
+                    job.max_steps = int(ev.get("max_steps", job.max_steps) or job.max_steps)
+                    if kind == "log" and ev.get("loss") is not None:
+                        job.loss = float(ev["loss"])
+                    if kind == "eval" and ev.get("eval_loss") is not None:
+                        job.eval_loss = float(ev["eval_loss"])
+                    if kind in ("done", "error"):
+                        result = ev
+                    else:
+                        self._event(job, kind, ev)
+            self._finish(job, result or {"event": "error", "message": "the job ended without a result"})
+
+    def _finish(self, job: Job, result: dict) -> None:
+        if result.get("event") == "error":
+            with self._cv:
+                job.error = result.get("message", "unknown error").strip().splitlines()[0][:2000]
+                self._end(job, S.JOB_STATE_FAILED, "error", result)
+            return
+        if result.get("cancelled") or job.cancel_requested:
+            with self._cv:
+                self._end(job, S.JOB_STATE_CANCELLED, "cancelled", result)
+            return
+        try:
+            rec = self._rt.registry.register_path(job.adapter_name, result["adapter_dir"], owner=job.owner,
+                                                  set_default=job.set_default, source="training", trusted=True)
+        except Exception as exc:  # a bad adapter must fail the job, not the worker thread
+            with self._cv:
+                job.error = f"training finished but registration failed: {exc}"
+                self._end(job, S.JOB_STATE_FAILED, "error", {"message": job.error})
+            return
+        with self._cv:
+            job.adapter = common_pb2.AdapterRef(name=rec.name, version=rec.version, digest=rec.digest)
+            if result.get("final_eval_loss") is not None:
+                job.eval_loss = float(result["final_eval_loss"])
+            self._end(job, S.JOB_STATE_SUCCEEDED, "registered", {**result, "adapter": rec.ref})
+        log.info("training job %s registered %s", job.id, rec.ref)
+
+
+class TrainingService(training_pb2_grpc.TrainingServicer):
+    """Implements qlora_serve.v1.Training."""
+
+    def __init__(self, runtime, jobs_dir: Path, max_dataset_bytes: int) -> None:
+        self._rt = runtime
+        self._jobs_dir = jobs_dir
+        self._max_bytes = max_dataset_bytes
+        self._manager: JobManager | None = None
+        self._lock = threading.Lock()
+
+    def _mgr(self) -> JobManager:
+        with self._lock:
+            if self._manager is None:
+                self._manager = JobManager(self._rt, self._jobs_dir)
+            return self._manager
+
+    def _visible(self, job: Job, principal: Principal) -> Job:
+        if not principal.is_admin and job.owner != principal.tenant:
+            raise PermissionDenied(f"training job {job.id!r} belongs to another tenant")
+        return job
+
+    def _config(self, request) -> dict:
+        try:
+            params = tomllib.loads(request.config_toml) if request.config_toml else {}
+        except tomllib.TOMLDecodeError as exc:
+            raise InvalidArgument(f"config_toml is not valid TOML: {exc}") from None
+        if isinstance(params.get("train"), dict) and len(params) == 1:
+            params = params["train"]
+        fixed = sorted(set(k.replace("-", "_") for k in params) & set(_SERVER_SET))
+        if fixed:
+            raise InvalidArgument(f"config_toml may not set {fixed}: the server sets them for every job")
+        return params
+
+    @unary_rpc
+    def SubmitJob(self, request, context, principal):
+        from qlora_serve.adapters.registry import validate_name
+        from qlora_serve.training.config import TrainConfig
+
+        validate_name(request.adapter_name)
+        if not request.train_jsonl:
+            raise InvalidArgument("train_jsonl is empty: upload the training data (JSONL)")
+        size = len(request.train_jsonl) + len(request.eval_jsonl)
+        if size > self._max_bytes:
+            raise ResourceExhausted(f"datasets total {size} bytes; the limit is {self._max_bytes}")
+        existing = self._rt.registry.list(name=request.adapter_name)
+        owner = principal.tenant if self._rt.auth.enabled else None
+        if existing and not principal.is_admin and existing[0].owner != principal.tenant:
+            raise PermissionDenied(f"adapter {request.adapter_name!r} belongs to another tenant")
+        config = {**self._config(request), "base": self._rt.engine.base.name, "name": request.adapter_name,
+                  "progress_bar": False}
+        job_id = uuid.uuid4().hex[:12]
+        workdir = self._jobs_dir / job_id
+        config.update(data=str(workdir / "train.jsonl"), out=str(workdir / "out"))
+        if request.eval_jsonl:
+            config["eval_data"] = str(workdir / "eval.jsonl")
+        TrainConfig.from_dict(config, source="config_toml")  # refuse bad keys now, not in the job
+        workdir.mkdir(parents=True)
+        (workdir / "train.jsonl").write_bytes(request.train_jsonl)
+        if request.eval_jsonl:
+            (workdir / "eval.jsonl").write_bytes(request.eval_jsonl)
+        job = Job(id=job_id, adapter_name=request.adapter_name, owner=owner, set_default=request.set_default,
+                  config=config, workdir=workdir)
+        return self._mgr().submit(job).proto()
+
+    @streaming_rpc
+    def WatchJob(self, request, context, principal):
+        job = self._visible(self._mgr().get(request.id), principal)
+        yield from self._mgr().watch(job, context.is_active)
+
+    @unary_rpc
+    def ListJobs(self, request, context, principal):
+        jobs = [j.proto() for j in self._mgr().all() if principal.is_admin or j.owner == principal.tenant]
+        return training_pb2.ListJobsResponse(jobs=jobs)
+
+    @unary_rpc
+    def GetJob(self, request, context, principal):
+        return self._visible(self._mgr().get(request.id), principal).proto()
+
+    @unary_rpc
+    def CancelJob(self, request, context, principal):
+        return self._mgr().cancel(self._visible(self._mgr().get(request.id), principal)).proto()
