@@ -1,0 +1,125 @@
+"""`qlora-serve train` and `qlora-serve merge` subcommands.
+
+The lead hooks them into the main parser:
+
+    sub = parser.add_subparsers()
+    add_train_parser(sub); add_merge_parser(sub)
+    args = parser.parse_args(); sys.exit(args.func(args))
+
+One flag per TrainConfig field (`--lora-r` for `lora_r`, booleans as
+`--packing/--no-packing`); flags default to None so that a `--config` file value
+is only overridden by a flag the user actually typed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import types
+import typing
+
+from qlora_serve.server.errors import QloraServeError
+
+from .config import TrainConfig
+
+
+def _flag_type(tp):
+    """argparse type for a TrainConfig annotation (strings, because of `from __future__ import annotations`)."""
+    hints = typing.get_type_hints(TrainConfig)
+    t = hints[tp]
+    if isinstance(t, types.UnionType) or typing.get_origin(t) is typing.Union:
+        t = next(a for a in typing.get_args(t) if a is not type(None))
+    return t
+
+
+def add_train_parser(subparsers) -> argparse.ArgumentParser:
+    """Add the `train` subcommand; its func(args) -> exit code."""
+    p = subparsers.add_parser(
+        "train",
+        help="fine-tune a QLoRA adapter on a JSONL dataset",
+        description="QLoRA fine-tuning: NF4 double-quantized base + LoRA, paged AdamW. See training/README.md.",
+    )
+    p.add_argument("--config", metavar="FILE.toml", help="TOML file whose keys are these flags' names (flags override it)")
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        t = _flag_type(f.name)
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        help_text = f"{f.metadata['help']} (default: {default!r})".replace("%", "%%")
+        if t is bool:
+            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        elif t in (list, list[str]) or typing.get_origin(t) is list:
+            p.add_argument(flag, dest=f.name, metavar="A,B,...", default=None, help=help_text)
+        else:
+            metavar = {"register": "ADDRESS", "base": "DIR_OR_HUB_ID", "data": "FILE.jsonl", "eval_data": "FILE.jsonl", "out": "DIR"}.get(f.name)
+            p.add_argument(flag, dest=f.name, type=t, default=None, metavar=metavar, help=help_text)
+    p.set_defaults(func=run_train)
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """TrainConfig from defaults < --config file < explicit flags."""
+    overrides = {name: getattr(args, name, None) for name in TrainConfig.field_names()}
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if getattr(args, "config", None):
+        return TrainConfig.from_toml(args.config, **overrides)
+    return TrainConfig.from_dict(overrides, source="command line")
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from .trainer import train
+
+    try:
+        cfg = config_from_args(args)
+        result = train(cfg)
+    except QloraServeError as exc:
+        print(f"qlora-serve train: error: {exc}", file=sys.stderr)
+        return 2
+    if result.registered is not None:
+        print(f"registered as {result.metadata['name']}: {result.registered}", file=sys.stderr)
+    print(result.adapter_dir)
+    return 0
+
+
+def add_merge_parser(subparsers) -> argparse.ArgumentParser:
+    """Add the `merge` subcommand; its func(args) -> exit code."""
+    p = subparsers.add_parser(
+        "merge",
+        help="merge an adapter into the 16-bit base and save a standalone model",
+        description="Merge a LoRA adapter into the base loaded in 16-bit (bf16 on GPU, fp32 on CPU), check that "
+        "greedy output equals base+adapter on a sample prompt, and save model + tokenizer.",
+    )
+    p.add_argument("--base", default=None, metavar="DIR_OR_HUB_ID", help="base model (default: the embedded demo base)")
+    p.add_argument("--adapter", required=True, metavar="DIR", help="PEFT adapter directory")
+    p.add_argument("--out", required=True, metavar="DIR", help="where to write the merged model")
+    p.add_argument("--prompt", default="hello world", help="sample prompt for the equality check (default: 'hello world')")
+    p.add_argument("--max-new-tokens", type=int, default=16, help="greedy tokens compared (default: 16)")
+    p.set_defaults(func=run_merge)
+    return p
+
+
+def run_merge(args: argparse.Namespace) -> int:
+    from .merge import merge
+
+    try:
+        result = merge(args.base, args.adapter, args.out, prompt=args.prompt, max_new_tokens=args.max_new_tokens)
+    except QloraServeError as exc:
+        print(f"qlora-serve merge: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"merged ({result.dtype}); greedy output matches base+adapter; written to {result.out_dir}", file=sys.stderr)
+    print(result.out_dir)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Standalone entry (`python -m qlora_serve.training.cli train ...`) until the lead wires `qlora-serve`."""
+    parser = argparse.ArgumentParser(prog="qlora-serve")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_train_parser(sub)
+    add_merge_parser(sub)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

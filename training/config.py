@@ -1,0 +1,159 @@
+"""`TrainConfig`: every knob of a QLoRA training run, in one validated dataclass.
+
+The same names are the TOML keys of `--config FILE` and the CLI flags (with `_`
+spelled `-` on the command line), so a config file and a command line are
+interchangeable. Precedence: dataclass default < config file < explicit flag.
+Each field's `metadata["help"]` is the one description used by `--help` and the README.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from qlora_serve.server.errors import InvalidArgument
+
+COMPUTE_DTYPES = ("bfloat16", "float32")
+OPTIMIZERS = ("paged_adamw_8bit", "paged_adamw_32bit")
+SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial")
+
+
+def _f(default: Any, help: str, **kw) -> Any:
+    """A dataclass field carrying its help text (used by argparse and the README)."""
+    if isinstance(default, list):
+        return field(default_factory=lambda d=default: list(d), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class TrainConfig:
+    """One QLoRA fine-tuning run. Defaults follow the QLoRA paper's recipe where it has one."""
+
+    # --- what to train on, where to write ---
+    base: str | None = _f(None, "Base model: a local directory or a hub id. Default: the embedded tiny demo base.")
+    data: str | None = _f(None, "Training data, JSONL (one {text} | {prompt, completion} | {messages} object per line). Required.")
+    eval_data: str | None = _f(None, "Optional validation JSONL (same formats): reports eval loss and perplexity.")
+    out: str | None = _f(None, "Output directory for the adapter, metadata, metrics and checkpoints. Required.")
+    name: str | None = _f(None, "Adapter name recorded in the metadata (and used by --register). Default: the out dir's name.")
+    # --- quantization / precision ---
+    compute_dtype: str = _f("bfloat16", "Compute dtype of the 4-bit layers: bfloat16 or float32. float16 is refused (overflows in QLoRA).")
+    gradient_checkpointing: bool = _f(True, "Non-reentrant activation checkpointing: less memory, ~30% more compute.")
+    # --- LoRA ---
+    lora_r: int = _f(16, "LoRA rank r (>= 1).")
+    lora_alpha: float = _f(32.0, "LoRA alpha; the update is scaled by alpha / r.")
+    lora_dropout: float = _f(0.05, "Dropout on the LoRA input, in [0, 1).")
+    target_modules: list[str] = _f([], "Module name suffixes to adapt (comma-separated on the CLI). Empty: every Linear layer except the output head.")
+    modules_to_save: list[str] = _f([], "Modules trained in full and saved with the adapter (e.g. lm_head). Such adapters can be merged but not served per request.")
+    # --- optimization ---
+    optim: str = _f("paged_adamw_8bit", "Optimizer: paged_adamw_8bit or paged_adamw_32bit (bitsandbytes; non-paged on CPU).")
+    learning_rate: float = _f(2e-4, "Peak learning rate.")
+    lr_scheduler: str = _f("cosine", "Learning-rate schedule after warmup: " + ", ".join(SCHEDULERS) + ".")
+    warmup_ratio: float = _f(0.03, "Fraction of the total optimizer steps spent in linear warmup, in [0, 1).")
+    weight_decay: float = _f(0.0, "AdamW weight decay.")
+    max_grad_norm: float = _f(0.3, "Gradient-norm clip (0 disables).")
+    batch_size: int = _f(4, "Examples per micro-batch.")
+    grad_accum: int = _f(4, "Micro-batches accumulated per optimizer step (effective batch = batch_size * grad_accum).")
+    epochs: float = _f(1.0, "Passes over the training data (ignored when max_steps > 0).")
+    max_steps: int = _f(-1, "Optimizer steps to run; -1 means use epochs.")
+    seed: int = _f(42, "Seed for data order, LoRA init and dropout.")
+    # --- data ---
+    max_seq_len: int = _f(1024, "Examples longer than this many tokens are truncated (the count is reported).")
+    packing: bool = _f(True, "Pack each micro-batch into one padding-free row with per-example positions and labels. Switched off (with a warning) if the model's attention would leak across packed examples.")
+    # --- feedback / checkpoints ---
+    logging_steps: int = _f(10, "Log loss, learning rate, tokens/s and peak memory every N optimizer steps.")
+    save_steps: int = _f(200, "Write a resumable checkpoint (weights, optimizer, scheduler, RNG) every N optimizer steps.")
+    save_total_limit: int = _f(2, "Keep at most this many checkpoints (oldest deleted).")
+    eval_steps: int = _f(0, "Evaluate every N optimizer steps (0: only at the end). Needs eval_data.")
+    resume: bool = _f(False, "Resume from the last checkpoint in OUT/checkpoints, optimizer state included.")
+    progress_bar: bool = _f(True, "Show a tqdm progress bar.")
+    register: str | None = _f(None, "gRPC ADDRESS of a running qlora-serve to register the finished adapter with.")
+
+    def __post_init__(self) -> None:
+        # TOML/CLI may give a comma-separated string; normalise before validating.
+        for key in ("target_modules", "modules_to_save"):
+            v = getattr(self, key)
+            if isinstance(v, str):
+                setattr(self, key, [s.strip() for s in v.split(",") if s.strip()])
+            elif not isinstance(v, (list, tuple)) or not all(isinstance(s, str) for s in v):
+                raise ValueError(f"{key} must be a list of module names, got {v!r}")
+            else:
+                setattr(self, key, list(v))
+        if self.compute_dtype in ("float16", "fp16", "half"):
+            raise ValueError(
+                "compute_dtype=float16 is refused: QLoRA activations and LoRA gradients overflow fp16's range "
+                "(max 65504) and the loss turns NaN. Use bfloat16 (same memory, fp32's range) or float32."
+            )
+        aliases = {"bf16": "bfloat16", "fp32": "float32"}
+        self.compute_dtype = aliases.get(self.compute_dtype, self.compute_dtype)
+        if self.compute_dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"compute_dtype must be one of {COMPUTE_DTYPES}, got {self.compute_dtype!r}")
+        if self.optim not in OPTIMIZERS:
+            raise ValueError(f"optim must be one of {OPTIMIZERS}, got {self.optim!r}")
+        if self.lr_scheduler not in SCHEDULERS:
+            raise ValueError(f"lr_scheduler must be one of {SCHEDULERS}, got {self.lr_scheduler!r}")
+        for key in ("lora_r", "batch_size", "grad_accum", "max_seq_len", "logging_steps", "save_steps", "save_total_limit"):
+            v = getattr(self, key)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{key} must be an integer >= 1, got {v!r}")
+        if self.max_seq_len < 2:
+            raise ValueError(f"max_seq_len must be >= 2 (a prompt token and a label), got {self.max_seq_len}")
+        if isinstance(self.max_steps, bool) or not isinstance(self.max_steps, int) or (self.max_steps < 1 and self.max_steps != -1):
+            raise ValueError(f"max_steps must be -1 (use epochs) or an integer >= 1, got {self.max_steps!r}")
+        if isinstance(self.eval_steps, bool) or not isinstance(self.eval_steps, int) or self.eval_steps < 0:
+            raise ValueError(f"eval_steps must be an integer >= 0, got {self.eval_steps!r}")
+        if not (self.learning_rate > 0):
+            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate!r}")
+        if not (self.lora_alpha > 0):
+            raise ValueError(f"lora_alpha must be > 0, got {self.lora_alpha!r}")
+        if not (0 <= self.lora_dropout < 1):
+            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        if not (0 <= self.warmup_ratio < 1):
+            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        if self.max_grad_norm < 0:
+            raise ValueError(f"max_grad_norm must be >= 0 (0 disables clipping), got {self.max_grad_norm!r}")
+        if self.max_steps == -1 and not (self.epochs > 0):
+            raise ValueError(f"epochs must be > 0 when max_steps is -1, got {self.epochs!r}")
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], *, source: str = "config") -> "TrainConfig":
+        """Build from a dict whose keys are field names (`-` accepted for `_`); unknown keys are an error."""
+        known = set(cls.field_names())
+        normalised = {}
+        for key, value in values.items():
+            k = key.replace("-", "_")
+            if k not in known:
+                raise InvalidArgument(
+                    f"{source}: unknown key {key!r}; valid keys are: {', '.join(sorted(known))}"
+                )
+            normalised[k] = value
+        try:
+            return cls(**normalised)
+        except ValueError as exc:
+            raise InvalidArgument(f"{source}: {exc}") from None
+
+    @classmethod
+    def from_toml(cls, path: str | Path, **overrides: Any) -> "TrainConfig":
+        """Read a TOML file (flat keys, or under a `[train]` table) and apply `overrides` (non-None values win)."""
+        path = Path(path)
+        if not path.is_file():
+            raise InvalidArgument(f"config file {path} does not exist")
+        try:
+            data = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise InvalidArgument(f"{path} is not valid TOML: {exc}") from None
+        if set(data) == {"train"} and isinstance(data["train"], dict):
+            data = data["train"]
+        data.update({k: v for k, v in overrides.items() if v is not None})
+        return cls.from_dict(data, source=str(path))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)

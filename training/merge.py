@@ -1,0 +1,75 @@
+"""`merge(base, adapter, out_dir)`: a standalone model with the adapter folded in.
+
+The adapter is merged into the base loaded in 16-bit (bf16 on GPU, fp32 on CPU
+where bf16 matmuls are slow), not into the NF4 weights: `merge_and_unload` on a
+4-bit model re-quantizes W + BA into NF4 and loses the update in rounding.
+Before saving, the merged model's greedy output on a sample prompt must equal the
+unmerged base + adapter in the same dtype; otherwise nothing is written.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from qlora_serve.server.errors import FailedPrecondition, InvalidArgument
+
+DEFAULT_PROMPT = "hello world"
+
+
+@dataclass
+class MergeResult:
+    out_dir: Path
+    dtype: str
+    prompt: str
+    generated_ids: list[int]  # greedy continuation, identical for merged and unmerged
+
+
+def merge(
+    base: str | None,
+    adapter: str | Path,
+    out_dir: str | Path,
+    *,
+    prompt: str = DEFAULT_PROMPT,
+    max_new_tokens: int = 16,
+    dtype: torch.dtype | None = None,
+) -> MergeResult:
+    """Merge `adapter` into `base` (None: the demo base) and save model + tokenizer to `out_dir`.
+
+    Raises FailedPrecondition if merged and unmerged greedy outputs differ.
+    """
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from .model import load_tokenizer, resolve_base
+
+    base = resolve_base(base)
+    adapter = Path(adapter)
+    # Not peft_format.read_adapter_config: that refuses modules_to_save, which merging handles fine.
+    if not (adapter / "adapter_config.json").is_file():
+        raise InvalidArgument(f"{adapter} has no adapter_config.json; pass a PEFT adapter directory")
+    device = "cuda:0" if torch.cuda.is_available() else "cpu"
+    dtype = dtype or (torch.bfloat16 if device != "cpu" else torch.float32)
+    tokenizer = load_tokenizer(base)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, device_map=device)
+    model = PeftModel.from_pretrained(model, str(adapter))
+    model.eval()
+
+    inputs = tokenizer(prompt, return_tensors="pt").to(device)
+    gen_kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+    with torch.no_grad():
+        unmerged = model.generate(**inputs, **gen_kwargs)[0, inputs["input_ids"].shape[1]:].tolist()
+        merged_model = model.merge_and_unload()
+        merged = merged_model.generate(**inputs, **gen_kwargs)[0, inputs["input_ids"].shape[1]:].tolist()
+    if merged != unmerged:
+        raise FailedPrecondition(
+            f"merged model's greedy output {merged} differs from base+adapter {unmerged} on prompt {prompt!r} "
+            f"({dtype}); nothing was written. Try dtype=float32 or report the adapter."
+        )
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    merged_model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    return MergeResult(out_dir=out_dir, dtype=str(dtype).removeprefix("torch."), prompt=prompt, generated_ids=merged)

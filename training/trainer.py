@@ -1,0 +1,246 @@
+"""`train(config)`: the QLoRA run, from JSONL to a PEFT adapter directory.
+
+Order of work (every check that can fail on bad input runs before the model loads):
+  1. config fields (TrainConfig.__post_init__), base path, tokenizer, base config;
+  2. data files: JSON per line, formats, tokenization, truncation counts;
+  3. LoRA target modules against the architecture (on the meta device);
+  4. `resume` has a checkpoint; `register` has a client;
+  5. only then: load the NF4 base, attach LoRA, train with HF `Trainer`.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from qlora_serve.server.errors import InvalidArgument
+
+from .collate import make_collator, packing_is_isolated
+from .config import TrainConfig
+from .data import Dataset, load_dataset
+from .export import fingerprint_of, save_adapter
+from .feedback import EventSink, FeedbackCallback, MetricsFile, QuietProgressCallback, StopCallback, peak_memory_mb
+from .model import (
+    attach_lora,
+    check_modules_to_save,
+    load_base_config,
+    load_quantized_base,
+    load_tokenizer,
+    resolve_base,
+    resolve_target_modules,
+)
+
+CHECKPOINT_DIR = "checkpoints"
+METRICS_FILE = "metrics.json"
+
+
+@dataclass
+class PreparedRun:
+    """Everything checked and tokenized, nothing loaded yet (cheap to build)."""
+
+    config: TrainConfig
+    base: str
+    out: Path
+    name: str
+    tokenizer: Any
+    model_config: Any
+    train_data: Dataset
+    eval_data: Dataset | None
+    target_modules: list[str]
+    resume_from: str | None
+
+
+@dataclass
+class TrainResult:
+    """What a finished (or cleanly stopped) run produced. Losses are mean token
+    cross-entropy in nats; times in seconds."""
+
+    adapter_dir: Path
+    metadata: dict[str, Any]
+    trainable_params: int
+    global_step: int
+    stopped_early: bool
+    train_loss: float | None
+    eval_loss: float | None
+    wall_time_s: float
+    log: list[dict[str, Any]] = field(default_factory=list)
+    registered: Any = None
+
+
+def prepare(cfg: TrainConfig) -> PreparedRun:
+    """Run every input check and tokenize the data; loads no weights."""
+    if not cfg.data:
+        raise InvalidArgument("data is required: pass --data FILE.jsonl (or data = \"...\" in the config file)")
+    if not cfg.out:
+        raise InvalidArgument("out is required: pass --out DIR for the adapter")
+    base = resolve_base(cfg.base)
+    tokenizer = load_tokenizer(base)
+    model_config = load_base_config(base)
+    train_data = load_dataset(cfg.data, tokenizer, cfg.max_seq_len)
+    eval_data = load_dataset(cfg.eval_data, tokenizer, cfg.max_seq_len) if cfg.eval_data else None
+    if cfg.eval_steps and eval_data is None:
+        raise InvalidArgument("eval_steps is set but eval_data is not; pass --eval-data FILE.jsonl")
+    target_modules = resolve_target_modules(cfg, model_config)
+    check_modules_to_save(cfg, model_config)
+    out = Path(cfg.out)
+    resume_from = None
+    if cfg.resume:
+        from transformers.trainer_utils import get_last_checkpoint
+
+        ckpts = out / CHECKPOINT_DIR
+        resume_from = get_last_checkpoint(str(ckpts)) if ckpts.is_dir() else None
+        if resume_from is None:
+            raise InvalidArgument(f"resume is set but {ckpts} holds no checkpoint-N directory; run without --resume to start fresh")
+    if cfg.register:
+        from .register import check_server_ready
+
+        check_server_ready(cfg.register)
+    return PreparedRun(
+        config=cfg, base=base, out=out, name=cfg.name or out.resolve().name, tokenizer=tokenizer,
+        model_config=model_config, train_data=train_data, eval_data=eval_data,
+        target_modules=target_modules, resume_from=resume_from,
+    )
+
+
+def _training_arguments(cfg: TrainConfig, out: Path, has_eval: bool):
+    import torch
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
+        output_dir=str(out / CHECKPOINT_DIR),
+        per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        learning_rate=cfg.learning_rate,
+        lr_scheduler_type=cfg.lr_scheduler,
+        warmup_steps=cfg.warmup_ratio,  # a float in [0, 1) is a ratio of the total steps
+        weight_decay=cfg.weight_decay,
+        max_grad_norm=cfg.max_grad_norm,
+        num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        optim=cfg.optim,
+        bf16=cfg.compute_dtype == "bfloat16",
+        # prepare_model_for_kbit_training already enabled (non-reentrant) checkpointing.
+        gradient_checkpointing=False,
+        logging_steps=cfg.logging_steps,
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=cfg.save_total_limit,
+        eval_strategy="steps" if (has_eval and cfg.eval_steps) else "no",
+        eval_steps=cfg.eval_steps or None,
+        report_to="none",
+        disable_tqdm=not cfg.progress_bar,
+        remove_unused_columns=False,  # our dataset yields exactly the model's inputs
+        use_cpu=not torch.cuda.is_available(),
+        dataloader_num_workers=0,  # the token counter lives in this process
+    )
+
+
+def train(
+    cfg: TrainConfig,
+    *,
+    callbacks: Sequence[Any] = (),
+    on_event: EventSink | None = None,
+    stream=None,
+) -> TrainResult:
+    """Train a QLoRA adapter as `cfg` says and write it to `cfg.out`.
+
+    `callbacks`: extra `transformers.TrainerCallback`s (e.g. `StopCallback`).
+    `on_event`: receives progress dicts ({"event": "start"|"log"|"eval"|"done", ...}).
+    Raises InvalidArgument / FailedPrecondition for bad input, before any weights load.
+    """
+    from transformers import Trainer, set_seed
+
+    stream = stream or sys.stderr
+    t0 = time.perf_counter()
+    run = prepare(cfg)
+    emit = on_event or (lambda e: None)
+    run.out.mkdir(parents=True, exist_ok=True)
+    metrics = MetricsFile(run.out / METRICS_FILE)
+    if run.train_data.truncated_examples:
+        print(f"truncated {run.train_data.truncated_examples} example(s) to max_seq_len={cfg.max_seq_len}, "
+              f"dropping {run.train_data.truncated_tokens} token(s)", file=stream)
+
+    set_seed(cfg.seed)  # LoRA init (kaiming A) and dropout draw from this
+    model = attach_lora(load_quantized_base(run.base, cfg), cfg, run.target_modules)
+    trainable, total = model.get_nb_trainable_parameters()
+    print(f"trainable params: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%); "
+          f"LoRA r={cfg.lora_r} alpha={cfg.lora_alpha} on {', '.join(run.target_modules)}", file=stream)
+
+    packing = cfg.packing
+    if packing and not packing_is_isolated(model, run.model_config.vocab_size):
+        print("packing disabled: this model's attention does not separate packed examples "
+              "(position_ids restarts are ignored); padding instead", file=stream)
+        packing = False
+    collator = make_collator(run.tokenizer, packing)
+    emit({"event": "start", "trainable_params": trainable, "total_params": total,
+          "train_examples": len(run.train_data), "packing": packing, "resume_from": run.resume_from})
+
+    args = _training_arguments(cfg, run.out, run.eval_data is not None)
+    feedback = FeedbackCallback(collator.counter, metrics, sink=on_event, stream=stream)
+    trainer = Trainer(
+        model=model, args=args, train_dataset=run.train_data, eval_dataset=run.eval_data,
+        data_collator=collator, callbacks=[feedback, *callbacks],
+    )
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    # Our FeedbackCallback prints one formatted line per log; HF's would print the raw dict too.
+    trainer.pop_callback(PrinterCallback)
+    if trainer.pop_callback(ProgressCallback) is not None:
+        trainer.add_callback(QuietProgressCallback)
+
+    out = trainer.train(resume_from_checkpoint=run.resume_from)
+    state = trainer.state
+    stopped_early = state.global_step < state.max_steps
+    losses = [e["loss"] for e in metrics.log if "loss" in e]
+    train_loss = losses[-1] if losses else float(out.training_loss)
+    eval_loss = None
+    if run.eval_data is not None:
+        eval_loss = float(trainer.evaluate()["eval_loss"])
+    wall = time.perf_counter() - t0
+
+    metadata = {
+        "name": run.name,
+        "base_model": cfg.base or "qlora-serve-demo-tiny-llama",
+        **fingerprint_of(run.base, run.model_config),
+        "dataset": {"path": str(run.train_data.path), "sha256": run.train_data.digest, "format": run.train_data.format,
+                    "examples": len(run.train_data), "tokens": run.train_data.num_tokens,
+                    "label_tokens": run.train_data.label_tokens,
+                    "truncated_examples": run.train_data.truncated_examples,
+                    "truncated_tokens": run.train_data.truncated_tokens},
+        "eval_dataset": None if run.eval_data is None else {
+            "path": str(run.eval_data.path), "sha256": run.eval_data.digest, "examples": len(run.eval_data)},
+        "hyperparameters": {**cfg.to_dict(), "target_modules": run.target_modules, "packing": packing},
+        "trainable_params": trainable,
+        "global_step": state.global_step,
+        "stopped_early": stopped_early,
+        "final_train_loss": train_loss,
+        "final_eval_loss": eval_loss,
+        "final_eval_perplexity": None if eval_loss is None else (math.exp(eval_loss) if eval_loss < 700 else float("inf")),
+        "wall_time_s": wall,
+        "peak_memory_mb": peak_memory_mb(),
+    }
+    save_adapter(model, run.out, metadata)
+    metrics.summary = {k: metadata[k] for k in ("global_step", "stopped_early", "final_train_loss", "final_eval_loss",
+                                                "final_eval_perplexity", "wall_time_s", "peak_memory_mb", "trainable_params")}
+    metrics.write()
+    print(f"adapter written to {run.out} (step {state.global_step}, train loss {train_loss:.4f}"
+          + (f", eval loss {eval_loss:.4f}" if eval_loss is not None else "") + f", {wall:.1f} s)", file=stream)
+
+    registered = None
+    if cfg.register and not stopped_early:
+        from .register import register_adapter
+
+        registered = register_adapter(cfg.register, run.out, run.name, metadata)
+    emit({"event": "done", "adapter_dir": str(run.out), **metrics.summary})
+    return TrainResult(
+        adapter_dir=run.out, metadata=metadata, trainable_params=trainable, global_step=state.global_step,
+        stopped_early=stopped_early, train_loss=train_loss, eval_loss=eval_loss, wall_time_s=wall,
+        log=list(metrics.log), registered=registered,
+    )
