@@ -154,6 +154,17 @@ def test_mixed_batch_matches_peft(built, peft_ref, wrapped):
         assert (s == -1) == torch.equal(got[row], base[row]), row
 
 
+@pytest.mark.parametrize("slots", [[3, 3, 3], [3, -1, 3, -1]], ids=["all-one-adapter", "one-adapter-and-base"])
+def test_single_adapter_fast_path_matches_peft(peft_ref, wrapped, slots):
+    """Batches whose adapted rows share one slot skip the per-row gather."""
+    model, lora = wrapped
+    names = [NAMES[s] if s >= 0 else "__base__" for s in slots]
+    ids = _ids(len(slots), seed=3)
+    with torch.no_grad():
+        expected = peft_ref(input_ids=ids, adapter_names=names).logits
+    torch.testing.assert_close(_logits(model, ids, lora, slots), expected, atol=ATOL, rtol=0)
+
+
 def test_base_rows_bit_identical_to_unwrapped_base(built, adapters):
     model = _load_4bit(built[0])
     ids = _ids(5, seed=1)

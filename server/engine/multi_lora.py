@@ -42,11 +42,14 @@ class _Rows:
     slot_ids: LongTensor[n_active], the slot of each adapted row, in row order.
     active_rows: LongTensor[n_active], which rows are adapted; None when all B are
         (then no select/scatter is needed).
+    single: the one slot every adapted row uses, else None. Then no per-row gather
+        is needed: two plain matmuls (the common all-one-adapter traffic).
     """
 
     batch: int
     slot_ids: torch.Tensor
     active_rows: torch.Tensor | None
+    single: int | None = None
 
 
 class LoRALinear(nn.Module):
@@ -99,12 +102,18 @@ class LoRALinear(nn.Module):
         if active is not None:
             active = active.to(x.device)
             xs = xs.index_select(0, active)  # [n, T, in], only the adapted rows
-        a = self.lora_a[slot_ids]  # [n, r, in]
-        b = self.lora_b[slot_ids]  # [n, out, r]
-        scale = self.scaling[slot_ids].view(-1, 1, 1)  # [n, 1, 1]
-        # One gathered bmm pair for all adapted rows, in the stacks' dtype.
-        h = torch.bmm(xs.to(a.dtype), a.transpose(1, 2)) * scale  # [n, T, r]
-        delta = torch.bmm(h, b.transpose(1, 2)).to(out.dtype)  # [n, T, out]
+        if rows.single is not None:
+            s = rows.single
+            h = torch.matmul(xs.to(self.lora_a.dtype), self.lora_a[s].t()) * self.scaling[s]  # [n, T, r]
+            delta = torch.matmul(h, self.lora_b[s].t()).to(out.dtype)  # [n, T, out]
+        else:
+            # index_select copies the per-row stacks ~3x faster than advanced indexing.
+            a = self.lora_a.index_select(0, slot_ids)  # [n, r, in]
+            b = self.lora_b.index_select(0, slot_ids)  # [n, out, r]
+            scale = self.scaling.index_select(0, slot_ids).view(-1, 1, 1)  # [n, 1, 1]
+            # One gathered bmm pair for all adapted rows, in the stacks' dtype.
+            h = torch.bmm(xs.to(a.dtype), a.transpose(1, 2)) * scale  # [n, T, r]
+            delta = torch.bmm(h, b.transpose(1, 2)).to(out.dtype)  # [n, T, out]
         if active is None:
             return out + delta.view(out.shape)
         # Out-of-place scatter-add: base rows are never touched, so they stay
@@ -233,6 +242,7 @@ class MultiLoRA:
                 batch=len(ids),
                 slot_ids=torch.tensor([ids[i] for i in active], dtype=torch.long, device=self.device),
                 active_rows=None if len(active) == len(ids) else torch.tensor(active, dtype=torch.long, device=self.device),
+                single=ids[active[0]] if len({ids[i] for i in active}) == 1 else None,
             )
         previous, self._rows = self._rows, rows
         try:

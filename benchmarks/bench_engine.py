@@ -1,0 +1,829 @@
+#!/usr/bin/env python
+"""Engine benchmark: multi-LoRA throughput and latency (issue 5, "Benchmark").
+
+Same model, same prompts, measured in ONE run, for N distinct adapters:
+
+  (a) seed   the seed recipe: one PeftModel holding all N adapters,
+             `set_adapter` + `generate` per request, one request at a time;
+  (b) mixed  PEFT mixed batch: one `generate(..., adapter_names=[...])` over the batch;
+  (c) engine our engine, the batch's requests spread round-robin over N adapters;
+  (d) one    our engine, every request on one adapter;
+  (e) base   our engine, no adapter.
+
+(c)-(e) drive the `Engine` of an in-process `QloraServer` directly (`engine.submit`),
+so the same engine also answers the gRPC phase: a closed batch through gRPC
+(streaming and unary) for the in-process / gRPC throughput ratio, then an
+open-loop Poisson load (fixed count, fixed seed, loopback) for TTFT and
+time-per-output-token p50/p99, both in-process and through gRPC. The gRPC client
+runs in a child process (a real client is not in the server's interpreter).
+
+Every configuration decodes greedily exactly --max-new-tokens tokens per request:
+EOS is switched off (PEFT: generation_config.eos_token_id = None; engine:
+base.eos_token_ids = {}), so the work is identical across configurations.
+
+Prints a table, writes JSON to bench-results/engine-<timestamp>.json (--out).
+Never asserts timing. See benchmarks/README.md for the command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+BENCH_RECIPE_VERSION = 1
+ADAPTER_TARGETS = ("q_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+CONFIGS = ("a", "b", "c", "d", "e")
+CONFIG_NAMES = {
+    "a": "seed: PEFT set_adapter+generate, serial",
+    "b": "PEFT mixed batch (adapter_names)",
+    "c": "engine, spread over N adapters",
+    "d": "engine, all on one adapter",
+    "e": "engine, base only",
+}
+
+
+# --------------------------------------------------------------------------- presets
+@dataclass(frozen=True)
+class Preset:
+    """What to build and how big a run is by default."""
+
+    name: str
+    # cpu: TinyModelSpec fields; 7b: LlamaConfig fields
+    model: dict
+    requests: int
+    max_new_tokens: int
+    prompt_len: int
+    poisson_requests: int
+    n_adapters: tuple[int, ...]
+
+
+PRESETS = {
+    # A bigger tiny Llama than the demo; every Linear in_features is a multiple of 64
+    # (bitsandbytes' packed 4-bit CPU path needs it).
+    "cpu": Preset("cpu", dict(hidden_size=512, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=8,
+                              num_key_value_heads=4, max_position_embeddings=1024, vocab_size=384, seed=0),
+                  requests=32, max_new_tokens=32, prompt_len=32, poisson_requests=48, n_adapters=(1, 4, 16, 64)),
+    # Llama-2-7B shapes, random weights (speed only).
+    "7b": Preset("7b", dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                            num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
+                            rms_norm_eps=1e-5),
+                 requests=32, max_new_tokens=64, prompt_len=128, poisson_requests=64, n_adapters=(1, 4, 16, 64)),
+}
+QUICK = dict(requests=16, max_new_tokens=16, prompt_len=24, poisson_requests=24, n_adapters=(1, 4, 16))
+
+
+def adapter_rank(i: int) -> int:
+    """Mixed ranks: even adapters r=8, odd r=16 (alpha = 2r)."""
+    return 8 if i % 2 == 0 else 16
+
+
+# --------------------------------------------------------------------------- building
+def _ready(root: Path) -> bool:
+    return (root / "READY.json").is_file()
+
+
+def build_cpu_assets(root: Path, spec_fields: dict, n_adapters: int) -> tuple[Path, list[Path]]:
+    """The CPU benchmark base (build_tiny_base) and n_adapters random adapters (build_random_adapter),
+    cached under root. Adapters are built incrementally, so asking for more later reuses the first ones."""
+    from qlora_serve.server.demo import DemoAdapterSpec, TinyModelSpec, build_random_adapter, build_tiny_base
+
+    spec = TinyModelSpec(**spec_fields)
+    base = root / "base"
+    if not _ready(base):
+        tmp = Path(tempfile.mkdtemp(prefix=".base-", dir=root))
+        build_tiny_base(tmp, spec)
+        (tmp / "READY.json").write_text(json.dumps(asdict(spec)))
+        os.replace(tmp, base)
+    dirs = []
+    for i in range(n_adapters):
+        out = root / "adapters" / f"a{i}"
+        if not _ready(out):
+            r = adapter_rank(i)
+            tmp = Path(tempfile.mkdtemp(prefix=f".a{i}-", dir=root))
+            build_random_adapter(base, tmp, DemoAdapterSpec(name=f"a{i}", r=r, alpha=2 * r, target_modules=ADAPTER_TARGETS,
+                                                            seed=1000 + i, init_scale=0.5))
+            (tmp / "READY.json").write_text("{}")
+            out.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(tmp, out)
+        dirs.append(out)
+    return base, dirs
+
+
+def llama_linear_shapes(cfg: dict) -> dict[str, tuple[int, int]]:
+    """name -> (in_features, out_features) of every adaptable Linear of a Llama config (no model built)."""
+    h, inter = cfg["hidden_size"], cfg["intermediate_size"]
+    hd = h // cfg["num_attention_heads"]
+    q, kv = cfg["num_attention_heads"] * hd, cfg["num_key_value_heads"] * hd
+    per_layer = {"self_attn.q_proj": (h, q), "self_attn.k_proj": (h, kv), "self_attn.v_proj": (h, kv),
+                 "self_attn.o_proj": (q, h), "mlp.gate_proj": (h, inter), "mlp.up_proj": (h, inter),
+                 "mlp.down_proj": (inter, h)}
+    return {f"model.layers.{i}.{k}": v for i in range(cfg["num_hidden_layers"]) for k, v in per_layer.items()}
+
+
+def write_random_adapter(out_dir: Path, shapes: dict[str, tuple[int, int]], *, r: int, alpha: int,
+                         targets: tuple[str, ...], seed: int, init_scale: float = 0.5, dtype=None) -> Path:
+    """A PEFT LoRA adapter directory written directly (no base model loaded): what build_random_adapter
+    produces, but cheap for a 7B-shaped base whose fp32 copy would not be worth loading per adapter."""
+    import torch
+    from safetensors.torch import save_file
+
+    dtype = dtype or torch.bfloat16
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name, (fin, fout) in shapes.items():
+        if name.rsplit(".", 1)[-1] not in targets:
+            continue
+        tensors[f"base_model.model.{name}.lora_A.weight"] = (torch.randn(r, fin, generator=gen) * init_scale / fin ** 0.5).to(dtype)
+        tensors[f"base_model.model.{name}.lora_B.weight"] = (torch.randn(fout, r, generator=gen) * init_scale / r ** 0.5).to(dtype)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out_dir / "adapter_model.safetensors"), metadata={"format": "pt"})
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": alpha, "lora_dropout": 0.0,
+              "target_modules": sorted(targets), "bias": "none", "fan_in_fan_out": False, "use_rslora": False,
+              "use_dora": False, "init_lora_weights": True, "modules_to_save": None, "rank_pattern": {},
+              "alpha_pattern": {}, "base_model_name_or_path": "qlora-serve-bench-7b-random"}
+    (out_dir / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+    return out_dir
+
+
+def build_7b_assets(root: Path, cfg_fields: dict, n_adapters: int, device: str) -> tuple[Path, list[Path]]:
+    """A 7B-shaped Llama with random weights, initialised directly on `device` in bf16, written with
+    save_pretrained (~13.5 GB) so that load_base quantizes it to NF4 + double quant through the same
+    from_pretrained + BitsAndBytesConfig path as a real checkpoint. Cached under root (build once).
+
+    (A cheaper way, not used: build on the meta device and swap each nn.Linear for a
+    bnb.nn.Linear4bit filled with random NF4 codes; it skips the 13.5 GB write but no longer
+    exercises the real loading path.)"""
+    import torch
+    from transformers import AutoModelForCausalLM, GenerationConfig, LlamaConfig
+
+    from qlora_serve.server.demo import build_tokenizer
+
+    base = root / "base"
+    if not _ready(base):
+        tmp = Path(tempfile.mkdtemp(prefix=".base-", dir=root))
+        tok = build_tokenizer(tmp, cfg_fields["vocab_size"])  # tiny corpus: far fewer tokens; prompts are ids anyway
+        config = LlamaConfig(**cfg_fields, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                             pad_token_id=tok.pad_token_id, tie_word_embeddings=False)
+        torch.manual_seed(0)
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+        model.generation_config = GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                                   pad_token_id=tok.pad_token_id)
+        model.save_pretrained(tmp, max_shard_size="4GB")
+        del model
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        (tmp / "READY.json").write_text(json.dumps(cfg_fields))
+        os.replace(tmp, base)
+    shapes = llama_linear_shapes(cfg_fields)
+    dirs = []
+    for i in range(n_adapters):
+        out = root / "adapters" / f"a{i}"
+        if not _ready(out):
+            r = adapter_rank(i)
+            tmp = Path(tempfile.mkdtemp(prefix=f".a{i}-", dir=root))
+            write_random_adapter(tmp, shapes, r=r, alpha=2 * r, targets=ADAPTER_TARGETS, seed=1000 + i)
+            (tmp / "READY.json").write_text("{}")
+            out.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(tmp, out)
+        dirs.append(out)
+    return base, dirs
+
+
+# --------------------------------------------------------------------------- machine info
+def machine_info(device) -> dict:
+    import bitsandbytes
+    import peft
+    import torch
+    import transformers
+
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {"cpu_model": cpu, "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+            "bitsandbytes": bitsandbytes.__version__, "peft": peft.__version__, "transformers": transformers.__version__,
+            "device": str(device), "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None}
+    try:
+        mem = Path("/proc/meminfo").read_text().split("\n")[0]
+        info["memory"] = mem.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+        info["cuda"] = torch.version.cuda
+    try:
+        repo = Path(__file__).resolve().parents[1]
+        info["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True,
+                                            timeout=10).stdout.strip()
+        info["git_dirty"] = bool(subprocess.run(["git", "status", "--porcelain"], cwd=repo, capture_output=True,
+                                                text=True, timeout=10).stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return info
+
+
+# --------------------------------------------------------------------------- helpers
+def pct(values: list[float], q: float) -> float | None:
+    """Percentile by linear interpolation (q in [0, 100]); None for no values."""
+    if not values:
+        return None
+    v = sorted(values)
+    k = (len(v) - 1) * q / 100.0
+    lo, hi = math.floor(k), math.ceil(k)
+    return v[lo] + (v[hi] - v[lo]) * (k - lo)
+
+
+def latency_summary(records: list[dict]) -> dict:
+    ttft = [r["ttft_s"] for r in records if r.get("ttft_s") is not None]
+    tpot = [r["tpot_s"] for r in records if r.get("tpot_s") is not None]
+    e2e = [r["e2e_s"] for r in records if r.get("e2e_s") is not None]
+    return {"requests": len(records), "errors": sum(1 for r in records if r.get("error")),
+            "ttft_p50_ms": _ms(pct(ttft, 50)), "ttft_p99_ms": _ms(pct(ttft, 99)),
+            "tpot_p50_ms": _ms(pct(tpot, 50)), "tpot_p99_ms": _ms(pct(tpot, 99)),
+            "e2e_p50_ms": _ms(pct(e2e, 50)), "e2e_p99_ms": _ms(pct(e2e, 99))}
+
+
+def _ms(x: float | None) -> float | None:
+    return None if x is None else round(1000.0 * x, 2)
+
+
+def make_prompts(count: int, max_len: int, vocab: int, seed: int) -> list[list[int]]:
+    """Random token ids (no specials: ids >= 3), lengths uniform in [max_len/2, max_len]."""
+    rng = random.Random(seed)
+    return [[rng.randrange(3, vocab) for _ in range(rng.randint(max(1, max_len // 2), max_len))] for _ in range(count)]
+
+
+def timing_record(t_send: float, token_times: list[float], n_tokens: int, t_end: float, error: str | None = None) -> dict:
+    rec = {"n_tokens": n_tokens, "e2e_s": t_end - t_send, "error": error}
+    if token_times:
+        rec["ttft_s"] = token_times[0] - t_send
+        if n_tokens > 1:
+            rec["tpot_s"] = (token_times[-1] - token_times[0]) / (n_tokens - 1)
+    return rec
+
+
+# --------------------------------------------------------------------------- PEFT (a), (b)
+class PeftRunner:
+    """One PeftModel over an NF4 base with all adapters loaded (the seed recipe's model)."""
+
+    def __init__(self, base_dir: Path, adapter_dirs: list[Path], compute_dtype: str, device: str):
+        import torch
+        from peft import PeftModel
+
+        from qlora_serve.server.engine.loader import load_base
+
+        self.torch = torch
+        base = load_base(str(base_dir), compute_dtype=compute_dtype, device=device)
+        self.device = base.device
+        self.pad_id = next(i for i in (base.tokenizer.pad_token_id, base.tokenizer.eos_token_id, 0) if i is not None)
+        base.model.generation_config.eos_token_id = None  # decode exactly max_new_tokens
+        base.model.generation_config.pad_token_id = self.pad_id
+        self.model = PeftModel.from_pretrained(base.model, str(adapter_dirs[0]), adapter_name="a0")
+        for i, d in enumerate(adapter_dirs[1:], start=1):
+            self.model.load_adapter(str(d), adapter_name=f"a{i}")
+        self.model.eval()
+
+    def _gen(self, ids, mask, max_new: int, **kw):
+        with self.torch.inference_mode():
+            return self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new, do_sample=False,
+                                       pad_token_id=self.pad_id, **kw)
+
+    def seed_recipe(self, names: list[str | None], prompts: list[list[int]], max_new: int) -> dict:
+        """(a): set_adapter + generate, one request at a time."""
+        torch = self.torch
+        outs, t0 = [], time.perf_counter()
+        for name, p in zip(names, prompts):
+            ids = torch.tensor([p], dtype=torch.long, device=self.device)
+            mask = torch.ones_like(ids)
+            if name is None:
+                with self.model.disable_adapter():
+                    out = self._gen(ids, mask, max_new)
+            else:
+                self.model.set_adapter(name)
+                out = self._gen(ids, mask, max_new)
+            outs.append(out[0, len(p):].tolist())
+        return self._result(outs, time.perf_counter() - t0, max_new)
+
+    def mixed_batch(self, names: list[str | None], prompts: list[list[int]], max_new: int, max_batch: int) -> dict:
+        """(b): left-padded generate calls with per-row adapter_names, max_batch rows each."""
+        outs, seconds = [], 0.0
+        for i in range(0, len(prompts), max_batch):
+            r = self._mixed_chunk(names[i:i + max_batch], prompts[i:i + max_batch], max_new)
+            outs += r["outputs"]
+            seconds += r["seconds"]
+        return self._result(outs, seconds, max_new)
+
+    def _mixed_chunk(self, names: list[str | None], prompts: list[list[int]], max_new: int) -> dict:
+        torch = self.torch
+        length = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), length), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(prompts), length), dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids[i, length - len(p):] = torch.tensor(p)
+            mask[i, length - len(p):] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        adapter_names = [n if n is not None else "__base__" for n in names]
+        t0 = time.perf_counter()
+        out = self._gen(ids, mask, max_new, adapter_names=adapter_names)
+        dt = time.perf_counter() - t0
+        return self._result([row[length:].tolist() for row in out], dt, max_new)
+
+    @staticmethod
+    def _result(outs: list[list[int]], seconds: float, max_new: int) -> dict:
+        tokens = sum(len(o) for o in outs)
+        return {"seconds": seconds, "tokens": tokens, "tok_s": tokens / seconds,
+                "short_rows": sum(1 for o in outs if len(o) != max_new), "outputs": outs}
+
+
+# --------------------------------------------------------------------------- engine (c), (d), (e)
+def _drain(req, t_send: float, sink: dict) -> None:
+    """Collect one request's events with receive timestamps (runs in its own thread)."""
+    from qlora_serve.server.engine.request import ErrorEvent, FinalEvent, TokenEvent
+
+    times, n, err, toks = [], 0, None, []
+    while True:
+        ev = req.events.get()
+        now = time.perf_counter()
+        if isinstance(ev, TokenEvent):
+            times.extend([now] * len(ev.token_ids))
+            n += len(ev.token_ids)
+        elif isinstance(ev, FinalEvent):
+            toks = list(ev.token_ids)
+            break
+        elif isinstance(ev, ErrorEvent):
+            err = f"{type(ev.error).__name__}: {ev.error}"
+            break
+    rec = timing_record(t_send, times, n, time.perf_counter(), err)
+    rec["token_ids"] = toks
+    sink[req.request_id] = rec
+
+
+def _make_request(tag: str, i: int, prompt: list[int], handle, max_new: int):
+    from qlora_serve.server.engine.request import Request, SamplingParams
+
+    return Request(request_id=f"{tag}-{i}", prompt_ids=list(prompt), params=SamplingParams(max_new_tokens=max_new),
+                   adapter=handle, tenant="bench")
+
+
+def engine_closed(engine, handles: list, prompts: list[list[int]], max_new: int, tag: str) -> dict:
+    """Submit the whole batch at once; throughput = generated tokens / (last answer - first submit)."""
+    sink: dict = {}
+    reqs = [_make_request(tag, i, p, h, max_new) for i, (p, h) in enumerate(zip(prompts, handles))]
+    threads = []
+    t0 = time.perf_counter()
+    for r in reqs:
+        engine.submit(r)
+        th = threading.Thread(target=_drain, args=(r, t0, sink), daemon=True)
+        th.start()
+        threads.append(th)
+    for th in threads:
+        th.join()
+    seconds = max(rec["e2e_s"] for rec in sink.values())
+    recs = [sink[r.request_id] for r in reqs]
+    tokens = sum(rec["n_tokens"] for rec in recs)
+    return {"seconds": seconds, "tokens": tokens, "tok_s": tokens / seconds,
+            "short_rows": sum(1 for rec in recs if rec["n_tokens"] != max_new),
+            "errors": [rec["error"] for rec in recs if rec["error"]],
+            "outputs": [rec["token_ids"] for rec in recs], "latency": latency_summary(recs)}
+
+
+def engine_poisson(engine, handles: list, prompts: list[list[int]], arrivals: list[float], max_new: int, tag: str) -> dict:
+    """Open loop: request i is submitted at t0 + arrivals[i] whatever the engine is doing."""
+    sink: dict = {}
+    threads = []
+    t0 = time.perf_counter()
+    for i, (p, h, off) in enumerate(zip(prompts, handles, arrivals)):
+        delay = t0 + off - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
+        r = _make_request(tag, i, p, h, max_new)
+        t_send = time.perf_counter()
+        engine.submit(r)
+        th = threading.Thread(target=_drain, args=(r, t_send, sink), daemon=True)
+        th.start()
+        threads.append(th)
+    for th in threads:
+        th.join()
+    recs = list(sink.values())
+    wall = time.perf_counter() - t0
+    return {"seconds": wall, "tokens": sum(r["n_tokens"] for r in recs), **latency_summary(recs)}
+
+
+# --------------------------------------------------------------------------- gRPC client (child process)
+def client_main(job_path: str) -> None:
+    """Runs in a child process: the gRPC jobs described in job_path; results to job_path + '.out'."""
+    from qlora_serve.server.client import Client
+
+    job = json.loads(Path(job_path).read_text())
+    client = Client(job["address"], timeout=job.get("timeout_s", 600))
+    max_new = job["max_new_tokens"]
+
+    def one(name: str, prompt: list[int], mode: str, sink: list, t_send: float) -> None:
+        kw = dict(adapter=name or "", prompt_token_ids=prompt, max_new_tokens=max_new, temperature=0.0)
+        times, n, err = [], 0, None
+        try:
+            if mode == "unary":
+                resp = client.generate(**kw)
+                n = len(resp.token_ids)
+                times = [time.perf_counter()] if n else []
+            else:
+                for chunk in client.stream(**kw):
+                    if chunk.token_ids:
+                        now = time.perf_counter()
+                        times.extend([now] * len(chunk.token_ids))
+                        n += len(chunk.token_ids)
+        except Exception as exc:  # report, never crash the load generator
+            err = f"{type(exc).__name__}: {str(exc)[:200]}"
+        rec = timing_record(t_send, times, n, time.perf_counter(), err)
+        if mode == "unary":  # unary has no per-token timing
+            rec.pop("ttft_s", None), rec.pop("tpot_s", None)
+        sink.append(rec)
+
+    results = []
+    for task in job["tasks"]:
+        sink: list = []
+        threads = []
+        t0 = time.perf_counter()
+        arrivals = task.get("arrivals") or [0.0] * len(task["prompts"])
+        for name, prompt, off in zip(task["adapters"], task["prompts"], arrivals):
+            delay = t0 + off - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+            th = threading.Thread(target=one, args=(name, prompt, task["mode"], sink, time.perf_counter()), daemon=True)
+            th.start()
+            threads.append(th)
+        for th in threads:
+            th.join()
+        tokens = sum(r["n_tokens"] for r in sink)
+        seconds = max(r["e2e_s"] + 0.0 for r in sink) if task.get("closed") else time.perf_counter() - t0
+        results.append({"name": task["name"], "seconds": seconds, "tokens": tokens, "tok_s": tokens / seconds,
+                        "short_rows": sum(1 for r in sink if r["n_tokens"] != max_new),
+                        "errors": [r["error"] for r in sink if r["error"]][:5], **latency_summary(sink)})
+    client.close()
+    Path(job_path + ".out").write_text(json.dumps(results))
+
+
+def run_client(job: dict, timeout_s: float) -> list[dict]:
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as fh:
+        json.dump(job, fh)
+        path = fh.name
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--_client", path], env=env, timeout=timeout_s)
+    if proc.returncode != 0:
+        raise RuntimeError(f"gRPC client process failed with exit code {proc.returncode}")
+    out = json.loads(Path(path + ".out").read_text())
+    os.unlink(path), os.unlink(path + ".out")
+    return out
+
+
+# --------------------------------------------------------------------------- profiling
+def profile_engine(engine, handles, prompts, max_new: int, out_dir: Path, stamp: str) -> dict:
+    """cProfile and torch.profiler on the ENGINE thread (started/stopped through engine.call) over one (c) batch."""
+    import cProfile
+    import io
+    import pstats
+
+    import torch
+
+    found: dict = {}
+    prof = cProfile.Profile()
+    engine.call(prof.enable).result()
+    r = engine_closed(engine, handles, prompts, max_new, "prof-cprofile")
+    engine.call(prof.disable).result()
+    found["cprofile_run_seconds"] = r["seconds"]
+    for key in ("tottime", "cumulative"):
+        s = io.StringIO()
+        pstats.Stats(prof, stream=s).sort_stats(key).print_stats(30)
+        found[f"cprofile_by_{key}"] = s.getvalue()
+    prof.dump_stats(str(out_dir / f"engine-{stamp}.cprofile"))
+
+    tprof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]
+                                   + ([torch.profiler.ProfilerActivity.CUDA] if torch.cuda.is_available() else []),
+                                   record_shapes=True)
+    engine.call(tprof.__enter__).result()
+    r = engine_closed(engine, handles, prompts, max_new, "prof-torch")
+    engine.call(lambda: tprof.__exit__(None, None, None)).result()
+    found["torch_profile_run_seconds"] = r["seconds"]
+    found["torch_top_self_cpu"] = tprof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30)
+    found["torch_top_by_shape"] = tprof.key_averages(group_by_input_shape=True).table(
+        sort_by="self_cpu_time_total", row_limit=30)
+    return found
+
+
+# --------------------------------------------------------------------------- main
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model-preset", choices=sorted(PRESETS), default="cpu",
+                   help="cpu: 4-layer 512-wide tiny Llama (default); 7b: Llama-2-7B shapes, random weights, for a GPU")
+    p.add_argument("--quick", action="store_true", help="CI-sized run: N in {1,4,16}, 16 requests x 16 tokens")
+    p.add_argument("--n-adapters", default=None, help="comma-separated N values (default 1,4,16,64; quick 1,4,16)")
+    p.add_argument("--configs", default="a,b,c,d,e", help="subset of a,b,c,d,e to measure")
+    p.add_argument("--requests", type=int, default=None, help="batch size: requests per measurement")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="tokens generated per request (EOS ignored)")
+    p.add_argument("--prompt-len", type=int, default=None, help="longest prompt; lengths are uniform in [len/2, len]")
+    p.add_argument("--repeats", type=int, default=1, help="measure each configuration this many times; report the median")
+    p.add_argument("--grpc-n", type=int, default=None, help="N for the gRPC phase (default 16 if measured, else the largest N)")
+    p.add_argument("--poisson-requests", type=int, default=None, help="requests in the open-loop Poisson phase")
+    p.add_argument("--poisson-rate", type=float, default=None,
+                   help="arrivals per second (default: 0.5 x the engine's measured closed-batch request rate at --grpc-n)")
+    p.add_argument("--skip-grpc", action="store_true", help="skip the gRPC / Poisson phase")
+    p.add_argument("--profile", action="store_true", help="cProfile + torch.profiler the engine thread over one (c) batch")
+    p.add_argument("--compute-dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:i]")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: all cores)")
+    p.add_argument("--seed", type=int, default=0, help="prompts and Poisson arrivals")
+    p.add_argument("--cache-dir", type=Path, default=None, help="where the model and adapters are built once")
+    p.add_argument("--out", type=Path, default=None, help="JSON path (default bench-results/engine-<timestamp>.json)")
+    p.add_argument("--_client", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    preset = PRESETS[args.model_preset]
+    defaults = dict(requests=preset.requests, max_new_tokens=preset.max_new_tokens, prompt_len=preset.prompt_len,
+                    poisson_requests=preset.poisson_requests, n_adapters=preset.n_adapters)
+    if args.quick:
+        defaults.update(QUICK)
+    for k in ("requests", "max_new_tokens", "prompt_len", "poisson_requests"):
+        if getattr(args, k) is None:
+            setattr(args, k, defaults[k])
+    args.n_list = sorted({int(x) for x in args.n_adapters.split(",")}) if args.n_adapters else list(defaults["n_adapters"])
+    args.config_list = [c.strip() for c in args.configs.split(",") if c.strip()]
+    bad = [c for c in args.config_list if c not in CONFIGS]
+    if bad or any(n < 1 for n in args.n_list):
+        p.error(f"--configs must be a subset of {','.join(CONFIGS)} and N >= 1 (got {args.configs!r}, {args.n_list})")
+    if args.grpc_n is None:
+        args.grpc_n = 16 if 16 in args.n_list else max(args.n_list)
+    return args
+
+
+def median_result(runs: list[dict]) -> dict:
+    """The run with the median throughput, plus every run's tok/s."""
+    ordered = sorted(runs, key=lambda r: r["tok_s"])
+    best = dict(ordered[len(ordered) // 2])
+    best["tok_s_runs"] = [round(r["tok_s"], 2) for r in runs]
+    return best
+
+
+def agreement(x: list[list[int]], y: list[list[int]]) -> float:
+    """Fraction of requests whose greedy outputs are identical (numerics differ slightly between paths)."""
+    return sum(1 for a, b in zip(x, y) if a == b) / max(1, len(x))
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args._client:
+        client_main(args._client)
+        return 0
+
+    import logging
+
+    import torch
+
+    logging.basicConfig(level=logging.WARNING)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from qlora_serve.server.app import QloraServer, ServerConfig, handle_of
+    from qlora_serve.server.demo import default_cache_dir
+    from qlora_serve.server.engine.config import EngineConfig
+    from qlora_serve.server.engine.loader import pick_device
+
+    preset = PRESETS[args.model_preset]
+    device = pick_device(args.device)
+    n_max = max(args.n_list + [args.grpc_n])
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    out_path = args.out or Path("bench-results") / f"engine-{stamp}.json"
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    log = lambda msg: print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)  # noqa: E731
+
+    cache = (args.cache_dir or default_cache_dir()) / f"bench-{preset.name}-v{BENCH_RECIPE_VERSION}"
+    cache.mkdir(parents=True, exist_ok=True)
+    t_build = time.perf_counter()
+    log(f"building/reusing {preset.name} model and {n_max} adapters in {cache}")
+    if preset.name == "7b":
+        base_dir, adapter_dirs = build_7b_assets(cache, preset.model, n_max, str(device))
+    else:
+        base_dir, adapter_dirs = build_cpu_assets(cache, preset.model, n_max)
+    log(f"assets ready in {time.perf_counter() - t_build:.1f}s")
+
+    vocab = int(json.loads((base_dir / "config.json").read_text())["vocab_size"])
+    # A row for N adapters sends max(requests, N) requests, so every adapter is used; the batch
+    # width stays --requests (engine max_running; PEFT mixed batch chunks).
+    prompts_all = make_prompts(max(args.requests, n_max), args.prompt_len, vocab, args.seed)
+    prompts = prompts_all[: args.requests]
+    names = [f"a{i}" for i in range(n_max)]
+    result: dict = {"benchmark": "engine", "timestamp": stamp, "machine": machine_info(device),
+                    "settings": {"preset": preset.name, "model": preset.model, "quick": args.quick,
+                                 "n_adapters": args.n_list, "configs": args.config_list, "requests": args.requests,
+                                 "max_new_tokens": args.max_new_tokens, "prompt_len": args.prompt_len,
+                                 "prompt_lens": [len(p) for p in prompts_all], "repeats": args.repeats,
+                                 "compute_dtype": args.compute_dtype, "adapter_ranks": "mixed 8/16 (alpha=2r)",
+                                 "adapter_targets": list(ADAPTER_TARGETS), "seed": args.seed, "decoding": "greedy, EOS ignored"},
+                    "rows": []}
+
+    peft_runner = None
+    if {"a", "b"} & set(args.config_list):
+        log("loading PEFT model with all adapters")
+        peft_runner = PeftRunner(base_dir, adapter_dirs, args.compute_dtype, args.device)
+
+    max_rank = max(adapter_rank(i) for i in range(n_max))
+    engine_cfg = EngineConfig(max_running=max(args.requests, 1), max_waiting=max(256, 2 * args.poisson_requests),
+                              max_prefill_tokens=max(2048, args.requests * args.prompt_len),
+                              max_new_tokens=max(1024, args.max_new_tokens), max_resident_adapters=n_max,
+                              max_lora_rank=max_rank)
+    data_dir = Path(tempfile.mkdtemp(prefix="qlora-bench-data-"))
+    server = QloraServer(ServerConfig(base=str(base_dir), host="127.0.0.1", port=0, metrics_port=None,
+                                      compute_dtype=args.compute_dtype, device=args.device, data_dir=data_dir,
+                                      adapters=[(n, str(d)) for n, d in zip(names, adapter_dirs)],
+                                      engine=engine_cfg, grace_s=5.0))
+    log("starting server (in-process engine + gRPC on loopback)")
+    server.start().load()
+    engine = server.runtime.engine
+    engine.base.eos_token_ids = frozenset()  # decode exactly max_new_tokens (bench only)
+    handles = {n: handle_of(server.runtime.registry.resolve(n)) for n in names}
+    for n in names:  # all adapters resident before timing: no cold loads inside a measurement
+        engine.call(lambda h=handles[n]: engine.ensure_resident(h)).result()
+    log(f"server up on port {server.port}; {n_max} adapters resident (max rank {max_rank})")
+
+    # Warm-up: first calls pay one-off costs (allocations, bnb kernels).
+    warm_prompts = prompts[: min(4, len(prompts))]
+    engine_closed(engine, [handles["a0"]] * len(warm_prompts), warm_prompts, 4, "warm")
+    engine_closed(engine, [None] * len(warm_prompts), warm_prompts, 4, "warm2")
+    if peft_runner:
+        peft_runner.seed_recipe(["a0"], warm_prompts[:1], 2)
+        peft_runner.mixed_batch(["a0", "a1" if n_max > 1 else "a0"], warm_prompts[:2], 2, args.requests)
+
+    T = args.max_new_tokens
+    outputs_for_check: dict = {}
+    try:
+        for n in args.n_list:
+            count = max(args.requests, n)
+            spread = [names[i % n] for i in range(count)]
+            prompts = prompts_all[:count]
+            row = {"n_adapters": n, "requests": count, "distinct_adapters": len(set(spread))}
+            for c in args.config_list:
+                runs = []
+                for rep in range(args.repeats):
+                    if c == "a":
+                        r = peft_runner.seed_recipe(spread, prompts, T)
+                    elif c == "b":
+                        r = peft_runner.mixed_batch(spread, prompts, T, args.requests)
+                    elif c == "c":
+                        r = engine_closed(engine, [handles[s] for s in spread], prompts, T, f"c{n}-{rep}")
+                    elif c == "d":
+                        r = engine_closed(engine, [handles["a0"]] * len(prompts), prompts, T, f"d{n}-{rep}")
+                    else:
+                        r = engine_closed(engine, [None] * len(prompts), prompts, T, f"e{n}-{rep}")
+                    runs.append(r)
+                r = median_result(runs)
+                outputs_for_check[(n, c)] = r.pop("outputs")
+                row[c] = r
+                log(f"N={n:>3} ({c}) {CONFIG_NAMES[c]:<40} {r['tok_s']:9.1f} tok/s  ({r['seconds']:.2f}s, runs {r['tok_s_runs']})")
+            if "c" in row and "d" in row:
+                row["c_over_d"] = row["c"]["tok_s"] / row["d"]["tok_s"]
+            if "c" in row and "a" in row:
+                row["c_over_a"] = row["c"]["tok_s"] / row["a"]["tok_s"]
+            if "b" in row and "d" in row:
+                row["b_over_d"] = row["b"]["tok_s"] / row["d"]["tok_s"]
+            if (n, "a") in outputs_for_check and (n, "c") in outputs_for_check:
+                row["greedy_agreement_a_vs_c"] = agreement(outputs_for_check[(n, "a")], outputs_for_check[(n, "c")])
+            result["rows"].append(row)
+
+        if peft_runner is not None:  # free it before the latency phase
+            del peft_runner
+            import gc
+
+            gc.collect()
+
+        prompts = prompts_all[: args.requests]
+        if not args.skip_grpc:
+            n = args.grpc_n
+            spread = [names[i % n] for i in range(args.requests)]
+            log(f"gRPC phase at N={n}: closed batch in-process vs gRPC")
+            inproc = median_result([engine_closed(engine, [handles[s] for s in spread], prompts, T, f"g-in-{k}")
+                                    for k in range(args.repeats)])
+            inproc.pop("outputs", None)
+            address = f"127.0.0.1:{server.port}"
+            closed_tasks = [{"name": f"closed-{mode}-{k}", "mode": mode, "closed": True, "adapters": spread,
+                             "prompts": prompts} for k in range(args.repeats) for mode in ("stream", "unary")]
+            grpc_closed = run_client({"address": address, "max_new_tokens": T, "tasks": closed_tasks}, timeout_s=3600)
+            by_mode = {m: median_result([x for x in grpc_closed if x["name"].startswith(f"closed-{m}")])
+                       for m in ("stream", "unary")}
+            # Open-loop Poisson: same arrivals for both paths.
+            rate = args.poisson_rate or 0.5 * inproc["tok_s"] / T
+            rng = random.Random(args.seed + 1)
+            arrivals, t = [], 0.0
+            for _ in range(args.poisson_requests):
+                t += rng.expovariate(rate)
+                arrivals.append(t)
+            p_prompts = make_prompts(args.poisson_requests, args.prompt_len, vocab, args.seed + 2)
+            p_spread = [names[i % n] for i in range(args.poisson_requests)]
+            log(f"Poisson phase: {args.poisson_requests} requests at {rate:.2f} req/s (in-process, then gRPC stream)")
+            p_in = engine_poisson(engine, [handles[s] for s in p_spread], p_prompts, arrivals, T, "p-in")
+            p_grpc = run_client({"address": address, "max_new_tokens": T,
+                                 "tasks": [{"name": "poisson", "mode": "stream", "adapters": p_spread,
+                                            "prompts": p_prompts, "arrivals": arrivals}]}, timeout_s=3600)[0]
+            result["grpc"] = {
+                "n_adapters": n, "address": "loopback", "client": "separate process, one thread per request",
+                "closed_in_process": inproc, "closed_grpc_stream": by_mode["stream"], "closed_grpc_unary": by_mode["unary"],
+                "grpc_stream_over_in_process": by_mode["stream"]["tok_s"] / inproc["tok_s"],
+                "grpc_unary_over_in_process": by_mode["unary"]["tok_s"] / inproc["tok_s"],
+                "poisson": {"rate_req_s": rate, "requests": args.poisson_requests, "seed": args.seed + 1,
+                            "in_process": p_in, "grpc_stream": p_grpc},
+            }
+
+        if args.profile:
+            n = args.grpc_n
+            spread = [names[i % n] for i in range(args.requests)]
+            log(f"profiling the engine thread over one (c) batch at N={n}")
+            result["profile"] = profile_engine(engine, [handles[s] for s in spread], prompts, T, out_path.parent, stamp)
+    finally:
+        server.stop(grace_s=2.0)
+
+    result["goals"] = goals(result, args.grpc_n)
+    out_path.write_text(json.dumps(result, indent=2, default=str))
+    print(render(result))
+    if args.profile and "profile" in result:
+        print("\n--- engine thread, torch.profiler (self CPU) ---")
+        print(result["profile"]["torch_top_self_cpu"])
+        print("--- engine thread, cProfile (tottime) ---")
+        print(result["profile"]["cprofile_by_tottime"])
+    print(f"\nJSON: {out_path}")
+    return 0
+
+
+def goals(result: dict, goal_n: int) -> dict:
+    g: dict = {}
+    row = next((r for r in result["rows"] if r["n_adapters"] == 16), None)
+    if row is not None:
+        if "c_over_d" in row:
+            g["c_over_d_at_16"] = {"value": round(row["c_over_d"], 3), "target": ">= 0.85", "met": row["c_over_d"] >= 0.85}
+        if "c_over_a" in row:
+            g["c_over_a_at_16"] = {"value": round(row["c_over_a"], 3), "target": ">= 4", "met": row["c_over_a"] >= 4}
+    if "grpc" in result:
+        overhead = 1.0 - result["grpc"]["grpc_stream_over_in_process"]
+        g["grpc_overhead_stream"] = {"value": round(overhead, 3), "target": "< 0.05", "met": overhead < 0.05,
+                                     "n_adapters": result["grpc"]["n_adapters"]}
+    return g
+
+
+def render(result: dict) -> str:
+    m, s = result["machine"], result["settings"]
+    lines = [f"qlora-serve engine benchmark  {result['timestamp']}",
+             f"machine: {m['cpu_model']}, {m['cpu_cores']} cores (torch threads {m['torch_threads']}), device {m['device']}"
+             + (f" [{m['gpu']}]" if m.get("gpu") else ""),
+             f"versions: torch {m['torch']}, bitsandbytes {m['bitsandbytes']}, peft {m['peft']}, transformers {m['transformers']}",
+             f"model: {s['preset']} {s['model']}  dtype {s['compute_dtype']}",
+             f"workload: {s['requests']} requests x {s['max_new_tokens']} new tokens (greedy, EOS ignored), "
+             f"prompts {min(s['prompt_lens'])}-{max(s['prompt_lens'])} tokens, adapters {s['adapter_ranks']}, repeats {s['repeats']}",
+             "",
+             "generated tokens/s"]
+    hdr = f"{'N':>4} | {'reqs':>4} | " + " | ".join(f"{'(' + c + ')':>9}" for c in CONFIGS) + f" | {'c/d':>6} | {'c/a':>6} | {'b/d':>6} | {'a==c':>5}"
+    lines += [hdr, "-" * len(hdr)]
+    for row in result["rows"]:
+        cells = [f"{row[c]['tok_s']:9.1f}" if c in row else f"{'-':>9}" for c in CONFIGS]
+        ratio = lambda k: f"{row[k]:6.2f}" if k in row else f"{'-':>6}"  # noqa: E731
+        agree = f"{row['greedy_agreement_a_vs_c']:5.2f}" if "greedy_agreement_a_vs_c" in row else f"{'-':>5}"
+        lines.append(f"{row['n_adapters']:>4} | {row['requests']:>4} | " + " | ".join(cells) + f" | {ratio('c_over_d')} | {ratio('c_over_a')} | {ratio('b_over_d')} | {agree}")
+    lines.append("  " + "; ".join(f"({c}) {CONFIG_NAMES[c]}" for c in CONFIGS))
+    lines.append("  reqs: requests per measurement (max(--requests, N), so every adapter is used); batch width "
+                 f"{s['requests']} (engine max_running, PEFT mixed-batch chunk)")
+    lines.append("  a==c: fraction of requests whose greedy tokens are identical in (a) and (c) (info only)")
+    if "grpc" in result:
+        g = result["grpc"]
+        lines += ["", f"in-process vs gRPC (N={g['n_adapters']}, closed batch of {s['requests']}, loopback, client in a separate process)",
+                  f"  in-process   {g['closed_in_process']['tok_s']:9.1f} tok/s",
+                  f"  gRPC stream  {g['closed_grpc_stream']['tok_s']:9.1f} tok/s  ratio {g['grpc_stream_over_in_process']:.3f}",
+                  f"  gRPC unary   {g['closed_grpc_unary']['tok_s']:9.1f} tok/s  ratio {g['grpc_unary_over_in_process']:.3f}"]
+        p = g["poisson"]
+        lines += ["", f"open-loop Poisson: {p['requests']} requests at {p['rate_req_s']:.2f} req/s (seed {p['seed']}), "
+                      f"{s['max_new_tokens']} tokens each",
+                  f"  {'path':<12} {'TTFT p50':>9} {'TTFT p99':>9} {'TPOT p50':>9} {'TPOT p99':>9} {'e2e p50':>9} {'e2e p99':>9}  (ms)  errors"]
+        for label, d in (("in-process", p["in_process"]), ("gRPC stream", p["grpc_stream"])):
+            f = lambda k: f"{d[k]:9.1f}" if d.get(k) is not None else f"{'-':>9}"  # noqa: E731
+            lines.append(f"  {label:<12} {f('ttft_p50_ms')} {f('ttft_p99_ms')} {f('tpot_p50_ms')} {f('tpot_p99_ms')} "
+                         f"{f('e2e_p50_ms')} {f('e2e_p99_ms')}        {d['errors']}")
+    if result.get("goals"):
+        lines += ["", "goals:"]
+        for k, v in result["goals"].items():
+            lines.append(f"  {k:<24} {v['value']:>8}  target {v['target']:<7}  {'MET' if v['met'] else 'NOT MET'}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
