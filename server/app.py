@@ -24,7 +24,9 @@ from qlora_serve.server.auth import AuthInterceptor, Authenticator
 from qlora_serve.server.engine.config import EngineConfig
 from qlora_serve.server.engine.engine import Engine
 from qlora_serve.server.engine.loader import load_base
+from qlora_serve.server.errors import FailedPrecondition
 from qlora_serve.server.inference_service import InferenceService, RequestLimits
+from qlora_serve.server.interceptors import RequestGuard
 from qlora_serve.server.metrics import Metrics
 from qlora_serve.server.quotas import QuotaBook
 from qlora_serve.server.registry_service import RegistryService
@@ -69,6 +71,7 @@ class ServerConfig:
     grace_s: float = 30.0
     max_message_bytes: int = 8 << 20
     max_upload_bytes: int = 256 << 20
+    max_concurrent_rpcs: int | None = None  # None = max_running + max_waiting + 16
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -77,6 +80,8 @@ class ServerConfig:
             raise ValueError(f"metrics_port must be in [0, 65535], got {self.metrics_port}")
         if self.grace_s < 0:
             raise ValueError(f"grace_s must be >= 0, got {self.grace_s}")
+        if self.max_concurrent_rpcs is not None and self.max_concurrent_rpcs < 1:
+            raise ValueError(f"max_concurrent_rpcs must be >= 1, got {self.max_concurrent_rpcs}")
         for name, _ in self.adapters:
             if not name:
                 raise ValueError("--adapter needs NAME=PATH with a non-empty NAME")
@@ -94,10 +99,11 @@ class QloraServer:
         self.runtime = Runtime(metrics=self.metrics, limits=config.limits, auth=auth, quotas=quotas)
         # One handler thread per in-flight RPC: enough for every running and queued
         # request plus registry/health calls; beyond that gRPC answers RESOURCE_EXHAUSTED.
-        workers = config.engine.max_running + config.engine.max_waiting + 16
+        workers = config.max_concurrent_rpcs or config.engine.max_running + config.engine.max_waiting + 16
         self.grpc = grpc.server(
             futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc"),
-            interceptors=[AuthInterceptor(auth)],
+            # The guard is outermost so it parses, counts and logs what auth refuses too.
+            interceptors=[RequestGuard(auth, self.metrics), AuthInterceptor(auth)],
             maximum_concurrent_rpcs=workers,
             options=[("grpc.max_receive_message_length", config.max_message_bytes),
                      ("grpc.max_send_message_length", config.max_message_bytes)],
@@ -106,9 +112,8 @@ class QloraServer:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         inference_pb2_grpc.add_InferenceServicer_to_server(InferenceService(self.runtime), self.grpc)
         registry_pb2_grpc.add_AdapterRegistryServicer_to_server(RegistryService(self.runtime), self.grpc)
-        training_pb2_grpc.add_TrainingServicer_to_server(
-            TrainingService(self.runtime, config.data_dir / "jobs", max_dataset_bytes=config.max_message_bytes),
-            self.grpc)
+        self.training = TrainingService(self.runtime, config.data_dir / "jobs", max_dataset_bytes=config.max_message_bytes)
+        training_pb2_grpc.add_TrainingServicer_to_server(self.training, self.grpc)
         reflection.enable_server_reflection(SERVICE_NAMES + (health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc)
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         self.port = 0
@@ -153,7 +158,7 @@ class QloraServer:
             linear_shapes=engine.lora.linear_shapes, max_rank=cfg.engine.max_lora_rank,
             allowed_roots=cfg.allowed_roots, allow_fingerprint_mismatch=cfg.allow_fingerprint_mismatch,
             max_upload_bytes=cfg.max_upload_bytes)
-        engine.adapter_loader = self._verified_loader(registry, engine)
+        engine.adapter_loader = self._verified_loader(registry, engine, self.runtime.unusable)
         for name, path in adapters:
             record = registry.register_path(name, path, source="startup", trusted=True)
             log.info("adapter %s registered from %s (digest %s)", record.ref, path, record.digest[:12])
@@ -165,11 +170,19 @@ class QloraServer:
         return self
 
     @staticmethod
-    def _verified_loader(registry: AdapterRegistry, engine: Engine):
+    def _verified_loader(registry: AdapterRegistry, engine: Engine, unusable: dict[str, str]):
         """Re-hash the stored files before parsing: on-disk corruption after
-        registration is refused (FAILED_PRECONDITION) instead of served."""
+        registration is refused (FAILED_PRECONDITION) instead of served, and the
+        digest is marked unusable (``unusable``: digest -> reason) until a load
+        verifies again or the version is deleted."""
         def load(handle):
-            registry.verify(registry.get(handle.name, handle.version))
+            try:
+                registry.verify(registry.get(handle.name, handle.version))
+            except FailedPrecondition as exc:
+                unusable[handle.key] = str(exc)
+                log.error("adapter %s@%d marked unusable: %s", handle.name, handle.version, exc)
+                raise
+            unusable.pop(handle.key, None)
             return engine.read_adapter(handle)
         return load
 
@@ -178,6 +191,7 @@ class QloraServer:
         grace = self.config.grace_s if grace_s is None else grace_s
         self.runtime.draining = True
         self.health.enter_graceful_shutdown()
+        self.training.shutdown()  # a running training job's process must not outlive the server
         if self.runtime.engine is not None:
             self.runtime.engine.shutdown(grace)
         self.grpc.stop(grace=1.0).wait()

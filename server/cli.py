@@ -1,4 +1,4 @@
-"""`qlora-serve` command line: serve, generate, adapters, train, merge, keys."""
+"""`qlora-serve` command line: serve, generate, adapters, jobs, train, merge, keys."""
 
 from __future__ import annotations
 
@@ -63,6 +63,12 @@ def _add_serve(sub) -> None:
     p.add_argument("--grace", type=float, default=30.0, help="seconds in-flight requests get to finish on SIGTERM")
     p.add_argument("--max-message-bytes", type=int, default=8 << 20, help="largest gRPC message, bytes")
     p.add_argument("--max-upload-bytes", type=int, default=256 << 20, help="largest adapter upload, bytes")
+    p.add_argument("--max-concurrent-rpcs", type=int, default=None,
+                   help="RPCs in flight at once, server-wide; more get RESOURCE_EXHAUSTED "
+                        "(default: max-running + max-waiting + 16)")
+    p.add_argument("--log-format", choices=["text", "json"], default="text",
+                   help="json: one JSON object per log line (request lines carry request_id, tenant, adapter, "
+                        "code, tokens, latency_ms as fields)")
     _add_config_flags(p.add_argument_group("engine"), EngineConfig)
     _add_config_flags(p.add_argument_group("request limits"), RequestLimits)
     p.set_defaults(func=_serve)
@@ -82,6 +88,7 @@ def _serve(args) -> int:
             adapters=args.adapter, allowed_roots=args.allowed_adapter_root,
             allow_fingerprint_mismatch=args.allow_fingerprint_mismatch, key_file=args.key_file, grace_s=args.grace,
             max_message_bytes=args.max_message_bytes, max_upload_bytes=args.max_upload_bytes,
+            max_concurrent_rpcs=args.max_concurrent_rpcs,
             engine=_config_from(args, EngineConfig), limits=_config_from(args, RequestLimits))
         server = QloraServer(config).start()
     except (ValueError, OSError, QloraServeError) as exc:
@@ -169,6 +176,7 @@ def _add_adapters(sub) -> None:
     v.add_argument("--owner", default="")
     v.add_argument("--label", action="append", default=[], metavar="KEY=VALUE")
     v.add_argument("--set-default", action="store_true", help="point the 'default' alias at the new version")
+    v.add_argument("--public", action="store_true", help="usable by every tenant (admin keys only)")
     v = verbs.add_parser("alias", help="point NAME@ALIAS at a version ('default' decides what plain NAME serves)")
     v.add_argument("name")
     v.add_argument("alias")
@@ -196,7 +204,8 @@ def _adapters(args) -> int:
         elif args.verb == "register":
             labels = dict(l.split("=", 1) for l in args.label)
             fn = c.register_path if args.server_path else c.upload
-            infos = [fn(args.name, args.path, owner=args.owner, labels=labels, set_default=args.set_default)]
+            infos = [fn(args.name, args.path, owner=args.owner, labels=labels, set_default=args.set_default,
+                        public=args.public)]
         elif args.verb == "alias":
             infos = [c.set_alias(args.name, args.alias, args.version)]
         elif args.verb == "delete":
@@ -233,7 +242,143 @@ def _health(args) -> int:
     return 0 if resp.status == health_pb2.HealthCheckResponse.SERVING else 1
 
 
+# ------------------------------------------------------------------ jobs
+def _add_jobs(sub) -> None:
+    p = sub.add_parser("jobs", help="QLoRA training jobs on a running server (the Training service)",
+                       description="Submit, list, watch and cancel training jobs on the server's base. A job runs "
+                       "in its own server-side process; when it succeeds its adapter is registered and served at "
+                       "once. Config keys are the `qlora-serve train` flags (training/README.md).")
+    verbs = p.add_subparsers(dest="verb", required=True)
+    v = verbs.add_parser("submit", help="upload a JSONL dataset and queue a job")
+    v.add_argument("--name", required=True, help="adapter name the result is registered under (a new version)")
+    v.add_argument("--data", required=True, type=Path, metavar="FILE.jsonl", help="training data (uploaded)")
+    v.add_argument("--eval-data", type=Path, default=None, metavar="FILE.jsonl", help="validation data (uploaded)")
+    v.add_argument("--config", type=Path, default=None, metavar="FILE.toml",
+                   help="hyperparameters, keys as the `qlora-serve train` flags (base/data/out/register are set by "
+                        "the server and refused)")
+    v.add_argument("--set-default", action="store_true", help="point the adapter's 'default' alias at the result")
+    v.add_argument("--watch", action="store_true", help="stream progress until the job ends; exit 0 only if it succeeded")
+    verbs.add_parser("list", help="jobs you can see, oldest first")
+    v = verbs.add_parser("watch", help="stream a job's events (all so far, then new ones) until it ends")
+    v.add_argument("id")
+    v = verbs.add_parser("cancel", help="stop a job (a queued one never starts; a running one stops after its step)")
+    v.add_argument("id")
+    for v in verbs.choices.values():
+        _add_client_flags(v)
+        v.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=_jobs)
+
+
+def _job_state(job) -> str:
+    from qlora_serve.v1 import training_pb2
+
+    return training_pb2.JobState.Name(job.state).removeprefix("JOB_STATE_")
+
+
+def _print_jobs(jobs) -> None:
+    print(f"{'ID':<13} {'ADAPTER':<24} {'STATE':<10} {'STEP':>11} {'LOSS':>8}  RESULT")
+    for j in jobs:
+        steps = f"{j.step}/{j.max_steps}" if j.max_steps else str(j.step)
+        result = j.error if j.error else (f"{j.adapter.name}@{j.adapter.version}" if j.adapter.name else "-")
+        print(f"{j.id:<13} {j.adapter_name:<24} {_job_state(j):<10} {steps:>11} {j.loss:>8.4f}  {result}")
+
+
+def _event_line(ev) -> str:
+    """One human line per TrainingEvent."""
+    d, j = json.loads(ev.details_json or "{}"), ev.job
+    head = f"[{j.id}]"
+    if ev.event == "log":
+        line = f"{head} step {d.get('step', j.step)}/{d.get('max_steps', j.max_steps)}  loss {d.get('loss', 0):.4f}"
+        if d.get("learning_rate") is not None:
+            line += f"  lr {d['learning_rate']:.3e}"
+        if d.get("tokens_per_s") is not None:
+            line += f"  tok/s {d['tokens_per_s']:.0f}"
+        if d.get("peak_memory_mb") is not None:
+            line += f"  peak mem {d['peak_memory_mb']:.0f} MiB"
+        return line
+    if ev.event == "eval":
+        return f"{head} step {d.get('step', j.step)}  eval loss {d.get('eval_loss', 0):.4f}  ppl {d.get('eval_perplexity', 0):.3f}"
+    if ev.event == "start":
+        return (f"{head} started: {d.get('train_examples')} examples, trainable params {d.get('trainable_params', 0):,} "
+                f"of {d.get('total_params', 0):,}, packing {'on' if d.get('packing') else 'off'}")
+    if ev.event == "registered":
+        return (f"{head} SUCCEEDED at step {j.step}: adapter {j.adapter.name}@{j.adapter.version} registered "
+                f"(digest {j.adapter.digest[:12]}), final loss {j.loss:.4f}")
+    if ev.event == "error":
+        return f"{head} FAILED: {j.error}"
+    if ev.event == "cancelled":
+        return f"{head} CANCELLED at step {j.step}"
+    return f"{head} {ev.event} ({_job_state(j).lower()})"
+
+
+def _watch(client, job_id: str, as_json: bool) -> int:
+    from google.protobuf.json_format import MessageToDict
+
+    from qlora_serve.v1 import training_pb2
+
+    last = None
+    for ev in client.watch_job(job_id):
+        last = ev.job
+        if as_json:
+            print(json.dumps({**MessageToDict(ev), "details": json.loads(ev.details_json or "{}")}), flush=True)
+        else:
+            print(_event_line(ev), flush=True)
+    return 0 if last is not None and last.state == training_pb2.JOB_STATE_SUCCEEDED else 1
+
+
+def _jobs(args) -> int:
+    from google.protobuf.json_format import MessageToDict
+
+    def show(jobs) -> None:
+        if args.json:
+            print(json.dumps([MessageToDict(j, always_print_fields_with_no_presence=True) for j in jobs], indent=2))
+        else:
+            _print_jobs(jobs)
+
+    with _client(args) as c:
+        if args.verb == "submit":
+            for path in (args.data, args.eval_data, args.config):
+                if path is not None and not path.is_file():
+                    print(f"qlora-serve jobs submit: error: {path} does not exist", file=sys.stderr)
+                    return 2
+            job = c.submit_job(args.name, args.data, eval_jsonl=args.eval_data, config_toml=args.config or "",
+                               set_default=args.set_default)
+            if not args.watch:
+                show([job])
+                return 0
+            if not args.json:
+                print(f"submitted job {job.id} (adapter {job.adapter_name})", flush=True)
+            return _watch(c, job.id, args.json)
+        if args.verb == "watch":
+            return _watch(c, args.id, args.json)
+        show(c.list_jobs() if args.verb == "list" else [c.cancel_job(args.id)])
+    return 0
+
+
 # ------------------------------------------------------------------ main
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record: ts, level, logger, message, the record's
+    `extra` fields (e.g. the request log's request_id, tenant, code), and exc."""
+
+    _STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
+
+    def format(self, record: logging.LogRecord) -> str:
+        out = {"ts": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}",
+               "level": record.levelname, "logger": record.name, "message": record.getMessage()}
+        out.update((k, v) for k, v in vars(record).items() if k not in self._STANDARD and not k.startswith("_"))
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out, default=str)
+
+
+def configure_logging(level: str, fmt: str = "text") -> None:
+    """Root logging for the CLI: `text` (human) or `json` (one object per line)."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(JsonFormatter() if fmt == "json"
+                         else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level, handlers=[handler], force=True)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from qlora_serve.server.auth import add_keys_parser
     from qlora_serve.training.cli import add_merge_parser, add_train_parser
@@ -247,6 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(sub)
     _add_adapters(sub)
     _add_health(sub)
+    _add_jobs(sub)
     add_train_parser(sub)
     add_merge_parser(sub)
     add_keys_parser(sub)
@@ -257,7 +403,7 @@ def main(argv: list[str] | None = None) -> int:
     import grpc
 
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(args.log_level, getattr(args, "log_format", "text"))
     try:
         return int(args.func(args) or 0)
     except grpc.RpcError as exc:  # a client verb's server answered with an error status

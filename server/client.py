@@ -15,7 +15,7 @@ from typing import Iterator
 
 import grpc
 
-from qlora_serve.v1 import inference_pb2, inference_pb2_grpc, registry_pb2, registry_pb2_grpc
+from qlora_serve.v1 import inference_pb2, inference_pb2_grpc, registry_pb2, registry_pb2_grpc, training_pb2, training_pb2_grpc
 
 DEFAULT_ADDRESS = "localhost:50051"
 _UPLOAD_CHUNK = 1 << 20  # bytes per streamed chunk, well under gRPC's 4 MiB default message limit
@@ -23,7 +23,7 @@ _UPLOAD_FILES = ("adapter_config.json", "adapter_model.safetensors", "README.md"
 
 
 class Client:
-    """Inference and registry calls. `api_key` (or $QLORA_SERVE_API_KEY) is sent as a
+    """Inference, registry and training calls. `api_key` (or $QLORA_SERVE_API_KEY) is sent as a
     bearer token; `timeout` (seconds) becomes each call's gRPC deadline."""
 
     def __init__(self, address: str | None = None, *, api_key: str | None = None, timeout: float | None = None):
@@ -34,6 +34,7 @@ class Client:
         self.channel = grpc.insecure_channel(self.address)
         self.inference = inference_pb2_grpc.InferenceStub(self.channel)
         self.registry = registry_pb2_grpc.AdapterRegistryStub(self.channel)
+        self.training = training_pb2_grpc.TrainingStub(self.channel)
 
     def __enter__(self) -> "Client":
         return self
@@ -78,14 +79,16 @@ class Client:
     def get_adapter(self, ref: str) -> registry_pb2.AdapterInfo:
         return self.registry.GetAdapter(registry_pb2.GetAdapterRequest(adapter=ref), **self._kw())
 
-    def register_path(self, name: str, path: str, *, owner: str = "", labels=None,
-                      set_default: bool = False) -> registry_pb2.AdapterInfo:
-        """Register from a directory on the SERVER (inside its --allowed-adapter-root)."""
+    def register_path(self, name: str, path: str, *, owner: str = "", labels=None, set_default: bool = False,
+                      public: bool = False) -> registry_pb2.AdapterInfo:
+        """Register from a directory on the SERVER (inside its --allowed-adapter-root).
+        public=True (admins only) makes it usable by every tenant."""
         return self.registry.RegisterAdapter(registry_pb2.RegisterAdapterRequest(
-            name=name, path=path, owner=owner, labels=labels or {}, set_default=set_default), **self._kw())
+            name=name, path=path, owner=owner, labels=labels or {}, set_default=set_default, public=public),
+            **self._kw())
 
-    def upload(self, name: str, directory: str | Path, *, owner: str = "", labels=None,
-               set_default: bool = False) -> registry_pb2.AdapterInfo:
+    def upload(self, name: str, directory: str | Path, *, owner: str = "", labels=None, set_default: bool = False,
+               public: bool = False) -> registry_pb2.AdapterInfo:
         """Register by streaming a LOCAL adapter directory's files to the server."""
         directory = Path(directory)
         if not (directory / "adapter_config.json").is_file():
@@ -93,7 +96,7 @@ class Client:
 
         def messages():
             yield registry_pb2.UploadAdapterRequest(header=registry_pb2.UploadHeader(
-                name=name, owner=owner, labels=labels or {}, set_default=set_default))
+                name=name, owner=owner, labels=labels or {}, set_default=set_default, public=public))
             for fname in _UPLOAD_FILES:
                 path = directory / fname
                 if not path.is_file():
@@ -120,6 +123,37 @@ class Client:
 
     def unload(self, ref: str) -> registry_pb2.AdapterInfo:
         return self.registry.UnloadAdapter(registry_pb2.UnloadAdapterRequest(adapter=ref), **self._kw())
+
+    # ------------------------------------------------------------ training
+    def submit_job(self, name: str, train_jsonl: bytes | str | Path, *, eval_jsonl: bytes | str | Path | None = None,
+                   config_toml: str | Path = "", set_default: bool = False) -> training_pb2.TrainingJob:
+        """Queue a QLoRA job on the server's base. `train_jsonl` / `eval_jsonl`: the data as
+        bytes, or a local file path (its bytes are uploaded); `config_toml`: TOML text (str) or a
+        `Path` to a .toml file (keys as the `qlora-serve train` flags)."""
+        def data(v) -> bytes:
+            if v is None:
+                return b""
+            return v if isinstance(v, bytes) else Path(v).read_bytes()
+
+        if isinstance(config_toml, Path):
+            config_toml = config_toml.read_text(encoding="utf-8")
+        req = training_pb2.SubmitJobRequest(adapter_name=name, train_jsonl=data(train_jsonl),
+                                            eval_jsonl=data(eval_jsonl), config_toml=config_toml,
+                                            set_default=set_default)
+        return self.training.SubmitJob(req, **self._kw())
+
+    def watch_job(self, job_id: str) -> Iterator[training_pb2.TrainingEvent]:
+        """Every event of the job so far, then new ones until it ends (no deadline unless `timeout` is set)."""
+        return self.training.WatchJob(training_pb2.WatchJobRequest(id=job_id), **self._kw())
+
+    def list_jobs(self) -> list[training_pb2.TrainingJob]:
+        return list(self.training.ListJobs(training_pb2.ListJobsRequest(), **self._kw()).jobs)
+
+    def get_job(self, job_id: str) -> training_pb2.TrainingJob:
+        return self.training.GetJob(training_pb2.GetJobRequest(id=job_id), **self._kw())
+
+    def cancel_job(self, job_id: str) -> training_pb2.TrainingJob:
+        return self.training.CancelJob(training_pb2.CancelJobRequest(id=job_id), **self._kw())
 
 
 def register_adapter_dir(address: str, name: str, directory: str | Path, *, api_key: str | None = None,

@@ -31,6 +31,12 @@ class ResourceExhausted(QloraServeError):
     """A limit (queue, quota, KV budget, size) is reached; retrying later may work. -> RESOURCE_EXHAUSTED"""
 
 
+class QueueFull(ResourceExhausted):
+    """The engine's waiting queue is full (--max-waiting). -> RESOURCE_EXHAUSTED"""
+
+    reason = "queue_full"  # the qlora_rejections_total label
+
+
 class Unauthenticated(QloraServeError):
     """No or unknown credentials. -> UNAUTHENTICATED"""
 

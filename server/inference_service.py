@@ -20,7 +20,7 @@ from qlora_serve.server.engine.request import (
     SamplingParams,
     TokenEvent,
 )
-from qlora_serve.server.errors import InvalidArgument, QloraServeError
+from qlora_serve.server.errors import Cancelled, InvalidArgument, QloraServeError
 from qlora_serve.server.status import abort, code_for
 from qlora_serve.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 
@@ -117,7 +117,7 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         )
         rt.admit(req, principal)
         # A client that goes away frees its row within one engine step.
-        context.add_callback(lambda: rt.engine.cancel(req.request_id))
+        context.add_callback(lambda: rt.engine.cancel(req))
         return req
 
     def _events(self, req: Request, context):
@@ -127,8 +127,8 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
                 ev = req.events.get(timeout=_POLL_S)
             except queue.Empty:
                 if not context.is_active():
-                    self._rt.engine.cancel(req.request_id)
-                    return
+                    self._rt.engine.cancel(req)
+                    raise Cancelled(f"request {req.request_id}: the client went away")
                 continue
             if isinstance(ev, ErrorEvent):
                 raise ev.error
@@ -140,11 +140,18 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         a = req.adapter
         return common_pb2.AdapterRef(name=a.name, version=a.version, digest=a.key) if a else common_pb2.AdapterRef()
 
+    def _tenant_of(self, context) -> str:
+        """The caller's tenant for a request refused before it had a Request ("" if unknown)."""
+        try:
+            return self._rt.authenticate(context).tenant if context is not None else ""
+        except Exception:
+            return ""
+
     def _record(self, method: str, req: Request | None, code: grpc.StatusCode, started: float,
-                final: FinalEvent | None = None) -> None:
+                final: FinalEvent | None = None, context=None) -> None:
         rt = self._rt
         adapter = req.adapter.name if req and req.adapter else ""
-        tenant = req.tenant if req else ""
+        tenant = req.tenant if req else self._tenant_of(context)
         rt.metrics.requests.labels(method, adapter, tenant, code.name).inc()
         if final is not None:
             rt.metrics.latency.labels(adapter).observe(time.monotonic() - started)
@@ -169,11 +176,11 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
                 prompt_tokens=final.prompt_tokens, completion_tokens=len(final.token_ids),
                 adapter=self._adapter_ref(req), request_id=req.request_id)
         except Exception as exc:
-            self._record("Generate", req, code_for(exc), started)
+            self._record("Generate", req, code_for(exc), started, context=context)
             abort(context, exc, req.request_id if req else request.request_id)
 
     def GenerateStream(self, request, context):
-        started, req = time.monotonic(), None
+        started, req, recorded = time.monotonic(), None, False
         try:
             req = self._start(request, context)
             ref = self._adapter_ref(req)
@@ -182,10 +189,18 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
                     yield inference_pb2.GenerateStreamResponse(text=ev.text, token_ids=ev.token_ids, adapter=ref,
                                                                request_id=req.request_id)
                 else:
+                    recorded = True
                     self._record("GenerateStream", req, grpc.StatusCode.OK, started, ev)
                     yield inference_pb2.GenerateStreamResponse(
                         text=ev.tail, finish_reason=_FINISH[ev.finish_reason], prompt_tokens=ev.prompt_tokens,
                         completion_tokens=len(ev.token_ids), adapter=ref, request_id=req.request_id)
         except Exception as exc:
-            self._record("GenerateStream", req, code_for(exc), started)
+            recorded = True
+            self._record("GenerateStream", req, code_for(exc), started, context=context)
             abort(context, exc, req.request_id if req else request.request_id)
+        finally:
+            if not recorded:
+                # The client cancelled while this generator was suspended at a yield: gRPC
+                # drops it (GeneratorExit), so no except clause runs. Still count the RPC and
+                # release the quota lease; the engine frees the row via the done callback.
+                self._record("GenerateStream", req, grpc.StatusCode.CANCELLED, started)

@@ -67,6 +67,8 @@ class TenantLimits:
 class QuotaExceeded(ResourceExhausted):
     """A tenant limit refused a request; attributes for metrics and retry metadata."""
 
+    reason = "quota"  # the qlora_rejections_total label
+
     def __init__(self, message: str, *, tenant: str, limit_name: str, limit: int, retry_after_s: int):
         super().__init__(message)
         self.tenant = tenant

@@ -9,7 +9,7 @@ every caller is an admin.
 from __future__ import annotations
 
 from qlora_serve.adapters.registry import AdapterRecord
-from qlora_serve.server.auth import Principal, can_read_adapter, check_adapter_access
+from qlora_serve.server.auth import Principal, can_read_adapter, check_adapter_access, require_admin
 from qlora_serve.server.errors import InvalidArgument, PermissionDenied, ResourceExhausted
 from qlora_serve.server.runtime import handle_of, unary_rpc
 from qlora_serve.v1 import registry_pb2, registry_pb2_grpc
@@ -37,12 +37,20 @@ class RegistryService(registry_pb2_grpc.AdapterRegistryServicer):
             name=rec.name, version=rec.version, digest=rec.digest, source=rec.source,
             base_fingerprint=rec.base_fingerprint, rank=rec.rank, alpha=rec.alpha,
             target_modules=list(rec.target_modules), size_bytes=rec.size_bytes, created_at=rec.created_at,
-            owner=rec.owner or "", labels=rec.labels, aliases=aliases, residency=residency)
+            owner=rec.owner or "", labels=rec.labels, aliases=aliases, residency=residency,
+            unusable_reason=self._rt.unusable.get(rec.digest, ""))
 
-    def _owner_for_new(self, principal: Principal, name: str, requested: str) -> str | None:
-        """Who will own a new version: the name's existing owner must match; a
-        client tenant can only register for itself."""
-        owner = requested or (principal.tenant if self._rt.auth.enabled else None)
+    def _owner_for_new(self, principal: Principal, name: str, requested: str, public: bool) -> str | None:
+        """Who will own a new version (None = public): the name's existing owner
+        must match; a client tenant can only register for itself; only an admin
+        registers public adapters."""
+        if public:
+            if requested:
+                raise InvalidArgument("set either public or owner, not both")
+            require_admin(principal, "registering a public adapter")
+            owner = None
+        else:
+            owner = requested or (principal.tenant if self._rt.auth.enabled else None)
         if not principal.is_admin and owner != principal.tenant:
             raise PermissionDenied(f"tenant {principal.tenant!r} can only register adapters it owns; "
                                    f"leave owner empty or set it to {principal.tenant!r}")
@@ -66,7 +74,7 @@ class RegistryService(registry_pb2_grpc.AdapterRegistryServicer):
     def RegisterAdapter(self, request, context, principal):
         if not request.path:
             raise InvalidArgument("path is empty: give a directory on the server inside an --allowed-adapter-root")
-        owner = self._owner_for_new(principal, request.name, request.owner)
+        owner = self._owner_for_new(principal, request.name, request.owner, request.public)
         rec = self._rt.registry.register_path(request.name, request.path, owner=owner, labels=dict(request.labels),
                                               set_default=request.set_default)
         return self._info(rec)
@@ -92,7 +100,7 @@ class RegistryService(registry_pb2_grpc.AdapterRegistryServicer):
                 raise InvalidArgument("empty upload message: set header or chunk")
         if header is None:
             raise InvalidArgument("empty upload: send a header, then the adapter's files")
-        owner = self._owner_for_new(principal, header.name, header.owner)
+        owner = self._owner_for_new(principal, header.name, header.owner, header.public)
         rec = self._rt.registry.register_files(header.name, {k: bytes(v) for k, v in files.items()}, owner=owner,
                                                labels=dict(header.labels), set_default=header.set_default)
         return self._info(rec)
@@ -118,6 +126,8 @@ class RegistryService(registry_pb2_grpc.AdapterRegistryServicer):
         deleted = self._rt.registry.delete(request.name, request.version or None)
         still_used = {r.digest for r in self._rt.registry.list()}
         gone = [r.digest for r in deleted if r.digest not in still_used]
+        for d in gone:
+            self._rt.unusable.pop(d, None)
         # Running requests keep their (device-resident) weights until they finish.
         self._engine(lambda: [self._rt.engine.forget(d) for d in gone])
         return registry_pb2.DeleteAdapterResponse(deleted=[

@@ -11,7 +11,7 @@ from qlora_serve.adapters.registry import AdapterRecord, AdapterRegistry
 from qlora_serve.server.auth import Authenticator, Principal, check_adapter_access, principal_from_context
 from qlora_serve.server.engine.engine import Engine
 from qlora_serve.server.engine.request import AdapterHandle, FinalEvent, Request
-from qlora_serve.server.errors import Unavailable
+from qlora_serve.server.errors import FailedPrecondition, Unavailable
 from qlora_serve.server.inference_service import RequestLimits
 from qlora_serve.server.metrics import Metrics
 from qlora_serve.server.quotas import Lease, QuotaBook
@@ -61,6 +61,8 @@ class Runtime:
     engine: Engine | None = None
     registry: AdapterRegistry | None = None
     draining: bool = False
+    # digest -> why its files failed verification at load (set by the app's verified loader).
+    unusable: dict[str, str] = field(default_factory=dict)
     _leases: dict[int, Lease] = field(default_factory=dict)  # id(Request) -> its quota lease
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -94,7 +96,12 @@ class Runtime:
         return record
 
     def resolve_adapter(self, ref: str, principal: Principal) -> AdapterHandle:
-        return handle_of(self.resolve_record(ref, principal))
+        """`resolve_record` for inference: FAILED_PRECONDITION at once for an adapter marked unusable."""
+        record = self.resolve_record(ref, principal)
+        reason = self.unusable.get(record.digest)
+        if reason is not None:
+            raise FailedPrecondition(reason)
+        return handle_of(record)
 
     def admit(self, req: Request, principal: Principal) -> None:
         """Take the tenant's quota, then queue on the engine; on refusal nothing is held."""

@@ -41,4 +41,7 @@ def abort(context: grpc.ServicerContext, exc: BaseException, request_id: str = "
     else:
         log.error("unexpected error in request %s", request_id or "-", exc_info=exc)
         message = f"internal error ({type(exc).__name__}); report request id {request_id or '-'}"
+    retry_after = getattr(exc, "retry_after_s", None)
+    if retry_after is not None:  # machine-readable retry hint (also in the message)
+        context.set_trailing_metadata((("retry-after", str(retry_after)),))
     context.abort(code, message)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import threading
 import time
 import tomllib
@@ -13,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from qlora_serve.server.auth import Principal
-from qlora_serve.server.errors import InvalidArgument, NotFound, PermissionDenied, ResourceExhausted
+from qlora_serve.server.errors import InvalidArgument, NotFound, PermissionDenied, ResourceExhausted, Unavailable
 from qlora_serve.server.runtime import streaming_rpc, unary_rpc
 from qlora_serve.v1 import common_pb2, training_pb2, training_pb2_grpc
 
@@ -68,11 +69,14 @@ class JobManager:
         self._jobs: dict[str, Job] = {}
         self._queue: list[Job] = []
         self._cv = threading.Condition()
+        self._closed = False
         self._worker = threading.Thread(target=self._work, name="training-jobs", daemon=True)
         self._worker.start()
 
     def submit(self, job: Job) -> Job:
         with self._cv:
+            if self._closed:
+                raise Unavailable("the server is shutting down; training jobs are not accepted")
             if len(self._queue) >= _MAX_QUEUED_JOBS:
                 raise ResourceExhausted(f"{_MAX_QUEUED_JOBS} training jobs are already queued; retry when one finishes")
             self._jobs[job.id] = job
@@ -104,6 +108,20 @@ class JobManager:
                 job.process.cancel()
         return job
 
+    def shutdown(self) -> None:
+        """Server stop: queued jobs never start; a running job's process is killed
+        (its last checkpoint stays on disk). Ends every job, so watchers return."""
+        with self._cv:
+            self._closed = True
+            for job in list(self._queue):
+                self._queue.remove(job)
+                self._end(job, S.JOB_STATE_CANCELLED, "cancelled", {"reason": "server shutdown"})
+            running = [j for j in self._jobs.values() if not j.ended and j.process is not None]
+            for job in running:
+                job.cancel_requested = True
+        for job in running:
+            job.process.kill()
+
     def watch(self, job: Job, is_active):
         """Every event of the job so far, then new ones until it ends or the client leaves."""
         sent = 0
@@ -134,34 +152,50 @@ class JobManager:
 
         while True:
             with self._cv:
-                while not self._queue:
+                while not self._queue and not self._closed:
                     self._cv.wait()
+                if self._closed:
+                    return
                 job = self._queue.pop(0)
                 job.state, job.started_at = S.JOB_STATE_RUNNING, time.time()
-                job.process = run_job_in_subprocess(TrainConfig.from_dict(job.config, source="job config"))
             result = None
-            for ev in job.process:
+            try:  # anything going wrong with one job fails that job, never this worker thread
+                process = run_job_in_subprocess(TrainConfig.from_dict(job.config, source="job config"))
                 with self._cv:
-                    kind = ev.get("event", "")
-                    job.step = int(ev.get("step", ev.get("global_step", job.step)) or job.step)
-                    job.max_steps = int(ev.get("max_steps", job.max_steps) or job.max_steps)
-                    if kind == "log" and ev.get("loss") is not None:
-                        job.loss = float(ev["loss"])
-                    if kind == "eval" and ev.get("eval_loss") is not None:
-                        job.eval_loss = float(ev["eval_loss"])
-                    if kind in ("done", "error"):
-                        result = ev
-                    else:
-                        self._event(job, kind, ev)
+                    job.process = process
+                    stop_now = job.cancel_requested  # cancelled while the process was starting
+                if stop_now:
+                    process.cancel()
+                for ev in process:
+                    with self._cv:
+                        kind = ev.get("event", "")
+                        job.step = int(ev.get("step", ev.get("global_step", job.step)) or job.step)
+                        job.max_steps = int(ev.get("max_steps", job.max_steps) or job.max_steps)
+                        if kind == "log" and ev.get("loss") is not None:
+                            job.loss = float(ev["loss"])
+                        if kind == "eval" and ev.get("eval_loss") is not None:
+                            job.eval_loss = float(ev["eval_loss"])
+                        if kind in ("done", "error"):
+                            result = ev
+                        else:
+                            self._event(job, kind, ev)
+            except Exception as exc:  # noqa: BLE001
+                log.exception("training job %s: the job runner failed", job.id)
+                result = {"event": "error", "kind": "Internal", "message": f"the job runner failed: {type(exc).__name__}: {exc}"}
             self._finish(job, result or {"event": "error", "message": "the job ended without a result"})
 
     def _finish(self, job: Job, result: dict) -> None:
+        if job.cancel_requested and (result.get("event") == "error" or result.get("cancelled")):
+            # Cancelled: stopped after a step, or killed when it did not stop within the grace period.
+            with self._cv:
+                self._end(job, S.JOB_STATE_CANCELLED, "cancelled", result)
+            return
         if result.get("event") == "error":
             with self._cv:
                 job.error = result.get("message", "unknown error").strip().splitlines()[0][:2000]
                 self._end(job, S.JOB_STATE_FAILED, "error", result)
             return
-        if result.get("cancelled") or job.cancel_requested:
+        if result.get("cancelled"):
             with self._cv:
                 self._end(job, S.JOB_STATE_CANCELLED, "cancelled", result)
             return
@@ -196,6 +230,13 @@ class TrainingService(training_pb2_grpc.TrainingServicer):
             if self._manager is None:
                 self._manager = JobManager(self._rt, self._jobs_dir)
             return self._manager
+
+    def shutdown(self) -> None:
+        """Called by the server's stop(): kill a running job's process, drop the queue."""
+        with self._lock:
+            manager = self._manager
+        if manager is not None:
+            manager.shutdown()
 
     def _visible(self, job: Job, principal: Principal) -> Job:
         if not principal.is_admin and job.owner != principal.tenant:
@@ -236,14 +277,32 @@ class TrainingService(training_pb2_grpc.TrainingServicer):
         config.update(data=str(workdir / "train.jsonl"), out=str(workdir / "out"))
         if request.eval_jsonl:
             config["eval_data"] = str(workdir / "eval.jsonl")
-        TrainConfig.from_dict(config, source="config_toml")  # refuse bad keys now, not in the job
+        cfg = TrainConfig.from_dict(config, source="config_toml")  # refuse bad keys now, not in the job
         workdir.mkdir(parents=True)
-        (workdir / "train.jsonl").write_bytes(request.train_jsonl)
-        if request.eval_jsonl:
-            (workdir / "eval.jsonl").write_bytes(request.eval_jsonl)
-        job = Job(id=job_id, adapter_name=request.adapter_name, owner=owner, set_default=request.set_default,
-                  config=config, workdir=workdir)
-        return self._mgr().submit(job).proto()
+        try:
+            self._write_checked(workdir / "train.jsonl", request.train_jsonl, "train_jsonl")
+            if request.eval_jsonl:
+                self._write_checked(workdir / "eval.jsonl", request.eval_jsonl, "eval_jsonl")
+            job = Job(id=job_id, adapter_name=request.adapter_name, owner=owner, set_default=request.set_default,
+                      config=config, workdir=workdir, max_steps=max(cfg.max_steps, 0))
+            return self._mgr().submit(job).proto()
+        except Exception:
+            shutil.rmtree(workdir, ignore_errors=True)
+            raise
+
+    @staticmethod
+    def _write_checked(path: Path, data: bytes, field_name: str) -> None:
+        """Write an uploaded dataset and check every line's JSON and record format now,
+        so a malformed line is INVALID_ARGUMENT at submit (naming the line), not a failed job."""
+        from qlora_serve.training.data import read_jsonl
+
+        path.write_bytes(data)
+        try:
+            read_jsonl(path)
+        except UnicodeDecodeError as exc:
+            raise InvalidArgument(f"{field_name} is not UTF-8 text: {exc}") from None
+        except InvalidArgument as exc:
+            raise InvalidArgument(str(exc).replace(str(path), field_name)) from None
 
     @streaming_rpc
     def WatchJob(self, request, context, principal):

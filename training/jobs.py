@@ -79,12 +79,16 @@ class TrainingJob:
             try:
                 event = self._events.get(timeout=0.5)
             except queue.Empty:
-                if not self._proc.is_alive():
+                if self._proc.is_alive():
+                    continue
+                try:  # it may have sent its last events just before exiting: drain them first
+                    event = self._events.get(timeout=1.0)
+                except queue.Empty:
                     self.finished = True
                     code = self._proc.exitcode
                     yield {"event": "error", "kind": "Internal",
                            "message": f"the training process exited with code {code} without a result (killed or crashed)"}
-                continue
+                    continue
             if event.get("event") in TERMINAL_EVENTS:
                 self.finished = True
             yield event
@@ -99,6 +103,11 @@ class TrainingJob:
         timer = threading.Timer(grace_s, lambda: self._proc.is_alive() and self._proc.kill())
         timer.daemon = True
         timer.start()
+
+    def kill(self) -> None:
+        """Stop the process now (SIGKILL); the iterator then ends with an error event."""
+        if self._proc.is_alive():
+            self._proc.kill()
 
     def is_alive(self) -> bool:
         return self._proc.is_alive()

@@ -44,7 +44,9 @@ from qlora_serve.server.errors import (
     DeadlineExceeded,
     Internal,
     InvalidArgument,
+    NotFound,
     QloraServeError,
+    QueueFull,
     ResourceExhausted,
     Unavailable,
 )
@@ -97,7 +99,9 @@ class Engine:
         self._loader_pool = ThreadPoolExecutor(1, thread_name_prefix="adapter-load")
         self._running: list[_Row] = []
         self._kv = PaddedKVBatch()
-        self._cancelled: set[str] = set()
+        # id(request) -> request: cancels match the Request object, never the client-chosen
+        # request_id, which need not be unique (a retry, or two clients, may reuse one).
+        self._cancelled: dict[int, Request] = {}
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
 
     # ------------------------------------------------------------------ API
@@ -129,18 +133,17 @@ class Engine:
         with self._lock:
             if not self._accepting:
                 raise Unavailable("server is shutting down; retry on another replica")
-            if self._queued >= self.config.max_waiting:
-                if self.metrics:
-                    self.metrics.rejected("queue_full")
-                raise ResourceExhausted(
+            if self._queued >= self.config.max_waiting:  # counted in qlora_rejections_total by the RequestGuard
+                raise QueueFull(
                     f"waiting queue is full ({self.config.max_waiting} requests, --max-waiting); retry with backoff")
             self._queued += 1
         request.arrival = request.arrival or time.monotonic()
         self._inbox.put(("submit", request))
 
-    def cancel(self, request_id: str) -> None:
-        """Stop a request (client went away); its row is freed within one step."""
-        self._inbox.put(("cancel", request_id))
+    def cancel(self, request: Request) -> None:
+        """Stop this request (client went away); its row is freed within one step.
+        A no-op when it already finished."""
+        self._inbox.put(("cancel", request))
 
     def call(self, fn: Callable[[], object]) -> Future:
         """Run fn() on the engine thread between steps; the future holds its result."""
@@ -259,7 +262,7 @@ class Engine:
             if kind == "submit":
                 self._enqueue(payload)
             elif kind == "cancel":
-                self._cancelled.add(payload)
+                self._cancelled[id(payload)] = payload
             elif kind == "loaded":
                 self._on_loaded(*payload)
             elif kind == "call":
@@ -288,13 +291,13 @@ class Engine:
                 self.metrics.host_cache("miss")
             fut = self._loader_pool.submit(self._timed_read, req.adapter)
             self._loads[key] = fut
-            fut.add_done_callback(lambda f, k=key: self._inbox.put(("loaded", (k, f))))
+            fut.add_done_callback(lambda f, k=key, h=req.adapter: self._inbox.put(("loaded", (k, f, h))))
 
     def _timed_read(self, handle: AdapterHandle) -> tuple[LoraAdapter, float]:
         t0 = time.monotonic()
         return self.adapter_loader(handle), time.monotonic() - t0
 
-    def _on_loaded(self, key: str, fut: Future) -> None:
+    def _on_loaded(self, key: str, fut: Future, handle: AdapterHandle | None = None) -> None:
         self._loads.pop(key, None)
         parked = self._parked.pop(key, [])
         exc = fut.exception()
@@ -310,8 +313,17 @@ class Engine:
             self.metrics.adapter_loaded("error", 0.0)
         log.warning("adapter %s failed to load: %s", key, exc)
         err = exc if isinstance(exc, QloraServeError) else Internal(f"adapter failed to load: {exc}")
+        retry: list[Request] = []
+        if isinstance(exc, NotFound) and handle is not None:
+            # The key is the files' digest, shared by every name/version registered with
+            # the same files: only requests naming the version the loader found deleted
+            # fail; the others get a load of their own (each round drops >= 1 handle).
+            retry = [r for r in parked if (r.adapter.name, r.adapter.version) != (handle.name, handle.version)]
         for req in parked:
-            self._finish_waiting(req, ErrorEvent(err))
+            if not any(req is r for r in retry):
+                self._finish_waiting(req, ErrorEvent(err))
+        for req in retry:
+            self._enqueue(req)
 
     def _finish_waiting(self, req: Request, event) -> None:
         with self._lock:
@@ -323,7 +335,7 @@ class Engine:
         now = time.monotonic()
 
         def verdict(req: Request):
-            if req.request_id in self._cancelled:
+            if self._cancelled.get(id(req)) is req:
                 return ErrorEvent(Cancelled(f"request {req.request_id} was cancelled by the client"))
             if req.deadline is not None and now > req.deadline:
                 return ErrorEvent(DeadlineExceeded(

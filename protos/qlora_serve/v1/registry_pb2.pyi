@@ -19,7 +19,7 @@ RESIDENCY_HOST: Residency
 RESIDENCY_DEVICE: Residency
 
 class AdapterInfo(_message.Message):
-    __slots__ = ("name", "version", "digest", "source", "base_fingerprint", "rank", "alpha", "target_modules", "size_bytes", "created_at", "owner", "labels", "aliases", "residency")
+    __slots__ = ("name", "version", "digest", "source", "base_fingerprint", "rank", "alpha", "target_modules", "size_bytes", "created_at", "owner", "labels", "aliases", "residency", "unusable_reason")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -41,6 +41,7 @@ class AdapterInfo(_message.Message):
     LABELS_FIELD_NUMBER: _ClassVar[int]
     ALIASES_FIELD_NUMBER: _ClassVar[int]
     RESIDENCY_FIELD_NUMBER: _ClassVar[int]
+    UNUSABLE_REASON_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: int
     digest: str
@@ -55,10 +56,11 @@ class AdapterInfo(_message.Message):
     labels: _containers.ScalarMap[str, str]
     aliases: _containers.RepeatedScalarFieldContainer[str]
     residency: Residency
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., digest: _Optional[str] = ..., source: _Optional[str] = ..., base_fingerprint: _Optional[str] = ..., rank: _Optional[int] = ..., alpha: _Optional[float] = ..., target_modules: _Optional[_Iterable[str]] = ..., size_bytes: _Optional[int] = ..., created_at: _Optional[float] = ..., owner: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., aliases: _Optional[_Iterable[str]] = ..., residency: _Optional[_Union[Residency, str]] = ...) -> None: ...
+    unusable_reason: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., digest: _Optional[str] = ..., source: _Optional[str] = ..., base_fingerprint: _Optional[str] = ..., rank: _Optional[int] = ..., alpha: _Optional[float] = ..., target_modules: _Optional[_Iterable[str]] = ..., size_bytes: _Optional[int] = ..., created_at: _Optional[float] = ..., owner: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., aliases: _Optional[_Iterable[str]] = ..., residency: _Optional[_Union[Residency, str]] = ..., unusable_reason: _Optional[str] = ...) -> None: ...
 
 class RegisterAdapterRequest(_message.Message):
-    __slots__ = ("name", "path", "owner", "labels", "set_default")
+    __slots__ = ("name", "path", "owner", "labels", "set_default", "public")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -71,12 +73,14 @@ class RegisterAdapterRequest(_message.Message):
     OWNER_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
     SET_DEFAULT_FIELD_NUMBER: _ClassVar[int]
+    PUBLIC_FIELD_NUMBER: _ClassVar[int]
     name: str
     path: str
     owner: str
     labels: _containers.ScalarMap[str, str]
     set_default: bool
-    def __init__(self, name: _Optional[str] = ..., path: _Optional[str] = ..., owner: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., set_default: _Optional[bool] = ...) -> None: ...
+    public: bool
+    def __init__(self, name: _Optional[str] = ..., path: _Optional[str] = ..., owner: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., set_default: _Optional[bool] = ..., public: _Optional[bool] = ...) -> None: ...
 
 class UploadAdapterRequest(_message.Message):
     __slots__ = ("header", "chunk")
@@ -87,7 +91,7 @@ class UploadAdapterRequest(_message.Message):
     def __init__(self, header: _Optional[_Union[UploadHeader, _Mapping]] = ..., chunk: _Optional[_Union[FileChunk, _Mapping]] = ...) -> None: ...
 
 class UploadHeader(_message.Message):
-    __slots__ = ("name", "owner", "labels", "set_default")
+    __slots__ = ("name", "owner", "labels", "set_default", "public")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -99,11 +103,13 @@ class UploadHeader(_message.Message):
     OWNER_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
     SET_DEFAULT_FIELD_NUMBER: _ClassVar[int]
+    PUBLIC_FIELD_NUMBER: _ClassVar[int]
     name: str
     owner: str
     labels: _containers.ScalarMap[str, str]
     set_default: bool
-    def __init__(self, name: _Optional[str] = ..., owner: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., set_default: _Optional[bool] = ...) -> None: ...
+    public: bool
+    def __init__(self, name: _Optional[str] = ..., owner: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., set_default: _Optional[bool] = ..., public: _Optional[bool] = ...) -> None: ...
 
 class FileChunk(_message.Message):
     __slots__ = ("filename", "data")

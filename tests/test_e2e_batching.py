@@ -1,0 +1,308 @@
+"""Continuous batching through a REAL gRPC server (issue 5): requests join a running
+batch, cancelled / expired rows leave it, the waiting queue is bounded, and every
+row keeps its own sampling parameters and stop strings.
+
+Ordering is made deterministic with `EngineGate` (conftest.py): it parks the engine
+thread at the start of a forward pass so a test can line requests up, and counts
+forward passes, which tells "the row was freed" apart from "it ran to the end".
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+import urllib.request
+
+import grpc
+import pytest
+
+from conftest import wait_until
+from qlora_serve.server.client import Client
+from qlora_serve.v1 import common_pb2
+
+LONG = 400  # the long request's max_new_tokens: hundreds of decode steps
+LONG_PROMPT, LONG_ADAPTER = "hello world", "pirate"  # greedy: no EOS within LONG tokens (asserted)
+
+
+def tokens_of(chunks) -> list[int]:
+    return [t for ch in chunks for t in ch.token_ids]
+
+
+def _metric(server, name: str, **labels) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    total = 0.0
+    for line in text.splitlines():
+        m = re.match(rf"{re.escape(name)}(?:\{{(.*)\}})? (\S+)$", line)
+        if m and all(f'{k}="{v}"' in (m.group(1) or "") for k, v in labels.items()):
+            total += float(m.group(2))
+    return total
+
+
+@pytest.fixture(scope="module")
+def single_row(start_server):
+    """max_running=1, max_waiting=1: the next request can only run once a row is freed."""
+    return start_server(engine={"max_running": 1, "max_waiting": 1})
+
+
+@pytest.fixture(scope="module")
+def single_client(single_row):
+    with Client(f"127.0.0.1:{single_row.port}", timeout=60) as c:
+        yield c
+
+
+@pytest.fixture(autouse=True)
+def _single_row_idle(request):
+    """Tests on the single-row server start with it idle (no row left from a previous test)."""
+    yield
+    if "single_row" in request.fixturenames:
+        engine = request.getfixturevalue("single_row").runtime.engine
+        wait_until(lambda: engine.stats()["running"] == 0 and engine.stats()["queued"] == 0, what="engine idle")
+
+
+# ------------------------------------------------------------------ join
+def test_request_arriving_mid_generation_gets_first_token_before_long_one_finishes(server, client, engine_gate):
+    gate = engine_gate(server)
+    engine = server.runtime.engine
+    log: list[str] = []
+    lock = threading.Lock()
+    long_final: list = []
+
+    def note(what):
+        with lock:
+            log.append(what)
+
+    long_stream = client.stream(LONG_PROMPT, adapter=LONG_ADAPTER, max_new_tokens=LONG)
+    first = next(long_stream)
+    assert first.token_ids
+    gate.close()  # hold the long row at its next decode while the short one queues
+    gate.wait_parked()
+
+    def drain_long():
+        for ch in long_stream:
+            if ch.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED:
+                long_final.append(ch)
+        note("long finished")
+
+    def short():
+        for i, ch in enumerate(client.stream("one two three", adapter="poet", max_new_tokens=4)):
+            if i == 0:
+                note("short first token")
+        note("short finished")
+
+    threads = [threading.Thread(target=drain_long), threading.Thread(target=short)]
+    for t in threads:
+        t.start()
+    wait_until(lambda: engine.stats()["queued"] == 1, what="short request queued")
+    gate.release()
+    for t in threads:
+        t.join(60)
+    assert long_final and long_final[0].finish_reason == common_pb2.FINISH_REASON_LENGTH
+    assert long_final[0].completion_tokens == LONG
+    # The short one joined the running batch and also left it before the long one ended.
+    assert log == ["short first token", "short finished", "long finished"], log
+    assert 2 in gate.batch_sizes  # decoded together
+
+
+# ---------------------------------------------------------- cancel / deadline
+def test_client_cancel_frees_the_row(single_row, single_client, engine_gate):
+    gate = engine_gate(single_row)
+    cancelled_before = _metric(single_row, "qlora_requests_total", method="GenerateStream", code="CANCELLED")
+    stream = single_client.stream(LONG_PROMPT, adapter=LONG_ADAPTER, max_new_tokens=LONG)
+    assert next(stream).token_ids
+    gate.close()
+    gate.wait_parked()
+    stream.cancel()  # the client goes away mid-generation
+    with pytest.raises(grpc.RpcError) as err:
+        list(stream)
+    assert err.value.code() == grpc.StatusCode.CANCELLED
+    # The server noticed (counted as CANCELLED) while the engine was still parked.
+    wait_until(lambda: _metric(single_row, "qlora_requests_total", method="GenerateStream", code="CANCELLED")
+               == cancelled_before + 1, what="server-side CANCELLED")
+    nxt = single_client.inference.Generate.future(single_client.request("hello", adapter="poet", max_new_tokens=8))
+    wait_until(lambda: single_row.runtime.engine.stats()["queued"] == 1, what="next request queued")
+    forwards = gate.forwards
+    gate.release()
+    resp = nxt.result(60)
+    assert resp.completion_tokens >= 1
+    # With one row, the next request ran only after the cancelled row left: the
+    # parked decode + the next request's passes, not the ~LONG steps left.
+    assert gate.forwards - forwards <= 1 + 8 + 2, gate.batch_sizes
+
+
+def test_client_deadline_yields_deadline_exceeded_and_frees_the_row(single_row, single_client, engine_gate):
+    gate = engine_gate(single_row)
+    call = single_client.inference.GenerateStream(
+        single_client.request(LONG_PROMPT, adapter=LONG_ADAPTER, max_new_tokens=LONG), timeout=1.0)
+    assert next(call).token_ids
+    gate.close()  # the engine cannot finish before the deadline: it is parked
+    gate.wait_parked()
+    with pytest.raises(grpc.RpcError) as err:
+        list(call)
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    nxt = single_client.inference.Generate.future(single_client.request("hello", adapter="poet", max_new_tokens=8))
+    wait_until(lambda: single_row.runtime.engine.stats()["queued"] == 1, what="next request queued")
+    forwards = gate.forwards
+    gate.release()
+    assert nxt.result(60).completion_tokens >= 1
+    assert gate.forwards - forwards <= 1 + 8 + 2, gate.batch_sizes
+
+
+def test_server_request_timeout_yields_deadline_exceeded(start_server, engine_gate):
+    """The server's own deadline (--request-timeout-s), no client deadline: the engine
+    expires the row and the client gets DEADLINE_EXCEEDED from the server."""
+    server = start_server(engine={"max_running": 1}, limits={"request_timeout_s": 0.5})
+    gate = engine_gate(server)
+    with Client(f"127.0.0.1:{server.port}") as c:
+        stream = c.stream(LONG_PROMPT, adapter=LONG_ADAPTER, max_new_tokens=LONG)
+        assert next(stream).token_ids
+        gate.close()
+        gate.wait_parked()
+        started = time.monotonic()
+        wait_until(lambda: time.monotonic() > started + 0.6, what="the server deadline to pass")
+        gate.release()
+        with pytest.raises(grpc.RpcError) as err:
+            list(stream)
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert "deadline" in err.value.details()
+        assert gate.forwards < 50  # expired at the next step, not run to the end
+
+
+# ----------------------------------------------------------------- queue
+def test_full_waiting_queue_answers_resource_exhausted_at_once(single_row, single_client, engine_gate):
+    gate = engine_gate(single_row)
+    engine = single_row.runtime.engine
+    running = single_client.stream(LONG_PROMPT, adapter=LONG_ADAPTER, max_new_tokens=LONG)
+    assert next(running).token_ids
+    gate.close()
+    gate.wait_parked()
+    waiting = single_client.inference.Generate.future(single_client.request("hello", max_new_tokens=4))
+    wait_until(lambda: engine.stats()["queued"] == 1, what="one request waiting")
+    for call in (lambda: single_client.generate("hi", max_new_tokens=4),
+                 lambda: list(single_client.stream("hi", max_new_tokens=4))):
+        with pytest.raises(grpc.RpcError) as err:
+            call()  # answered while the engine is parked: no waiting involved
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "waiting queue is full (1 requests" in err.value.details()
+        assert "--max-waiting" in err.value.details()
+    running.cancel()
+    gate.release()
+    assert waiting.result(60).completion_tokens == 4  # the queued one still runs
+    assert single_client.generate("hi", max_new_tokens=4).completion_tokens == 4  # and the queue has room again
+
+
+# -------------------------------------------------------- per-row sampling
+def _batched(server, client, gate, calls: list[tuple[str, dict]]) -> list:
+    """Run `calls` [(prompt, kwargs)] so that all are admitted in one step and decoded
+    in the same forward passes; returns their unary responses in order."""
+    engine = server.runtime.engine
+    gate.close()
+    blocker = client.inference.Generate.future(client.request("blocker", max_new_tokens=16))
+    gate.wait_parked()
+    futures = [client.inference.Generate.future(client.request(p, **kw)) for p, kw in calls]
+    wait_until(lambda: engine.stats()["queued"] == len(calls), what="all requests queued")
+    gate.release()
+    out = [f.result(60) for f in futures]
+    blocker.result(60)
+    # All were admitted in one step: one prefill pass over every one of them (the
+    # blocker may already have left, e.g. after an early eos).
+    assert max(gate.batch_sizes) >= len(calls), gate.batch_sizes
+    return out
+
+
+def test_per_row_sampling_parameters_are_honoured_within_one_batch(server, client, engine_gate):
+    for name in ("pirate", "poet"):
+        client.load(name)
+    sampled = dict(adapter="poet", max_new_tokens=12, temperature=1.3, seed=1234)
+    nucleus = dict(adapter="pirate", max_new_tokens=12, temperature=0.9, top_p=0.8, top_k=40, seed=7)
+    greedy_a = dict(adapter="pirate", max_new_tokens=12)
+    greedy_b = dict(adapter="poet", max_new_tokens=12)
+    top1 = dict(adapter="pirate", max_new_tokens=12, temperature=2.0, top_k=1, seed=99)
+    alone = {k: list(client.generate("one two three", **kw).token_ids)
+             for k, kw in (("sampled", sampled), ("nucleus", nucleus), ("greedy_a", greedy_a), ("greedy_b", greedy_b))}
+    # Sanity: sampling really samples (temperature > 0 leaves greedy), and the seed matters.
+    assert alone["sampled"] != list(client.generate("one two three", **greedy_b).token_ids)
+    assert alone["sampled"] != list(client.generate("one two three", **{**sampled, "seed": 4321}).token_ids)
+    assert alone["sampled"] == list(client.generate("one two three", **sampled).token_ids)  # same seed, same tokens
+
+    gate = engine_gate(server)
+    calls = [("one two three", kw) for kw in (greedy_a, sampled, greedy_b, nucleus, top1)]
+    r_greedy_a, r_sampled, r_greedy_b, r_nucleus, r_top1 = _batched(server, client, gate, calls)
+    assert list(r_sampled.token_ids) == alone["sampled"]
+    assert list(r_nucleus.token_ids) == alone["nucleus"]
+    assert list(r_greedy_a.token_ids) == alone["greedy_a"]
+    assert list(r_greedy_b.token_ids) == alone["greedy_b"]
+    assert list(r_top1.token_ids) == alone["greedy_a"]  # top_k=1 is greedy whatever the temperature
+
+
+def test_per_row_max_new_tokens_in_one_batch(server, client, engine_gate):
+    gate = engine_gate(server)
+    lengths = [3, 9, 1, 5]
+    calls = [("The quick brown fox", dict(adapter="pirate", max_new_tokens=n)) for n in lengths]
+    full = list(client.generate("The quick brown fox", adapter="pirate", max_new_tokens=9).token_ids)
+    assert len(full) == 9
+    for n, resp in zip(lengths, _batched(server, client, gate, calls)):
+        assert list(resp.token_ids) == full[:n]
+        assert resp.finish_reason == common_pb2.FINISH_REASON_LENGTH
+
+
+# ------------------------------------------------------------------ stop
+def _pick_stop(text: str) -> tuple[str, str]:
+    """A stop string from the middle of `text` (printable, first occurrence) and the text before it."""
+    for i in range(2, len(text) - 2):
+        stop = text[i:i + 2]
+        if stop.isascii() and stop.isprintable() and not stop.isspace() and text.find(stop) == i:
+            return stop, text[:i]
+    raise AssertionError(f"no usable stop string in {text!r}")
+
+
+@pytest.mark.parametrize("adapter", ["", "pirate"])
+def test_stop_string_ends_generation_with_finish_reason_stop(server, client, adapter):
+    full = client.generate(LONG_PROMPT, adapter=adapter, max_new_tokens=40)
+    assert full.finish_reason == common_pb2.FINISH_REASON_LENGTH
+    stop, before = _pick_stop(full.text)
+    kw = dict(adapter=adapter, max_new_tokens=40, stop=[stop, "never-generated-zz"])
+    resp = client.generate(LONG_PROMPT, **kw)
+    assert resp.finish_reason == common_pb2.FINISH_REASON_STOP
+    assert resp.text == before
+    assert stop not in resp.text
+    # Generation really ended there: the token that completed the stop string is the last one.
+    assert list(resp.token_ids) == list(full.token_ids[:len(resp.token_ids)])
+    assert len(resp.token_ids) < len(full.token_ids)
+    chunks = list(client.stream(LONG_PROMPT, **kw))
+    assert chunks[-1].finish_reason == common_pb2.FINISH_REASON_STOP
+    assert "".join(ch.text for ch in chunks) == before
+    assert tokens_of(chunks) == list(resp.token_ids)
+
+
+def test_stop_strings_are_per_row_in_one_batch(server, client, engine_gate):
+    full = client.generate(LONG_PROMPT, adapter="pirate", max_new_tokens=40)
+    stop, before = _pick_stop(full.text)
+    gate = engine_gate(server)
+    with_stop, without = _batched(server, client, gate, [
+        (LONG_PROMPT, dict(adapter="pirate", max_new_tokens=40, stop=[stop])),
+        (LONG_PROMPT, dict(adapter="pirate", max_new_tokens=40)),
+    ])
+    assert with_stop.finish_reason == common_pb2.FINISH_REASON_STOP and with_stop.text == before
+    assert without.finish_reason == common_pb2.FINISH_REASON_LENGTH and without.text == full.text
+
+
+def test_cancel_of_one_request_spares_another_with_the_same_request_id(server, client, engine_gate):
+    """request_id is client-chosen and need not be unique (retries, two clients):
+    cancelling one call must not cancel another call that reuses its id."""
+    gate = engine_gate(server)
+    engine = server.runtime.engine
+    before = _metric(server, "qlora_requests_total", method="GenerateStream", code="CANCELLED")
+    first = client.stream(LONG_PROMPT, adapter=LONG_ADAPTER, max_new_tokens=LONG, request_id="dup")
+    assert next(first).token_ids
+    gate.close()
+    gate.wait_parked()
+    other = client.inference.Generate.future(client.request("hello", max_new_tokens=8, request_id="dup"))
+    wait_until(lambda: engine.stats()["queued"] == 1, what="second request queued")
+    first.cancel()
+    wait_until(lambda: _metric(server, "qlora_requests_total", method="GenerateStream", code="CANCELLED")
+               == before + 1, what="server-side CANCELLED")
+    gate.release()
+    resp = other.result(60)
+    assert resp.request_id == "dup" and resp.completion_tokens >= 1
