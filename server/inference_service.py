@@ -130,11 +130,25 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
                     self._rt.engine.cancel(req)
                     raise Cancelled(f"request {req.request_id}: the client went away")
                 continue
-            if isinstance(ev, ErrorEvent):
-                raise ev.error
-            yield ev
-            if isinstance(ev, FinalEvent):
-                return
+            # Tokens that queued up while this thread was busy go out as one message:
+            # no added latency, and far fewer messages when the handler lags the engine.
+            pending = None
+            while isinstance(ev, TokenEvent):
+                try:
+                    nxt = req.events.get_nowait()
+                except queue.Empty:
+                    break
+                if not isinstance(nxt, TokenEvent):
+                    pending = nxt
+                    break
+                ev = TokenEvent(ev.token_ids + nxt.token_ids, ev.text + nxt.text)
+            for item in (ev, pending):
+                if isinstance(item, ErrorEvent):
+                    raise item.error
+                if item is not None:
+                    yield item
+                if isinstance(item, FinalEvent):
+                    return
 
     def _adapter_ref(self, req: Request) -> common_pb2.AdapterRef:
         a = req.adapter
