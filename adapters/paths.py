@@ -56,8 +56,8 @@ def resolve_adapter_dir(path: str | os.PathLike, roots: Sequence[str]) -> Path:
         raise InvalidArgument(f"adapter path {raw!r} is relative; pass an absolute path on the server (the CLI makes local paths absolute)")
     if not roots:
         raise PermissionDenied(
-            f"registering from a server path is disabled: no allowed adapter roots are configured; "
-            f"start the server with --allowed-adapter-root DIR, or upload the files instead"
+            "registering from a server path is disabled: no allowed adapter roots are configured; "
+            "start the server with --allowed-adapter-root DIR, or upload the files instead"
         )
     real = os.path.realpath(raw)
     if not any(_is_within(real, root) for root in roots):

@@ -31,9 +31,7 @@ import argparse
 import json
 import math
 import os
-import platform
 import random
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -41,6 +39,8 @@ import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from machine import machine_info  # benchmarks/machine.py (the script's folder is on sys.path)
 
 BENCH_RECIPE_VERSION = 1
 ADAPTER_TARGETS = ("q_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -200,44 +200,6 @@ def build_7b_assets(root: Path, cfg_fields: dict, n_adapters: int, device: str) 
             os.replace(tmp, out)
         dirs.append(out)
     return base, dirs
-
-
-# --------------------------------------------------------------------------- machine info
-def machine_info(device) -> dict:
-    import bitsandbytes
-    import peft
-    import torch
-    import transformers
-
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info = {"cpu_model": cpu, "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-            "bitsandbytes": bitsandbytes.__version__, "peft": peft.__version__, "transformers": transformers.__version__,
-            "device": str(device), "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None}
-    try:
-        mem = Path("/proc/meminfo").read_text().split("\n")[0]
-        info["memory"] = mem.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-        info["cuda"] = torch.version.cuda
-    try:
-        repo = Path(__file__).resolve().parents[1]
-        info["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True,
-                                            timeout=10).stdout.strip()
-        info["git_dirty"] = bool(subprocess.run(["git", "status", "--porcelain"], cwd=repo, capture_output=True,
-                                                text=True, timeout=10).stdout.strip())
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return info
 
 
 # --------------------------------------------------------------------------- helpers

@@ -30,12 +30,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
+
+from machine import machine_info  # benchmarks/machine.py (the script's folder is on sys.path)
 
 BENCH_RECIPE_VERSION = 1
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -219,7 +219,7 @@ def main(argv=None) -> int:
                         try:
                             c.load(f"churny@{info.version}")
                         except Exception as exc:  # noqa: BLE001 - slots pinned: documented RESOURCE_EXHAUSTED
-                            ops["errors"].append(str(getattr(exc, "code", lambda: exc)()))
+                            ops["errors"].append(str(exc.code() if hasattr(exc, "code") else exc))
                         c.set_alias("churny", "default", info.version)
                         c.unload(stream_names[i % len(stream_names)])
                         c.set_alias("churny", "default", 1)
@@ -249,9 +249,8 @@ def main(argv=None) -> int:
     ms = lambda xs: [round(x * 1000, 2) for x in xs]  # noqa: E731
     no_churn = (before["tokens_per_s"] + after["tokens_per_s"]) / 2
     results = {
-        "config": {**vars(args), "out": str(args.out) if args.out else None, "adapter_bytes": size,
-                   "python": sys.version.split()[0], "torch": torch.__version__, "platform": platform.platform(),
-                   "cpus": os.cpu_count(), "device": str(server.runtime.engine.base.device)},
+        "machine": machine_info(server.runtime.engine.base.device),
+        "config": {**vars(args), "out": str(args.out) if args.out else None, "adapter_bytes": size},
         "first_token_ms": {
             "cold_disk": {"p50": pct(ms(cold), 50), "p95": pct(ms(cold), 95), "samples": ms(cold)},
             "host_cache_hit": {"p50": pct(ms(host), 50), "p95": pct(ms(host), 95), "samples": ms(host)},

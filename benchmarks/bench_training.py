@@ -51,13 +51,14 @@ import gc
 import json
 import math
 import os
-import platform
 import random
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from machine import machine_info  # benchmarks/machine.py (the script's folder is on sys.path)
 
 RECIPE_VERSION = 2
 VARIANTS = ("qlora", "lora16", "seed")
@@ -372,43 +373,6 @@ def worker(variant: str, spec: dict) -> dict:
     if variant == "seed":
         return run_seed(spec)
     return run_ours(spec, sixteen_bit=variant == "lora16")
-
-
-# --------------------------------------------------------------------------- machine info
-def machine_info() -> dict:
-    import bitsandbytes
-    import peft
-    import torch
-    import transformers
-
-    cpu = platform.processor()
-    try:
-        cpu = next(l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
-                   if l.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    info = {"hostname": platform.node(), "cpu_model": cpu, "cpu_cores": os.cpu_count(), "platform": platform.platform(),
-            "python": platform.python_version(), "torch": torch.__version__, "bitsandbytes": bitsandbytes.__version__,
-            "peft": peft.__version__, "transformers": transformers.__version__,
-            "device": "cuda" if torch.cuda.is_available() else "cpu",
-            "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None}
-    try:
-        info["memory"] = Path("/proc/meminfo").read_text().split("\n")[0].split(":", 1)[1].strip()
-    except OSError:
-        pass
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-        info["gpu_memory_bytes"] = torch.cuda.get_device_properties(0).total_memory
-        info["cuda"] = torch.version.cuda
-    try:
-        repo = Path(__file__).resolve().parents[1]
-        info["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True,
-                                            timeout=10).stdout.strip()
-        info["git_dirty"] = bool(subprocess.run(["git", "status", "--porcelain"], cwd=repo, capture_output=True,
-                                                text=True, timeout=10).stdout.strip())
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return info
 
 
 # --------------------------------------------------------------------------- main

@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from conftest import wait_until
+from qlora_serve.server.engine.loader import disable_cpu_bf16_repack  # why: see its docstring
 from qlora_serve.v1 import common_pb2
 
 N_TOKENS = 12
@@ -34,32 +35,12 @@ PROMPTS = [
 ]
 
 
-def disable_avx512_bf16(model: torch.nn.Module) -> int:
-    """Make bitsandbytes' CPU 4-bit forward compute in the configured dtype.
-
-    On CPUs with AVX512-BF16, `Linear4bit.forward` repacks the weight on its first
-    CPU forward and then multiplies in bfloat16 even when the compute dtype is
-    float32 (`support_avx512bf16_for_cpu`, set from the CPU's features). bf16
-    rounding of a row can then depend on how many rows share the matmul, so a
-    mixed batch could differ from a single-row reference by a token for reasons
-    that have nothing to do with the server. Turning it off (before the first
-    forward, on BOTH the server's model and the reference) keeps every matmul in
-    float32. Returns how many layers were switched.
-    """
-    n = 0
-    for m in model.modules():
-        if isinstance(m, bnb.nn.Linear4bit):
-            m.support_avx512bf16_for_cpu = False
-            n += 1
-    return n
-
-
 @pytest.fixture(scope="module")
 def fp32_server(server):
-    """The shared server with every 4-bit matmul in float32 (see disable_avx512_bf16).
+    """The shared server with every 4-bit matmul in float32 (see disable_cpu_bf16_repack).
     Applied before any request has run a forward, so no layer is repacked yet."""
     assert server.runtime.engine.stats()["running"] == 0
-    assert disable_avx512_bf16(server.runtime.engine.base.model) > 0
+    assert disable_cpu_bf16_repack(server.runtime.engine.base.model) > 0
     return server
 
 
@@ -104,7 +85,7 @@ def peft_reference(demo, extra_adapters):
                                bnb_4bit_compute_dtype=torch.float32)
     base = AutoModelForCausalLM.from_pretrained(demo.base, quantization_config=quant, device_map="cpu",
                                                 dtype=torch.float32)
-    disable_avx512_bf16(base)
+    disable_cpu_bf16_repack(base)
     tok = AutoTokenizer.from_pretrained(demo.base)
     adapters = {**demo.adapters, **extra_adapters}
     model = None
@@ -136,7 +117,7 @@ def test_concurrent_mixed_adapter_streams_equal_sequential_peft(fp32_server, cli
     all in ONE running batch, each equal to a sequential greedy PEFT run of its
     adapter alone.
 
-    Float32 compute (and AVX512-BF16 off, see disable_avx512_bf16) so that batch
+    Float32 compute (and AVX512-BF16 off, see disable_cpu_bf16_repack) so that batch
     composition and left padding cannot change the arithmetic enough to flip a
     greedy token; in bf16 a token could legitimately differ.
     """

@@ -36,14 +36,15 @@ import time
 import urllib.request
 from pathlib import Path
 
-import bitsandbytes as bnb
 import grpc
+
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import stop_server, wait_until
 from qlora_serve.adapters.registry import FINGERPRINT_KEY
+from qlora_serve.server.engine.loader import disable_cpu_bf16_repack
 from qlora_serve.v1 import registry_pb2
 
 N_TOKENS = 8
@@ -59,12 +60,10 @@ Code = grpc.StatusCode
 
 # ------------------------------------------------------------------ helpers
 def disable_avx512_bf16(server) -> None:
-    """Keep bitsandbytes' CPU 4-bit matmuls in float32 (see test_e2e_inference.py);
+    """Keep bitsandbytes' CPU 4-bit matmuls in float32 (see disable_cpu_bf16_repack);
     must run before the server's first forward pass."""
     assert server.runtime.engine.stats()["running"] == 0
-    for m in server.runtime.engine.base.model.modules():
-        if isinstance(m, bnb.nn.Linear4bit):
-            m.support_avx512bf16_for_cpu = False
+    assert disable_cpu_bf16_repack(server.runtime.engine.base.model) > 0
 
 
 def make_variant(src: Path, dst: Path, *, scale: float = 1.0, tensors=None, config=None) -> Path:

@@ -30,10 +30,11 @@ import sys
 import time
 from pathlib import Path
 
-import bitsandbytes as bnb
 import grpc
 import pytest
 import torch
+
+from qlora_serve.server.engine.loader import disable_cpu_bf16_repack  # why: see its docstring
 
 from qlora_serve.v1 import training_pb2 as T
 
@@ -52,18 +53,6 @@ def caesar(word: str) -> str:
 
 def toml_of(values: dict) -> str:
     return "".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items())
-
-
-def disable_avx512_bf16(model: torch.nn.Module) -> int:
-    """Keep bitsandbytes' CPU 4-bit matmuls in float32 (see test_e2e_inference.py):
-    on AVX512-BF16 CPUs they otherwise run in bf16, and greedy tokens could differ
-    from a reference by rounding alone."""
-    n = 0
-    for m in model.modules():
-        if isinstance(m, bnb.nn.Linear4bit):
-            m.support_avx512bf16_for_cpu = False
-            n += 1
-    return n
 
 
 def _cli(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
@@ -101,7 +90,7 @@ def data(tmp_path_factory) -> dict:
 @pytest.fixture(scope="module")
 def srv(start_server, char_base):
     server = start_server(base=str(char_base), adapters=[])
-    assert disable_avx512_bf16(server.runtime.engine.base.model) > 0  # before any forward pass
+    assert disable_cpu_bf16_repack(server.runtime.engine.base.model) > 0  # before any forward pass
     return server
 
 
@@ -136,7 +125,7 @@ def peft_greedy(char_base):
                                        bnb_4bit_compute_dtype=torch.float32)
             base = AutoModelForCausalLM.from_pretrained(char_base, quantization_config=quant, device_map="cpu",
                                                         dtype=torch.float32)
-            disable_avx512_bf16(base)
+            disable_cpu_bf16_repack(base)
             models[key] = PeftModel.from_pretrained(base, key).eval()
         ids = tok(prompt, return_tensors="pt").input_ids
         out = models[key].generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,

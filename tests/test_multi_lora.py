@@ -22,8 +22,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from qlora_serve.adapters.peft_format import LoraAdapter, LoraModule, load_lora_adapter
+from qlora_serve.adapters.peft_format import LoraModule, load_lora_adapter
 from qlora_serve.server.demo import build_tiny_base
+from qlora_serve.server.engine.loader import disable_cpu_bf16_repack
 from qlora_serve.server.engine.multi_lora import LoRALinear, MultiLoRA
 from qlora_serve.server.errors import FailedPrecondition, InvalidArgument
 
@@ -75,8 +76,7 @@ def _load_4bit(base_dir: Path, *, pin_fp32: bool = True):
     layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert layers and all(m.weight.quant_state.nested for m in layers)  # really NF4 + double quant
     if pin_fp32:
-        for m in layers:
-            m.support_avx512bf16_for_cpu = False  # read by Linear4bit.forward before it repacks
+        disable_cpu_bf16_repack(model)
     return model
 
 

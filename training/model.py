@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from qlora_serve.server.engine.loader import disable_cpu_bf16_repack
 from qlora_serve.server.errors import InvalidArgument
 
 from .config import TrainConfig
@@ -131,27 +132,9 @@ def load_quantized_base(base: str, cfg: TrainConfig):
         gradient_checkpointing_kwargs={"use_reentrant": False},
     )
     model.config.use_cache = False  # the KV cache is useless in training and breaks with checkpointing
-    keep_4bit_weights_trainable(model)
+    # Gradients must flow through the frozen 4-bit layers (see disable_cpu_bf16_repack).
+    disable_cpu_bf16_repack(model)
     return model
-
-
-def keep_4bit_weights_trainable(model) -> int:
-    """Stop bitsandbytes from repacking 4-bit weights for CPU inference; returns the layer count.
-
-    On CPUs with AVX512-BF16, `Linear4bit.forward` in eval mode without grad (an eval
-    pass, a probe, `generate`) converts its weight *in place* to a CPU-only packed
-    layout, and every later forward -- training ones included -- goes through
-    `gemv_4bit`, which has no autograd: gradients silently stop flowing through the
-    frozen base layers and LoRA barely learns (measured: loss stuck at 3.4 vs 0.02).
-    """
-    import bitsandbytes as bnb
-
-    n = 0
-    for module in model.modules():
-        if isinstance(module, bnb.nn.Linear4bit):
-            module.support_avx512bf16_for_cpu = False
-            n += 1
-    return n
 
 
 def attach_lora(model, cfg: TrainConfig, target_modules: list[str]):

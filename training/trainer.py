@@ -23,7 +23,7 @@ from .collate import make_collator, packing_is_isolated
 from .config import TrainConfig
 from .data import Dataset, load_dataset
 from .export import fingerprint_of, save_adapter
-from .feedback import EventSink, FeedbackCallback, MetricsFile, QuietProgressCallback, StopCallback, peak_memory_mb
+from .feedback import EventSink, FeedbackCallback, MetricsFile, QuietProgressCallback, peak_memory_mb
 from .model import (
     attach_lora,
     check_modules_to_save,

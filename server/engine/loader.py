@@ -78,6 +78,27 @@ def quantized_footprint(model: torch.nn.Module) -> Footprint:
     return Footprint(quantized_params=params, quantized_bytes=nbytes, model_bytes=int(model.get_memory_footprint()))
 
 
+def disable_cpu_bf16_repack(model: torch.nn.Module) -> int:
+    """Keep bitsandbytes' CPU 4-bit layers on their plain (float32-capable, autograd) path.
+
+    On CPUs with AVX512-BF16, `Linear4bit.forward` in eval mode without grad repacks
+    its weight *in place* into a CPU-only layout and from then on multiplies in
+    bfloat16 whatever the compute dtype, through a kernel with no autograd. Serving
+    keeps that default (it is what plain PEFT does on the same CPU, and it is fast);
+    training must turn it off (gradients would silently stop flowing: measured loss
+    stuck at 3.4 instead of 0.02), and so must tests that compare float32 arithmetic
+    across batch shapes. Call before the first forward; returns the layers switched.
+    """
+    import bitsandbytes as bnb
+
+    n = 0
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+            n += 1
+    return n
+
+
 def load_base(name_or_path: str, *, compute_dtype: str = "bfloat16", device: str = "auto") -> LoadedBase:
     """Load a causal LM (hub id or local directory) with NF4 + double quantization.
 
