@@ -66,8 +66,14 @@ class LoraAdapter:
 
     @property
     def nbytes(self) -> int:
-        return sum(m.lora_a.numel() * m.lora_a.element_size() + m.lora_b.numel() * m.lora_b.element_size()
-                   for m in self.modules.values())
+        """Host bytes the adapter really holds: the storages behind its tensors, each counted once
+        (a view of a larger buffer holds the whole buffer)."""
+        storages = {}
+        for m in self.modules.values():
+            for t in (m.lora_a, m.lora_b):
+                st = t.untyped_storage()
+                storages[st.data_ptr()] = st.nbytes()
+        return sum(storages.values())
 
 
 def read_adapter_config(adapter_dir: Path) -> dict:
@@ -112,9 +118,11 @@ def _scaling(cfg: dict, module_name: str, rank: int) -> float:
     return float(alpha) / (math.sqrt(rank) if cfg.get("use_rslora") else rank)
 
 
-def load_lora_adapter(adapter_dir: Path, *, max_rank: int | None = None) -> LoraAdapter:
+def load_lora_adapter(adapter_dir: Path, *, max_rank: int | None = None, dtype: torch.dtype | None = None) -> LoraAdapter:
     """Read an adapter directory into host (CPU) fp32 tensors, checking everything
-    that can be checked without a base model: file formats, config, ranks, NaN/Inf."""
+    that can be checked without a base model: file formats, config, ranks, NaN/Inf.
+    With `dtype` (the dtype the serving slots hold), weights must also stay finite
+    in it: 3.4e38 is finite in fp32 but inf in bfloat16 (INVALID_ARGUMENT)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -163,8 +171,18 @@ def load_lora_adapter(adapter_dir: Path, *, max_rank: int | None = None) -> Lora
         a, b = a.float(), b.float()
         if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
             raise InvalidArgument(f"{weights}: module {name!r} has NaN or Inf weights; the adapter is corrupt or diverged in training")
+        if dtype is not None and dtype != torch.float32:
+            check_finite_in(a, b, dtype, f"{weights}: module {name!r}")
         modules[name] = LoraModule(lora_a=a, lora_b=b, scaling=_scaling(cfg, name, rank))
     return LoraAdapter(path=adapter_dir, config=cfg, modules=modules)
+
+
+def check_finite_in(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype, what: str) -> None:
+    """Refuse LoRA weights that overflow `dtype` (finite in fp32, inf once converted)."""
+    if not (torch.isfinite(a.to(dtype)).all() and torch.isfinite(b.to(dtype)).all()):
+        raise InvalidArgument(
+            f"{what} has weights beyond the range of {str(dtype).removeprefix('torch.')}, the dtype this server computes in; "
+            "rescale the adapter (e.g. retrain with weight decay) or serve with --compute-dtype float32")
 
 
 def check_fits_base(adapter: LoraAdapter, linear_shapes: dict[str, tuple[int, int]]) -> None:

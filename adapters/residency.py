@@ -94,8 +94,9 @@ class Residency:
         state.pins -= 1
         return state.pins == 0 and state.unload_when_idle
 
-    def unload_when_idle(self, key: str) -> None:
-        self._slots[self._lru[key]].unload_when_idle = True
+    def unload_when_idle(self, key: str, value: bool = True) -> None:
+        """Ask (or, with value=False, stop asking) for `key` to leave its slot once idle."""
+        self._slots[self._lru[key]].unload_when_idle = value
 
     # -- host tier ---------------------------------------------------------
     def host_get(self, key: str) -> LoraAdapter | None:

@@ -619,7 +619,7 @@ def main(argv=None) -> int:
     engine.base.eos_token_ids = frozenset()  # decode exactly max_new_tokens (bench only)
     handles = {n: handle_of(server.runtime.registry.resolve(n)) for n in names}
     for n in names:  # all adapters resident before timing: no cold loads inside a measurement
-        engine.call(lambda h=handles[n]: engine.ensure_resident(h)).result()
+        engine.load_adapter(handles[n]).result()
     log(f"server up on port {server.port}; {n_max} adapters resident (max rank {max_rank})")
 
     # Warm-up: first calls pay one-off costs (allocations, bnb kernels).

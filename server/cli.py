@@ -18,15 +18,31 @@ log = logging.getLogger("qlora_serve")
 
 
 # ----------------------------------------------------------------- serve
+# Help texts that say more than the config field's own (which the engine owns).
+_FLAG_HELP = {
+    "host_cache_bytes": "bound on the total size, in bytes, of parsed adapter weights kept in host RAM (LRU) "
+                        "after a disk read or an eviction from a device slot, so a re-load skips disk and "
+                        "parsing; a larger adapter is not cached; 0 = no host cache",
+}
+
+
 def _add_config_flags(parser: argparse.ArgumentParser, cls) -> None:
-    """One --flag per field of a config dataclass, help and default from the field."""
+    """One --flag per field of a config dataclass, help and default from the field
+    (the serve parser's ArgumentDefaultsHelpFormatter appends the default)."""
     for f in dataclasses.fields(cls):
         parser.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default,
-                            help=f"{f.metadata['help']} (default: {f.default})")
+                            help=_FLAG_HELP.get(f.name, f.metadata["help"]).replace("%", "%%"))
 
 
 def _config_from(args, cls):
     return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+
+
+def _label_flag(value: str) -> tuple[str, str]:
+    key, sep, val = value.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"--label needs KEY=VALUE, got {value!r}")
+    return key, val
 
 
 def _adapter_flag(value: str) -> tuple[str, str]:
@@ -36,12 +52,20 @@ def _adapter_flag(value: str) -> tuple[str, str]:
     return name, path
 
 
+class _DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: X)" to help that does not already say what the default is."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        return text if "default" in text else super()._get_help_string(action)
+
+
 def _add_serve(sub) -> None:
     from qlora_serve.server.engine.config import EngineConfig
     from qlora_serve.server.inference_service import RequestLimits
 
     p = sub.add_parser("serve", help="start the gRPC server (no flags: the embedded tiny demo model)",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=_DefaultsHelp)
     p.add_argument("--base", help="hub id or local directory of the base model; default: the embedded demo "
                                   "(tiny Llama + demo adapters 'pirate' and 'poet', built offline on first start)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind; 0.0.0.0 to accept remote clients")
@@ -174,7 +198,8 @@ def _add_adapters(sub) -> None:
     v.add_argument("--server-path", action="store_true",
                    help="PATH is on the server, inside an --allowed-adapter-root; nothing is uploaded")
     v.add_argument("--owner", default="")
-    v.add_argument("--label", action="append", default=[], metavar="KEY=VALUE")
+    v.add_argument("--label", type=_label_flag, action="append", default=[], metavar="KEY=VALUE",
+                   help="a label for the new version (repeatable)")
     v.add_argument("--set-default", action="store_true", help="point the 'default' alias at the new version")
     v.add_argument("--public", action="store_true", help="usable by every tenant (admin keys only)")
     v = verbs.add_parser("alias", help="point NAME@ALIAS at a version ('default' decides what plain NAME serves)")
@@ -202,7 +227,7 @@ def _adapters(args) -> int:
         elif args.verb == "show":
             infos = [c.get_adapter(args.ref)]
         elif args.verb == "register":
-            labels = dict(l.split("=", 1) for l in args.label)
+            labels = dict(args.label)
             fn = c.register_path if args.server_path else c.upload
             infos = [fn(args.name, args.path, owner=args.owner, labels=labels, set_default=args.set_default,
                         public=args.public)]
@@ -254,8 +279,8 @@ def _add_jobs(sub) -> None:
     v.add_argument("--data", required=True, type=Path, metavar="FILE.jsonl", help="training data (uploaded)")
     v.add_argument("--eval-data", type=Path, default=None, metavar="FILE.jsonl", help="validation data (uploaded)")
     v.add_argument("--config", type=Path, default=None, metavar="FILE.toml",
-                   help="hyperparameters, keys as the `qlora-serve train` flags (base/data/out/register are set by "
-                        "the server and refused)")
+                   help="hyperparameters, keys as the `qlora-serve train` flags (base/data/eval_data/out/name/register/"
+                        "resume/progress_bar are set by the server and refused; so is modules_to_save)")
     v.add_argument("--set-default", action="store_true", help="point the adapter's 'default' alias at the result")
     v.add_argument("--watch", action="store_true", help="stream progress until the job ends; exit 0 only if it succeeded")
     verbs.add_parser("list", help="jobs you can see, oldest first")

@@ -28,10 +28,9 @@ from __future__ import annotations
 
 import itertools
 from collections import deque
+from collections.abc import Container
 from dataclasses import dataclass
 from typing import Generic, TypeVar
-
-from .errors import ResourceExhausted
 
 T = TypeVar("T")
 
@@ -75,13 +74,12 @@ class FairQueue(Generic[T]):
     def push(self, item: T, tenant: str, prompt_tokens: int = 0) -> None:
         """Enqueue ``item``; ``prompt_tokens`` are charged when it is popped.
 
-        Raises `ResourceExhausted` when ``max_size`` items are waiting.
+        The caller bounds the queue (the engine refuses requests beyond --max-waiting
+        at submit, RESOURCE_EXHAUSTED): a push beyond ``max_size`` is a bug, RuntimeError.
         """
         if self._len >= self.max_size:
-            raise ResourceExhausted(
-                f"request queue is full: {self._len} requests waiting, the limit max_queue_size="
-                f"{self.max_size}; retry later"
-            )
+            raise RuntimeError(f"FairQueue overflow: {self._len} items waiting, max_size={self.max_size}; "
+                               "the caller must refuse requests before the queue is full")
         if id(item) in self._owner:
             raise ValueError("item is already queued; push each request object once")
         q = self._queues.get(tenant)
@@ -107,11 +105,21 @@ class FairQueue(Generic[T]):
     def _next_tenant(self) -> str:
         return min(self._queues, key=lambda t: (self._counters[t], self._queues[t][0].seq))
 
-    def peek(self) -> T | None:
-        """The item `pop` would return next, left in place (None if empty)."""
-        if not self._queues:
-            return None
-        return self._queues[self._next_tenant()][0].item
+    def peek(self, skip: Container[int] = ()) -> T | None:
+        """The item `pop` would return next, left in place (None if empty).
+
+        skip: ids (``id(item)``) of items to pass over, e.g. ones that cannot run
+        yet: the result is then the next item in the same order (smallest counter,
+        then earliest arrival) among the others; serve it with `take`.
+        """
+        if not skip:
+            return self._queues[self._next_tenant()][0].item if self._queues else None
+        best = None
+        for tenant, q in self._queues.items():
+            entry = next((e for e in q if id(e.item) not in skip), None)
+            if entry is not None and (best is None or (self._counters[tenant], entry.seq) < best[0]):
+                best = ((self._counters[tenant], entry.seq), entry.item)
+        return None if best is None else best[1]
 
     def __iter__(self):
         """Every waiting item, in no particular order (a snapshot: safe to remove while iterating)."""
@@ -132,20 +140,30 @@ class FairQueue(Generic[T]):
         self.charge(tenant, prompt_tokens=entry.prompt_tokens)
         return entry.item
 
+    def take(self, item: T) -> None:
+        """Serve a waiting item that `peek(skip=...)` returned, as `pop` serves its
+        result: it leaves the queue and its tenant is charged its prompt tokens."""
+        tenant = self._owner[id(item)]
+        entry = self._unlink(item)
+        self._last_served = tenant
+        self.charge(tenant, prompt_tokens=entry.prompt_tokens)
+
     def remove(self, item: T) -> bool:
         """Drop a waiting item (by identity), e.g. cancelled by its client. False if not queued."""
+        return self._unlink(item) is not None
+
+    def _unlink(self, item: T) -> _Entry[T] | None:
         tenant = self._owner.pop(id(item), None)
         if tenant is None:
-            return False
+            return None
         q = self._queues[tenant]
-        for i, e in enumerate(q):
-            if e.item is item:
-                del q[i]
-                break
+        i = next(i for i, e in enumerate(q) if e.item is item)
+        entry = q[i]
+        del q[i]
         if not q:
             del self._queues[tenant]
         self._len -= 1
-        return True
+        return entry
 
     def charge(self, tenant: str, prompt_tokens: int = 0, output_tokens: int = 0) -> None:
         """Add served tokens to a tenant's counter (the scheduler calls this as it serves)."""

@@ -20,7 +20,7 @@ from qlora_serve.server.engine.request import (
     SamplingParams,
     TokenEvent,
 )
-from qlora_serve.server.errors import Cancelled, InvalidArgument, QloraServeError
+from qlora_serve.server.errors import Cancelled, InvalidArgument
 from qlora_serve.server.status import abort, code_for
 from qlora_serve.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 
@@ -145,6 +145,9 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
             for item in (ev, pending):
                 if isinstance(item, ErrorEvent):
                     raise item.error
+                if isinstance(item, TokenEvent):
+                    # Charged to the tenant's quota on every exit path (see Runtime.finished).
+                    self._rt.relayed(req, len(item.token_ids))
                 if item is not None:
                     yield item
                 if isinstance(item, FinalEvent):
@@ -181,9 +184,7 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
             final = None
             for ev in self._events(req, context):
                 if isinstance(ev, FinalEvent):
-                    final = ev
-            if final is None:
-                raise QloraServeError("client went away")
+                    final = ev  # _events returns only after the FinalEvent (or raises)
             self._record("Generate", req, grpc.StatusCode.OK, started, final)
             return inference_pb2.GenerateResponse(
                 text=final.text, token_ids=final.token_ids, finish_reason=_FINISH[final.finish_reason],

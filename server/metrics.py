@@ -62,9 +62,6 @@ class Metrics:
     def rejected(self, reason: str, tenant: str = "") -> None:
         self.rejections.labels(reason, tenant).inc()
 
-    def generated(self, n: int) -> None:
-        """Engine-level count hook; per-adapter counts are recorded by the servicer."""
-
     def serve_http(self, port: int, host: str = "0.0.0.0"):
         """Expose /metrics on host:port; returns the (server, thread) pair."""
         return start_http_server(port, addr=host, registry=self.registry)

@@ -8,9 +8,11 @@ every caller is an admin.
 
 from __future__ import annotations
 
+from concurrent.futures import CancelledError, Future
+
 from qlora_serve.adapters.registry import AdapterRecord
 from qlora_serve.server.auth import Principal, can_read_adapter, check_adapter_access, require_admin
-from qlora_serve.server.errors import InvalidArgument, PermissionDenied, ResourceExhausted
+from qlora_serve.server.errors import InvalidArgument, PermissionDenied, ResourceExhausted, Unavailable
 from qlora_serve.server.runtime import handle_of, unary_rpc
 from qlora_serve.v1 import registry_pb2, registry_pb2_grpc
 
@@ -66,8 +68,17 @@ class RegistryService(registry_pb2_grpc.AdapterRegistryServicer):
         check_adapter_access(principal, records[0].owner, write=True, adapter=f"adapter {name!r}")
         return records
 
-    def _engine(self, fn):
-        return self._rt.engine.call(fn).result(timeout=_ENGINE_CALL_TIMEOUT_S)
+    @staticmethod
+    def _wait(fut: Future, what: str):
+        """The engine's answer; UNAVAILABLE (not INTERNAL) when it is stuck or stopping."""
+        try:
+            return fut.result(timeout=_ENGINE_CALL_TIMEOUT_S)
+        except (TimeoutError, CancelledError):
+            raise Unavailable(f"{what}: the engine did not answer within {_ENGINE_CALL_TIMEOUT_S:.0f} s "
+                              "(overloaded or shutting down); retry later") from None
+
+    def _engine(self, fn, what: str):
+        return self._wait(self._rt.engine.call(fn), what)
 
     # --------------------------------------------------------------- RPCs
     @unary_rpc
@@ -77,7 +88,7 @@ class RegistryService(registry_pb2_grpc.AdapterRegistryServicer):
         owner = self._owner_for_new(principal, request.name, request.owner, request.public)
         rec = self._rt.registry.register_path(request.name, request.path, owner=owner, labels=dict(request.labels),
                                               set_default=request.set_default)
-        return self._info(rec)
+        return self._info(self._rt.registered(rec))
 
     @unary_rpc
     def UploadAdapter(self, request_iterator, context, principal):
@@ -103,7 +114,7 @@ class RegistryService(registry_pb2_grpc.AdapterRegistryServicer):
         owner = self._owner_for_new(principal, header.name, header.owner, header.public)
         rec = self._rt.registry.register_files(header.name, {k: bytes(v) for k, v in files.items()}, owner=owner,
                                                labels=dict(header.labels), set_default=header.set_default)
-        return self._info(rec)
+        return self._info(self._rt.registered(rec))
 
     @unary_rpc
     def ListAdapters(self, request, context, principal):
@@ -128,8 +139,9 @@ class RegistryService(registry_pb2_grpc.AdapterRegistryServicer):
         gone = [r.digest for r in deleted if r.digest not in still_used]
         for d in gone:
             self._rt.unusable.pop(d, None)
-        # Running requests keep their (device-resident) weights until they finish.
-        self._engine(lambda: [self._rt.engine.forget(d) for d in gone])
+        # Committed: the engine drops the weights between steps (idempotent; running
+        # requests keep theirs until they finish). Not awaited: the delete is done.
+        self._rt.engine.call(lambda: [self._rt.engine.forget(d) for d in gone])
         return registry_pb2.DeleteAdapterResponse(deleted=[
             registry_pb2.AdapterInfo(name=r.name, version=r.version, digest=r.digest, owner=r.owner or "")
             for r in deleted])
@@ -137,12 +149,14 @@ class RegistryService(registry_pb2_grpc.AdapterRegistryServicer):
     @unary_rpc
     def LoadAdapter(self, request, context, principal):
         rec = self._rt.resolve_record(request.adapter, principal)
-        self._engine(lambda: self._rt.engine.ensure_resident(handle_of(rec)))
+        # Read on the engine's loader thread (shared with requests waiting for it); only
+        # the copy into a slot runs between engine steps.
+        self._wait(self._rt.engine.load_adapter(handle_of(rec)), f"loading adapter {request.adapter!r}")
         return self._info(rec)
 
     @unary_rpc
     def UnloadAdapter(self, request, context, principal):
         rec = self._rt.resolve_record(request.adapter, principal)
         check_adapter_access(principal, rec.owner, write=True, adapter=f"adapter {request.adapter!r}")
-        self._engine(lambda: self._rt.engine.unload(rec.digest))
+        self._engine(lambda: self._rt.engine.unload(rec.digest), f"unloading adapter {request.adapter!r}")
         return self._info(rec)

@@ -64,6 +64,7 @@ class Runtime:
     # digest -> why its files failed verification at load (set by the app's verified loader).
     unusable: dict[str, str] = field(default_factory=dict)
     _leases: dict[int, Lease] = field(default_factory=dict)  # id(Request) -> its quota lease
+    _relayed: dict[int, int] = field(default_factory=dict)  # id(Request) -> output tokens handed to its handler
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     # Facts about the loaded base the request path needs.
@@ -113,13 +114,31 @@ class Runtime:
             raise
         with self._lock:
             self._leases[id(req)] = lease
+            self._relayed[id(req)] = 0
+
+    def relayed(self, req: Request, n: int) -> None:
+        """The handler received `n` more generated tokens of `req` from the engine."""
+        with self._lock:
+            if id(req) in self._relayed:
+                self._relayed[id(req)] += n
 
     def finished(self, req: Request | None, final: FinalEvent | None) -> None:
-        """Release the request's quota lease, charging the tokens it really used."""
+        """Release the request's quota lease, charging its prompt and every token it
+        generated: the final count when it finished, else the tokens relayed so far
+        (a cancelled, timed-out or failed request pays for what it streamed)."""
         if req is None:
             return
         with self._lock:
             lease = self._leases.pop(id(req), None)
+            relayed = self._relayed.pop(id(req), 0)
         if lease is not None:
-            lease.charge(len(req.prompt_ids) + (len(final.token_ids) if final else 0))
+            lease.charge(len(req.prompt_ids) + max(relayed, len(final.token_ids) if final else 0))
             lease.release()
+
+    def registered(self, record: AdapterRecord) -> AdapterRecord:
+        """Call after every successful registration of `record`: registering a digest
+        again re-commits (repairs) its store files, so clear its "unusable" mark; the
+        next load re-verifies the files and marks it again if they are still bad.
+        Returns `record` (a servicer may write `self._info(self._rt.registered(rec))`)."""
+        self.unusable.pop(record.digest, None)
+        return record

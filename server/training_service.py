@@ -20,7 +20,7 @@ from qlora_serve.v1 import common_pb2, training_pb2, training_pb2_grpc
 
 log = logging.getLogger(__name__)
 
-_SERVER_SET = ("base", "data", "eval_data", "out", "register", "resume", "progress_bar")
+_SERVER_SET = ("base", "data", "eval_data", "out", "name", "register", "resume", "progress_bar")
 _MAX_QUEUED_JOBS = 16
 S = training_pb2  # enum values: S.JOB_STATE_*
 
@@ -200,8 +200,9 @@ class JobManager:
                 self._end(job, S.JOB_STATE_CANCELLED, "cancelled", result)
             return
         try:
-            rec = self._rt.registry.register_path(job.adapter_name, result["adapter_dir"], owner=job.owner,
-                                                  set_default=job.set_default, source="training", trusted=True)
+            rec = self._rt.registered(self._rt.registry.register_path(
+                job.adapter_name, result["adapter_dir"], owner=job.owner, set_default=job.set_default,
+                source="training", trusted=True))
         except Exception as exc:  # a bad adapter must fail the job, not the worker thread
             with self._cv:
                 job.error = f"training finished but registration failed: {exc}"
@@ -268,8 +269,11 @@ class TrainingService(training_pb2_grpc.TrainingServicer):
             raise ResourceExhausted(f"datasets total {size} bytes; the limit is {self._max_bytes}")
         existing = self._rt.registry.list(name=request.adapter_name)
         owner = principal.tenant if self._rt.auth.enabled else None
-        if existing and not principal.is_admin and existing[0].owner != principal.tenant:
-            raise PermissionDenied(f"adapter {request.adapter_name!r} belongs to another tenant")
+        if existing:
+            if not principal.is_admin and existing[0].owner != principal.tenant:
+                raise PermissionDenied(f"adapter {request.adapter_name!r} belongs to another tenant")
+            # A new version keeps the name's owner (public stays public), or registration would refuse it.
+            owner = existing[0].owner
         config = {**self._config(request), "base": self._rt.engine.base.name, "name": request.adapter_name,
                   "progress_bar": False}
         job_id = uuid.uuid4().hex[:12]
@@ -278,6 +282,9 @@ class TrainingService(training_pb2_grpc.TrainingServicer):
         if request.eval_jsonl:
             config["eval_data"] = str(workdir / "eval.jsonl")
         cfg = TrainConfig.from_dict(config, source="config_toml")  # refuse bad keys now, not in the job
+        if cfg.modules_to_save:
+            raise InvalidArgument(f"config_toml sets modules_to_save={cfg.modules_to_save}: the server cannot serve "
+                                  "such an adapter per request; train it locally (qlora-serve train) and merge it")
         workdir.mkdir(parents=True)
         try:
             self._write_checked(workdir / "train.jsonl", request.train_jsonl, "train_jsonl")

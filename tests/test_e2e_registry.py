@@ -27,7 +27,6 @@ Documented statuses a client may see while adapters churn (asserted below):
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -40,8 +39,9 @@ import grpc
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
+from adapter_files import CONFIG, WEIGHTS, corrupt, make_variant
 from conftest import stop_server, wait_until
 from qlora_serve.adapters.registry import FINGERPRINT_KEY
 from qlora_serve.server.engine.loader import disable_cpu_bf16_repack
@@ -49,8 +49,6 @@ from qlora_serve.v1 import registry_pb2
 
 N_TOKENS = 8
 PROMPTS = ("hello world", "The quick brown fox")
-CONFIG = "adapter_config.json"
-WEIGHTS = "adapter_model.safetensors"
 MAX_RANK = 16
 UPLOAD_LIMIT = 1_000_000
 HOST_CACHE_BYTES = 300_000  # ~2 r=8 adapters (119 kB each): host evictions + disk reloads happen
@@ -64,19 +62,6 @@ def disable_avx512_bf16(server) -> None:
     must run before the server's first forward pass."""
     assert server.runtime.engine.stats()["running"] == 0
     assert disable_cpu_bf16_repack(server.runtime.engine.base.model) > 0
-
-
-def make_variant(src: Path, dst: Path, *, scale: float = 1.0, tensors=None, config=None) -> Path:
-    """Copy a PEFT adapter dir, scaling its weights, editing its tensors or config."""
-    dst.mkdir(parents=True, exist_ok=True)
-    state = {k: v * scale for k, v in load_file(str(src / WEIGHTS)).items()}
-    if tensors is not None:
-        state = tensors(state)
-    save_file(state, str(dst / WEIGHTS))
-    cfg = json.loads((src / CONFIG).read_text())
-    cfg.update(config or {})
-    (dst / CONFIG).write_text(json.dumps(cfg))
-    return dst
 
 
 def files_of(directory: Path, *names: str) -> dict[str, bytes]:
@@ -550,6 +535,33 @@ def test_load_and_unload_are_idempotent(reg_server, rc, root, refs):
     assert stream_once(rc, "idem", PROMPTS[0]) == resident  # transparently back on the device
     assert rc.get_adapter("idem").residency == registry_pb2.RESIDENCY_DEVICE
     rc.delete("idem")
+
+
+def test_registering_the_files_again_recovers_a_corrupted_adapter_another_name_shares(reg_server, rc, root):
+    """README recovery ("delete the version and register it again") when another name
+    still references the same files: the new registration repairs the store files, so
+    the "unusable" mark of their digest must go too."""
+    src = make_variant(root / "poet", root / "shared-variant", scale=0.6)
+    a, b = rc.upload("shared-a", src), rc.upload("shared-b", src)
+    try:
+        assert a.digest == b.digest
+        record = reg_server.runtime.registry.get("shared-a")
+        assert rc.get_adapter("shared-a").residency == registry_pb2.RESIDENCY_DISK  # the next use reads the files
+        corrupt(record.path)
+        with pytest.raises(grpc.RpcError) as e:
+            rc.generate("hello", adapter="shared-a", max_new_tokens=2)
+        assert e.value.code() == Code.FAILED_PRECONDITION and "register it again" in e.value.details()
+        assert "corrupt" in rc.get_adapter("shared-b").unusable_reason  # the same files
+
+        rc.delete("shared-a")
+        again = rc.upload("shared-a", src)
+        assert again.digest == a.digest and not again.unusable_reason
+        assert not rc.get_adapter("shared-b").unusable_reason
+        for name in ("shared-a", "shared-b"):
+            assert rc.generate("hello", adapter=name, max_new_tokens=3).completion_tokens == 3
+    finally:
+        for name in ("shared-a", "shared-b"):
+            rc.delete(name)
 
 
 # -------------------------------------------------------- (5) bad input

@@ -14,6 +14,7 @@ limit, with a retry hint in the message and in the ``retry-after`` trailer.
 from __future__ import annotations
 
 import threading
+import time
 
 import grpc
 import pytest
@@ -24,8 +25,11 @@ from e2e_keys import md, rejections, write_key_file
 from qlora_serve.server.client import Client
 from qlora_serve.v1 import inference_pb2, inference_pb2_grpc, registry_pb2, registry_pb2_grpc
 
-ROLES = {"alpha": "client", "bravo": "client", "ops": "admin", "one-at-a-time": "client", "tiny-budget": "client"}
-LIMITS = {"one-at-a-time": {"max_concurrent": 1}, "tiny-budget": {"tokens_per_minute": 30}}
+ROLES = {"alpha": "client", "bravo": "client", "ops": "admin", "one-at-a-time": "client", "tiny-budget": "client",
+         "streamer": "client"}
+STREAMER_TPM = 80  # 1.33 tokens/s refill: a cancelled 16-token stream must cost visibly more than its prompt
+LIMITS = {"one-at-a-time": {"max_concurrent": 1}, "tiny-budget": {"tokens_per_minute": 30},
+          "streamer": {"tokens_per_minute": STREAMER_TPM}}
 
 
 @pytest.fixture(scope="module")
@@ -201,3 +205,59 @@ def test_quota_tokens_per_minute_is_resource_exhausted_with_limit_and_retry_hint
     assert rejections(server, "quota", "tiny-budget") == before + 1
     # Other tenants keep their own budgets.
     assert clients["alpha"].generate("hello", max_new_tokens=20).completion_tokens >= 1
+
+
+def test_quota_charges_the_tokens_a_cancelled_stream_received(tenancy, engine_gate):
+    """A client that streams tokens and cancels before the end pays for what it got,
+    not only for its prompt (the unused reservation is refunded, the tokens are not)."""
+    server, clients, _ = tenancy
+    c = clients["streamer"]
+    quotas = server.runtime.quotas
+    prompt_tokens = len(server.runtime.tokenizer("hello").input_ids)
+    t0 = time.monotonic()
+    before = quotas.tokens_available("streamer")
+    assert before == STREAMER_TPM  # a fresh tenant: a full bucket
+    gate = engine_gate(server)
+    stream = c.stream("hello", max_new_tokens=64)
+    received = 0
+    for msg in stream:
+        assert not msg.finish_reason, "the stream ended before the test could cancel it"
+        received += len(msg.token_ids)
+        if received >= 16:
+            break
+    gate.close()  # hold the engine so the stream cannot finish; then the client cancels
+    gate.wait_parked()
+    stream.cancel()
+    gate.release()
+    wait_until(lambda: quotas.in_flight("streamer") == 0, what="the cancelled stream's lease released")
+    after = quotas.tokens_available("streamer")
+    refill = (time.monotonic() - t0) * STREAMER_TPM / 60.0  # the most the bucket can have refilled since
+    assert before - after + refill >= prompt_tokens + received, (before, after, refill, prompt_tokens, received)
+
+
+def test_admin_trains_a_new_version_of_another_tenants_or_a_public_adapter(tenancy, demo):
+    """The new version keeps the name's owner (tenant or public): registration would
+    refuse a different owner, so the job must not fail after training."""
+    from qlora_serve.v1 import training_pb2
+
+    _, clients, _ = tenancy
+    ops, alpha = clients["ops"], clients["alpha"]
+    assert ops.upload("alphas-model", demo.adapters["poet"], owner="alpha").owner == "alpha"
+    assert ops.upload("public-model", demo.adapters["poet"], public=True).owner == ""
+    data = b"".join(b'{"prompt": "one two", "completion": " three"}\n' for _ in range(4))
+    config = ('compute_dtype = "float32"\nmax_steps = 1\nbatch_size = 1\ngrad_accum = 1\nlora_r = 4\n'
+              "logging_steps = 1\nsave_steps = 1000\n")
+    for name, owner in (("alphas-model", "alpha"), ("public-model", "")):
+        job = ops.submit_job(name, data, config_toml=config)
+        final = list(ops.watch_job(job.id))[-1].job
+        assert final.state == training_pb2.JOB_STATE_SUCCEEDED, (name, final.error)
+        assert (final.adapter.name, final.adapter.version) == (name, 2)
+        assert [(a.version, a.owner) for a in ops.list_adapters(name)] == [(1, owner), (2, owner)]
+    # The owner tenant sees and uses its new version; the job is its to see too.
+    assert [a.version for a in alpha.list_adapters("alphas-model")] == [1, 2]
+    assert alpha.generate("hi", adapter="alphas-model@2", max_new_tokens=2).adapter.version == 2
+    # A client still cannot train a version of a public adapter or another tenant's.
+    for name in ("public-model", "alphas-model"):
+        client = alpha if name == "public-model" else clients["bravo"]
+        code, details = code_of(client.submit_job, name, data, config_toml=config)
+        assert code == grpc.StatusCode.PERMISSION_DENIED, (name, code, details)

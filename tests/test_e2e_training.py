@@ -2,7 +2,7 @@
 
 One server per module on a tiny byte-level base (vocab 259: every letter is one
 token), float32 compute, no adapters at start. Training uses the Caesar-shift
-recipe of test_training_e2e.py ("abcd=" -> "bcde"): a random base cannot do it,
+task of caesar_task.py ("abcd=" -> "bcde"): a random base cannot do it,
 300 CPU steps learn it, so "serves the learned answers" is checkable.
 
 Covers:
@@ -21,10 +21,8 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
 import signal
-import string
 import subprocess
 import sys
 import time
@@ -34,21 +32,13 @@ import grpc
 import pytest
 import torch
 
+from caesar_task import RECIPE, WORD_LEN, caesar, char_base, write_caesar_data  # noqa: F401, F811 (char_base: a fixture)
 from qlora_serve.server.engine.loader import disable_cpu_bf16_repack  # why: see its docstring
 
 from qlora_serve.v1 import training_pb2 as T
 
-WORD_LEN = 4
 HELD_OUT = 30
-# The Caesar recipe of test_training_e2e.py (lr 1e-2, r 16, batch 16, 300 steps, seed 0), float32 compute.
-RECIPE = dict(compute_dtype="float32", lora_r=16, lora_alpha=32, lora_dropout=0.0, learning_rate=1e-2,
-              warmup_ratio=0.05, max_grad_norm=1.0, batch_size=16, grad_accum=1, max_steps=300,
-              logging_steps=50, save_steps=1000, seed=0)
 LONG = {**RECIPE, "max_steps": 100000, "logging_steps": 2}  # a job that only ends when cancelled or killed
-
-
-def caesar(word: str) -> str:
-    return "".join(string.ascii_lowercase[(string.ascii_lowercase.index(c) + 1) % 26] for c in word)
 
 
 def toml_of(values: dict) -> str:
@@ -65,26 +55,9 @@ def _cli(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
 
 # ------------------------------------------------------------------ fixtures
 @pytest.fixture(scope="module")
-def char_base(tmp_path_factory) -> Path:
-    from qlora_serve.server.demo import TinyModelSpec, build_tiny_base
-
-    return build_tiny_base(tmp_path_factory.mktemp("charbase") / "base", TinyModelSpec(vocab_size=259))
-
-
-@pytest.fixture(scope="module")
 def data(tmp_path_factory) -> dict:
     """2000 training words (prompt/completion JSONL) and HELD_OUT words never trained on."""
-    rng = random.Random(1234)
-    words: set[str] = set()
-    while len(words) < 2000 + HELD_OUT:
-        words.add("".join(rng.choice(string.ascii_lowercase) for _ in range(WORD_LEN)))
-    ws = sorted(words)
-    rng.shuffle(ws)
-    d = tmp_path_factory.mktemp("caesar")
-    lines = lambda words: "".join(json.dumps({"prompt": w + "=", "completion": caesar(w)}) + "\n" for w in words)
-    (d / "train.jsonl").write_text(lines(ws[:2000]))
-    (d / "eval.jsonl").write_text(lines(ws[2000:]))
-    return {"train": d / "train.jsonl", "eval": d / "eval.jsonl", "held_out": ws[2000:], "dir": d}
+    return write_caesar_data(tmp_path_factory.mktemp("caesar"), HELD_OUT)
 
 
 @pytest.fixture(scope="module")
@@ -172,6 +145,9 @@ def test_bad_submissions_are_invalid_argument_and_create_no_job(srv, client, dat
         (dict(config_toml="[train]\nlora_r = 8\nnot_a_flag = true\n"), "not_a_flag"),
         (dict(config_toml='base = "/etc"\n'), "base"),
         (dict(config_toml='register = "localhost:1"\n'), "register"),
+        (dict(config_toml='name = "other"\n'), "name"),  # the adapter_name field sets it, not the config
+        (dict(config_toml='modules_to_save = ["lm_head"]\n'), "modules_to_save"),  # not servable
+        (dict(config_toml='learning_rate = "1e-4"\n'), "learning_rate must be a number"),
         (dict(config_toml="lora_r = 0\n"), "lora_r"),
         (dict(config_toml='compute_dtype = "float16"\n'), "float16"),
         (dict(config_toml="lora_r = \n"), "TOML"),

@@ -108,12 +108,15 @@ def test_remove_waiting_item():
     assert q.pop() is r1
 
 
-def test_full_queue_refuses_with_limit():
+def test_push_beyond_max_size_is_a_caller_bug_and_changes_nothing():
+    # The engine refuses requests at submit (RESOURCE_EXHAUSTED, --max-waiting) before the
+    # queue fills, so a push beyond max_size is a programming error, not a client's status.
     q: FairQueue[Req] = FairQueue(max_size=3)
     for i in range(3):
         q.push(Req("a", i), "a")
-    with pytest.raises(ResourceExhausted, match="max_queue_size=3"):
+    with pytest.raises(RuntimeError, match="max_size=3") as e:
         q.push(Req("b", 0), "b")
+    assert not isinstance(e.value, ResourceExhausted)
     assert len(q) == 3 and "b" not in q.tenants_waiting()
     q.pop()
     q.push(Req("b", 0), "b")

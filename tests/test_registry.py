@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
+from adapter_files import CONFIG, WEIGHTS, make_variant
 from qlora_serve.adapters.fingerprint import base_fingerprint
 from qlora_serve.adapters.peft_format import load_lora_adapter
 from qlora_serve.adapters.registry import FINGERPRINT_KEY, AdapterRegistry
@@ -27,9 +28,6 @@ from qlora_serve.server.errors import (
     ResourceExhausted,
 )
 
-WEIGHTS = "adapter_model.safetensors"
-CONFIG = "adapter_config.json"
-
 
 @pytest.fixture(scope="module")
 def base_info(demo):
@@ -40,21 +38,6 @@ def base_info(demo):
     shapes = {n: (m.in_features, m.out_features) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     config = json.loads((demo.base / "config.json").read_text())
     return shapes, base_fingerprint(demo.base, config)
-
-
-def make_variant(src: Path, dst: Path, *, scale: float = 1.0, tensors=None, config=None) -> Path:
-    """Copy a PEFT adapter dir, optionally scaling its weights (a new digest),
-    editing its tensors (callable on the dict) or its config (dict update)."""
-    dst.mkdir(parents=True, exist_ok=True)
-    state = load_file(str(src / WEIGHTS))
-    state = {k: v * scale for k, v in state.items()}
-    if tensors is not None:
-        state = tensors(state)
-    save_file(state, str(dst / WEIGHTS))
-    cfg = json.loads((src / CONFIG).read_text())
-    cfg.update(config or {})
-    (dst / CONFIG).write_text(json.dumps(cfg))
-    return dst
 
 
 @pytest.fixture

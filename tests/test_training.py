@@ -78,6 +78,38 @@ def test_unknown_config_key_is_named(tmp_path):
         TrainConfig.from_toml(cfg)
 
 
+@pytest.mark.parametrize("toml,field", [
+    ('learning_rate = "1e-4"', "learning_rate"),  # a string where a number belongs
+    ("lora_r = 8.5", "lora_r"),
+    ('packing = "no"', "packing"),
+    ("name = 7", "name"),
+    ("lora_alpha = true", "lora_alpha"),
+])
+def test_wrong_value_type_is_invalid_argument_naming_the_field(tmp_path, capsys, toml, field):
+    cfg = tmp_path / "run.toml"
+    cfg.write_text(f'data = "x.jsonl"\n{toml}\n')
+    with pytest.raises(InvalidArgument, match=f"{field} must be"):
+        TrainConfig.from_toml(cfg)
+    # The CLI prints it as a usage error (exit 2), not a traceback.
+    from qlora_serve.training.cli import main
+
+    assert main(["train", "--config", str(cfg), "--out", str(tmp_path / "out")]) == 2
+    assert f"{field} must be" in capsys.readouterr().err
+    # Integers are fine floats; paths are fine paths.
+    assert TrainConfig.from_dict({"learning_rate": 1, "data": tmp_path / "x.jsonl"}).learning_rate == 1
+
+
+def test_register_with_modules_to_save_is_refused_before_training(demo, tmp_path, good_data):
+    with pytest.raises(InvalidArgument, match="modules_to_save.*register"):
+        TrainConfig.from_dict({"modules_to_save": "lm_head", "register": "localhost:1"}, source="command line")
+    from qlora_serve.training.cli import main
+
+    assert main(["train", "--base", str(demo.base), "--data", str(good_data), "--out", str(tmp_path / "out"),
+                 "--modules-to-save", "lm_head", "--register", "localhost:1"]) == 2
+    _assert_nothing_started(tmp_path)
+    TrainConfig(modules_to_save=["lm_head"])  # without --register it may be trained (and merged)
+
+
 def test_missing_base_path_is_refused(tmp_path, good_data):
     cfg = TrainConfig(base=str(tmp_path / "no-such-model"), data=str(good_data), out=str(tmp_path / "out"))
     with pytest.raises(InvalidArgument, match="no-such-model does not exist"):

@@ -9,47 +9,24 @@ library default is bfloat16.
 from __future__ import annotations
 
 import json
-import random
-import string
 from pathlib import Path
 
 import pytest
 import torch
 
-from qlora_serve.server.demo import TinyModelSpec, build_tiny_base
+from caesar_task import RECIPE, WORD_LEN, caesar, char_base, write_caesar_data  # noqa: F401, F811 (char_base: a fixture)
 from qlora_serve.training.config import TrainConfig
 from qlora_serve.training.export import METADATA_FILE, read_metadata
 from qlora_serve.training.feedback import StopCallback
 from qlora_serve.training.trainer import train
 
-WORD_LEN = 4
 HELD_OUT = 40
-
-
-def caesar(word: str) -> str:
-    """Shift every lowercase letter by one (z -> a)."""
-    return "".join(string.ascii_lowercase[(string.ascii_lowercase.index(c) + 1) % 26] for c in word)
-
-
-@pytest.fixture(scope="module")
-def char_base(tmp_path_factory) -> Path:
-    return build_tiny_base(tmp_path_factory.mktemp("charbase") / "base", TinyModelSpec(vocab_size=259))
 
 
 @pytest.fixture(scope="module")
 def caesar_data(tmp_path_factory) -> dict[str, Path | list[str]]:
     """2000 training words and HELD_OUT words never seen in training."""
-    rng = random.Random(1234)
-    words: set[str] = set()
-    while len(words) < 2000 + HELD_OUT:
-        words.add("".join(rng.choice(string.ascii_lowercase) for _ in range(WORD_LEN)))
-    words_l = sorted(words)
-    rng.shuffle(words_l)
-    train_words, held_out = words_l[:2000], words_l[2000:]
-    d = tmp_path_factory.mktemp("caesar")
-    for name, ws in (("train.jsonl", train_words), ("eval.jsonl", held_out)):
-        (d / name).write_text("".join(json.dumps({"prompt": w + "=", "completion": caesar(w)}) + "\n" for w in ws))
-    return {"train": d / "train.jsonl", "eval": d / "eval.jsonl", "held_out": held_out}
+    return write_caesar_data(tmp_path_factory.mktemp("caesar"), HELD_OUT)
 
 
 def _load_4bit(base: Path):
@@ -73,11 +50,7 @@ def exact_match(model, tokenizer, words: list[str]) -> float:
 
 
 def _caesar_config(char_base, caesar_data, out, **kw) -> TrainConfig:
-    values = dict(
-        base=str(char_base), data=str(caesar_data["train"]), out=str(out), compute_dtype="float32",
-        lora_r=16, lora_alpha=32, lora_dropout=0.0, learning_rate=1e-2, warmup_ratio=0.05, max_grad_norm=1.0,
-        batch_size=16, grad_accum=1, max_steps=300, logging_steps=50, save_steps=1000, progress_bar=False, seed=0,
-    )
+    values = dict(base=str(char_base), data=str(caesar_data["train"]), out=str(out), progress_bar=False, **RECIPE)
     values.update(kw)
     return TrainConfig(**values)
 

@@ -9,7 +9,11 @@ Each field's `metadata["help"]` is the one description used by `--help` and the 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import os
 import tomllib
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,6 +76,7 @@ class TrainConfig:
     register: str | None = _f(None, "gRPC ADDRESS of a running qlora-serve to register the finished adapter with.")
 
     def __post_init__(self) -> None:
+        self._check_scalar_types()
         # TOML/CLI may give a comma-separated string; normalise before validating.
         for key in ("target_modules", "modules_to_save"):
             v = getattr(self, key)
@@ -118,6 +123,34 @@ class TrainConfig:
             raise ValueError(f"max_grad_norm must be >= 0 (0 disables clipping), got {self.max_grad_norm!r}")
         if self.max_steps == -1 and not (self.epochs > 0):
             raise ValueError(f"epochs must be > 0 when max_steps is -1, got {self.epochs!r}")
+        if self.register and self.modules_to_save:
+            raise ValueError(f"modules_to_save={self.modules_to_save} cannot be combined with register: a server "
+                             "cannot serve such an adapter per request (merge it with `qlora-serve merge` instead)")
+
+    @staticmethod
+    @functools.cache
+    def _scalar_types() -> dict[str, type]:
+        """field -> its scalar type (str, int, float, bool) for every non-list field."""
+        out = {}
+        for name, t in typing.get_type_hints(TrainConfig).items():
+            if isinstance(t, types.UnionType) or typing.get_origin(t) is typing.Union:  # X | None
+                t = next(a for a in typing.get_args(t) if a is not type(None))
+            if t in (str, int, float, bool):
+                out[name] = t
+        return out
+
+    def _check_scalar_types(self) -> None:
+        """TOML and gRPC configs carry any type: refuse a wrong one naming the field
+        (e.g. learning_rate = "1e-4", a string) before any comparison raises TypeError."""
+        words = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        for name, t in self._scalar_types().items():
+            v = getattr(self, name)
+            if v is None and defaults[name] is None:  # optional field left unset
+                continue
+            accepted = {float: (int, float), str: (str, os.PathLike)}.get(t, (t,))  # 2 is a fine float; a Path a fine path
+            if not isinstance(v, accepted) or (t is not bool and isinstance(v, bool)):
+                raise ValueError(f"{name} must be {words[t]}, got {v!r} ({type(v).__name__})")
 
     @classmethod
     def field_names(cls) -> list[str]:
@@ -137,7 +170,7 @@ class TrainConfig:
             normalised[k] = value
         try:
             return cls(**normalised)
-        except ValueError as exc:
+        except (ValueError, TypeError) as exc:
             raise InvalidArgument(f"{source}: {exc}") from None
 
     @classmethod

@@ -10,9 +10,9 @@ from pathlib import Path
 from typing import Any
 
 
-def register_adapter(address: str, adapter_dir: Path, name: str, metadata: dict[str, Any]) -> Any:
-    """Upload `adapter_dir` as a new version of `name` to the server at `address`;
-    returns its AdapterInfo. `metadata` travels as the directory's metadata file."""
+def register_adapter(address: str, adapter_dir: Path, name: str) -> Any:
+    """Upload `adapter_dir` (its metadata file included) as a new version of `name`
+    to the server at `address`; returns its AdapterInfo."""
     from qlora_serve.server.client import register_adapter_dir
 
     return register_adapter_dir(address, name, Path(adapter_dir))

@@ -237,7 +237,7 @@ def train(
     if cfg.register and not stopped_early:
         from .register import register_adapter
 
-        registered = register_adapter(cfg.register, run.out, run.name, metadata)
+        registered = register_adapter(cfg.register, run.out, run.name)
     emit({"event": "done", "adapter_dir": str(run.out), **metrics.summary})
     return TrainResult(
         adapter_dir=run.out, metadata=metadata, trainable_params=trainable, global_step=state.global_step,

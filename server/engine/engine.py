@@ -15,15 +15,16 @@ import logging
 import queue
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 from transformers import DynamicCache
 
-from qlora_serve.adapters.peft_format import LoraAdapter, check_fits_base, load_lora_adapter
+from qlora_serve.adapters.peft_format import LoraAdapter
 from qlora_serve.adapters.residency import Residency
+from qlora_serve.server.engine.adapter_loading import AdapterLoader, AdapterSlots, LoadWaiter
 from qlora_serve.server.engine.config import EngineConfig
 from qlora_serve.server.engine.detokenizer import IncrementalDetokenizer
 from qlora_serve.server.engine.kv_batch import PaddedKVBatch
@@ -44,17 +45,15 @@ from qlora_serve.server.errors import (
     DeadlineExceeded,
     Internal,
     InvalidArgument,
-    NotFound,
     QloraServeError,
     QueueFull,
-    ResourceExhausted,
     Unavailable,
 )
 
 log = logging.getLogger(__name__)
 
-AdapterLoader = Callable[[AdapterHandle], LoraAdapter]
 _IDLE_WAIT_S = 0.05  # how often an idle engine re-checks deadlines
+_REPARKED = -2  # _slot_for: the adapter's weights left the host; the request waits for a new read
 
 
 @dataclass
@@ -74,8 +73,13 @@ class _Row:
         return len(self.request.prompt_ids) + self.request.params.max_new_tokens
 
 
+def _internal(req: Request, exc: BaseException, during: str) -> Internal:
+    return Internal(f"internal error while {during} request {req.request_id}: {type(exc).__name__}; "
+                    "the server keeps serving, please report this id")
+
+
 class Engine:
-    """Owns the model; thread-safe entry points: submit, cancel, call, shutdown, stats."""
+    """Owns the model; thread-safe entry points: submit, cancel, call, load_adapter, shutdown, stats."""
 
     def __init__(self, base: LoadedBase, config: EngineConfig, *, metrics=None,
                  adapter_loader: AdapterLoader | None = None) -> None:
@@ -84,19 +88,20 @@ class Engine:
         self.metrics = metrics
         self.lora = MultiLoRA(base.model, max_slots=config.max_resident_adapters, max_rank=config.max_lora_rank)
         self.residency = Residency(config.max_resident_adapters, config.host_cache_bytes)
-        # Settable before start(): the server wraps it with a digest check against the registry.
-        self.adapter_loader: AdapterLoader = adapter_loader or self.read_adapter
+        self.adapters = AdapterSlots(self.lora, self.residency, metrics=metrics,
+                                     on_done=lambda key, fut, handle: self._post("loaded", (key, fut, handle)))
+        if adapter_loader is not None:
+            self.adapter_loader = adapter_loader
         self._pad_id = next(i for i in (base.tokenizer.pad_token_id, base.tokenizer.eos_token_id, 0) if i is not None)
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._queued = 0  # submitted but not yet running: bounded by max_waiting
         self._accepting = True
+        self._closed = False  # the loop has ended: the inbox takes nothing more
         self._stopped = threading.Event()
         # Fair across tenants (VTC); never fuller than _queued allows, so push cannot overflow.
         self._waiting: FairQueue[Request] = FairQueue(config.max_waiting)
-        self._parked: dict[str, list[Request]] = {}  # adapter key -> requests waiting for its host load
-        self._loads: dict[str, Future] = {}
-        self._loader_pool = ThreadPoolExecutor(1, thread_name_prefix="adapter-load")
+        self._admitted: list[_Row] = []  # taken from the queue and pinned, not yet prefilled
         self._running: list[_Row] = []
         self._kv = PaddedKVBatch()
         # id(request) -> request: cancels match the Request object, never the client-chosen
@@ -109,11 +114,19 @@ class Engine:
         self._thread.start()
         return self
 
+    @property
+    def adapter_loader(self) -> AdapterLoader:
+        """Reads an adapter (loader thread). Settable before start(): the server wraps
+        `read_adapter` with a digest check against the registry."""
+        return self.adapters.loader
+
+    @adapter_loader.setter
+    def adapter_loader(self, loader: AdapterLoader) -> None:
+        self.adapters.loader = loader
+
     def read_adapter(self, handle: AdapterHandle) -> LoraAdapter:
-        """Default loader: parse from disk and check it fits this base (runs off the engine thread)."""
-        adapter = load_lora_adapter(handle.path, max_rank=self.config.max_lora_rank)
-        check_fits_base(adapter, self.lora.linear_shapes)
-        return adapter
+        """Default loader: parse from disk, check it fits this base and its slots' dtype."""
+        return self.adapters.read_adapter(handle)
 
     def validate_lengths(self, prompt_len: int, max_new_tokens: int) -> None:
         """Refuse at once what could never run (INVALID_ARGUMENT names the numbers)."""
@@ -131,24 +144,35 @@ class Engine:
         while draining and ResourceExhausted when the waiting queue is full."""
         self.validate_lengths(len(request.prompt_ids), request.params.max_new_tokens)
         with self._lock:
-            if not self._accepting:
+            if not self._accepting or self._closed:
                 raise Unavailable("server is shutting down; retry on another replica")
             if self._queued >= self.config.max_waiting:  # counted in qlora_rejections_total by the RequestGuard
                 raise QueueFull(
                     f"waiting queue is full ({self.config.max_waiting} requests, --max-waiting); retry with backoff")
             self._queued += 1
-        request.arrival = request.arrival or time.monotonic()
-        self._inbox.put(("submit", request))
+            request.arrival = request.arrival or time.monotonic()
+            self._inbox.put(("submit", request))
 
     def cancel(self, request: Request) -> None:
         """Stop this request (client went away); its row is freed within one step.
         A no-op when it already finished."""
-        self._inbox.put(("cancel", request))
+        self._post("cancel", request)
 
     def call(self, fn: Callable[[], object]) -> Future:
-        """Run fn() on the engine thread between steps; the future holds its result."""
+        """Run fn() on the engine thread between steps; the future holds its result
+        (Unavailable once the engine has stopped)."""
         fut: Future = Future()
-        self._inbox.put(("call", (fn, fut)))
+        if not self._post("call", (fn, fut)):
+            fut.set_exception(Unavailable("the engine has stopped (server shutting down); retry on another replica"))
+        return fut
+
+    def load_adapter(self, handle: AdapterHandle) -> Future:
+        """Put an adapter in a device slot (LoadAdapter RPC); the future holds the slot.
+        The read runs on the loader thread, shared with requests waiting for the same
+        adapter; only the copy into the slot runs on the engine thread."""
+        fut: Future = Future()
+        if not self._post("load", LoadWaiter(handle, fut)):
+            fut.set_exception(Unavailable("the engine has stopped (server shutting down); retry on another replica"))
         return fut
 
     def stats(self) -> dict:
@@ -163,68 +187,36 @@ class Engine:
         deadline = time.monotonic() + grace_s
         while time.monotonic() < deadline and (self._queued or self._running):
             time.sleep(0.02)
-        self._inbox.put(("stop", None))
+        self._post("stop", None)
         self._thread.join(timeout=5)
-        self._loader_pool.shutdown(wait=False, cancel_futures=True)
+        self.adapters.shutdown()
 
-    # ---------------------------------------------------- adapter residency
-    def ensure_resident(self, handle: AdapterHandle) -> int:
-        """Engine thread: put an adapter in a device slot now (LoadAdapter RPC). Returns the slot."""
-        slot = self.residency.slot_of(handle.key)
-        if slot is not None:
-            self.residency.touch(handle.key)
-            return slot
-        adapter = self.residency.host_get(handle.key) or self._timed_load(handle)
-        choice = self.residency.choose_slot(handle.key)
-        if choice is None:
-            raise ResourceExhausted(
-                f"all {self.config.max_resident_adapters} adapter slots are used by running requests; "
-                "retry later or raise --max-resident-adapters")
-        return self._install(handle.key, adapter, *choice)
-
-    def unload(self, key: str) -> bool:
-        """Engine thread: free the adapter's slot, now if idle, else when its last request ends.
-        Returns True when it left the device now."""
-        if self.residency.slot_of(key) is None:
+    def _post(self, kind: str, payload) -> bool:
+        """Put a command in the inbox; False once the loop has ended (nobody would read it)."""
+        with self._lock:
+            if self._closed:
+                return False
+            self._inbox.put((kind, payload))
             return True
-        if self.residency.pins(key):
-            self.residency.unload_when_idle(key)
-            return False
-        self.lora.unload(self.residency.release(key))
-        self._set_resident_gauge()
-        return True
+
+    # ------------------------------------------- adapter residency (engine thread)
+    def unload(self, key: str) -> bool:
+        """Free the adapter's slot, now if idle, else when its last request ends.
+        Returns True when it left the device now."""
+        return self.adapters.unload(key)
 
     def forget(self, key: str) -> None:
-        """Engine thread: the adapter was deleted; drop it from host and (when idle) device."""
-        self.residency.host_drop(key)
-        self.unload(key)
+        """The adapter was deleted: drop it from host and (when idle) device, discard a
+        read of it in flight, and answer what waits for that read with NOT_FOUND."""
+        for req, err in self.adapters.forget(key):
+            self._finish_waiting(req, ErrorEvent(err))
 
-    def _timed_load(self, handle: AdapterHandle) -> LoraAdapter:
-        t0 = time.monotonic()
-        try:
-            adapter = self.adapter_loader(handle)
-        except Exception:
-            if self.metrics:
-                self.metrics.adapter_loaded("error", time.monotonic() - t0)
-            raise
-        if self.metrics:
-            self.metrics.adapter_loaded("ok", time.monotonic() - t0)
-        evicted = self.residency.host_put(handle.key, adapter)
-        if self.metrics and evicted:
-            self.metrics.evicted("host", len(evicted))
-        return adapter
-
-    def _install(self, key: str, adapter: LoraAdapter, slot: int, victim: str | None) -> int:
-        self.lora.load(slot, adapter)
-        self.residency.assign(key, slot)
-        if self.metrics and victim:
-            self.metrics.evicted("device", 1)
-        self._set_resident_gauge()
-        return slot
-
-    def _set_resident_gauge(self) -> None:
-        if self.metrics:
-            self.metrics.set_resident(len(self.residency.resident_keys()))
+    def _on_loaded(self, key: str, fut: Future, handle: AdapterHandle) -> None:
+        ready, failed = self.adapters.finish_load(key, fut, handle)
+        for req in ready:
+            self._waiting.push(req, req.tenant, prompt_tokens=len(req.prompt_ids))
+        for req, err in failed:
+            self._finish_waiting(req, ErrorEvent(err))
 
     # ------------------------------------------------------------ the loop
     def _loop(self) -> None:
@@ -235,95 +227,89 @@ class Engine:
             try:
                 self._expire()
                 self._retire()
-                admitted = self._admit()
-                if admitted:
-                    self._prefill(admitted)
+                self._admit()
+                if self._admitted:
+                    self._prefill()
                     self._retire()  # rows done after one token must not cost a decode
                 if self._running:
                     self._decode()
                     self._retire()
             except Exception as exc:  # a fault must cost only the rows in flight, never the server
-                self._fail_running(exc)
+                self._fail_step(exc)
             if self.metrics:
                 self.metrics.set_queue(self._queued, len(self._running))
+        with self._lock:
+            self._closed = True
+        self._drain_inbox(block=False, stopping=True)
         self._fail_everything(Unavailable("server stopped before this request ran; retry"))
         self._stopped.set()
 
-    def _drain_inbox(self, block: bool) -> bool:
-        """Apply pending commands; False when asked to stop."""
+    def _drain_inbox(self, block: bool, stopping: bool = False) -> bool:
+        """Apply pending commands; False when asked to stop. A command that fails
+        answers its own caller; it never stops the loop. `stopping`: refuse them all."""
         try:
             item = self._inbox.get(timeout=_IDLE_WAIT_S) if block else self._inbox.get_nowait()
         except queue.Empty:
             return True
         while True:
             kind, payload = item
-            if kind == "stop":
+            if kind == "stop" and not stopping:
                 return False
-            if kind == "submit":
-                self._enqueue(payload)
-            elif kind == "cancel":
-                self._cancelled[id(payload)] = payload
-            elif kind == "loaded":
-                self._on_loaded(*payload)
-            elif kind == "call":
-                fn, fut = payload
-                if fut.set_running_or_notify_cancel():
-                    try:
-                        fut.set_result(fn())
-                    except BaseException as exc:
-                        fut.set_exception(exc)
+            try:
+                if stopping:
+                    self._refuse(kind, payload)
+                else:
+                    self._apply(kind, payload)
+            except Exception:
+                log.exception("engine command %r failed; continuing", kind)
             try:
                 item = self._inbox.get_nowait()
             except queue.Empty:
                 return True
 
+    def _apply(self, kind: str, payload) -> None:
+        if kind == "submit":
+            try:
+                self._enqueue(payload)
+            except Exception as exc:
+                self._finish_waiting(payload, ErrorEvent(_internal(payload, exc, "queueing")))
+                raise
+        elif kind == "cancel":
+            self._cancelled[id(payload)] = payload
+        elif kind == "loaded":
+            self._on_loaded(*payload)
+        elif kind == "load":
+            try:
+                self.adapters.load(payload)
+            except Exception as exc:
+                payload.future.set_exception(exc)
+                raise
+        elif kind == "call":
+            fn, fut = payload
+            if fut.set_running_or_notify_cancel():
+                try:
+                    fut.set_result(fn())
+                except BaseException as exc:
+                    fut.set_exception(exc)
+
+    def _refuse(self, kind: str, payload) -> None:
+        """The engine stopped: answer a command it will never run."""
+        err = Unavailable("server stopped before this request ran; retry")
+        if kind == "submit":
+            self._finish_waiting(payload, ErrorEvent(err))
+        elif kind == "load":
+            payload.future.set_exception(err)
+        elif kind == "call" and payload[1].set_running_or_notify_cancel():
+            payload[1].set_exception(err)
+
     def _enqueue(self, req: Request) -> None:
         key = req.adapter_key
-        if key is None or self.residency.slot_of(key) is not None or self.residency.in_host(key):
+        if key is None or self.adapters.available(key):
             if self.metrics and key is not None:
                 self.metrics.host_cache("hit" if self.residency.slot_of(key) is None else "device")
             self._waiting.push(req, req.tenant, prompt_tokens=len(req.prompt_ids))
-            return
-        # Cold adapter: read it off the engine thread; all requests for it wait on one load.
-        self._parked.setdefault(key, []).append(req)
-        if key not in self._loads:
-            if self.metrics:
-                self.metrics.host_cache("miss")
-            fut = self._loader_pool.submit(self._timed_read, req.adapter)
-            self._loads[key] = fut
-            fut.add_done_callback(lambda f, k=key, h=req.adapter: self._inbox.put(("loaded", (k, f, h))))
-
-    def _timed_read(self, handle: AdapterHandle) -> tuple[LoraAdapter, float]:
-        t0 = time.monotonic()
-        return self.adapter_loader(handle), time.monotonic() - t0
-
-    def _on_loaded(self, key: str, fut: Future, handle: AdapterHandle | None = None) -> None:
-        self._loads.pop(key, None)
-        parked = self._parked.pop(key, [])
-        exc = fut.exception()
-        if exc is None:
-            adapter, seconds = fut.result()
-            self.residency.host_put(key, adapter)
-            if self.metrics:
-                self.metrics.adapter_loaded("ok", seconds)
-            for req in parked:
-                self._waiting.push(req, req.tenant, prompt_tokens=len(req.prompt_ids))
-            return
-        if self.metrics:
-            self.metrics.adapter_loaded("error", 0.0)
-        log.warning("adapter %s failed to load: %s", key, exc)
-        err = exc if isinstance(exc, QloraServeError) else Internal(f"adapter failed to load: {exc}")
-        retry: list[Request] = []
-        if isinstance(exc, NotFound) and handle is not None:
-            # The key is the files' digest, shared by every name/version registered with
-            # the same files: only requests naming the version the loader found deleted
-            # fail; the others get a load of their own (each round drops >= 1 handle).
-            retry = [r for r in parked if (r.adapter.name, r.adapter.version) != (handle.name, handle.version)]
-        for req in parked:
-            if not any(req is r for r in retry):
-                self._finish_waiting(req, ErrorEvent(err))
-        for req in retry:
-            self._enqueue(req)
+        else:  # cold adapter: read off the engine thread; everything for it waits on one read
+            self.adapters.park(req)
 
     def _finish_waiting(self, req: Request, event) -> None:
         with self._lock:
@@ -342,75 +328,84 @@ class Engine:
                     f"request {req.request_id} passed its deadline; raise the client timeout or lower max_new_tokens"))
             return None
 
+        left = False
         for req in list(self._waiting):
             if (ev := verdict(req)) is not None:
                 self._waiting.remove(req)
                 self._finish_waiting(req, ev)
-        for key, reqs in list(self._parked.items()):
-            for req in list(reqs):
-                if (ev := verdict(req)) is not None:
-                    reqs.remove(req)
-                    self._finish_waiting(req, ev)
+                left = True
+        for req in self.adapters.parked_requests():
+            if (ev := verdict(req)) is not None:
+                self.adapters.unpark(req)
+                self._finish_waiting(req, ev)
         for row in self._running:
             if not row.done and (ev := verdict(row.request)) is not None:
                 row.request.events.put(ev)
                 row.done = True
         self._cancelled.clear()
+        if left:  # read adapters nobody waits for any more are not kept
+            self.adapters.drop_unclaimed({r.adapter_key for r in self._waiting})
 
-    def _admit(self) -> list[_Row]:
-        """Move waiting requests into the batch while every limit holds."""
-        admitted: list[_Row] = []
+    def _admit(self) -> None:
+        """Move waiting requests into `_admitted`, in fair order, while every limit holds.
+        A request whose adapter needs a slot that running rows all pin is passed over
+        (it keeps its place) so that base requests and requests for resident adapters
+        behind it still run."""
         prefill_tokens = 0
         worst = max((r.final_len for r in self._running), default=0)
-        while len(self._waiting) and len(self._running) + len(admitted) < self.config.max_running:
-            req = self._waiting.peek()
+        no_slot: set[int] = set()  # id() of requests passed over
+        while len(self._running) + len(self._admitted) < self.config.max_running:
+            req = self._waiting.peek(skip=no_slot)
+            if req is None:
+                break
             n = len(req.prompt_ids)
             final_len = n + req.params.max_new_tokens
-            rows = len(self._running) + len(admitted) + 1
+            rows = len(self._running) + len(self._admitted) + 1
             if rows > 1 and rows * max(worst, final_len) > self.config.max_kv_tokens:
                 break  # KV budget full: wait for rows to finish (never over-commit memory)
-            if admitted and prefill_tokens + n > self.config.max_prefill_tokens:
+            if self._admitted and prefill_tokens + n > self.config.max_prefill_tokens:
                 break
-            slot = -1
-            if req.adapter_key is not None:
+            try:
                 slot = self._slot_for(req)
                 if slot is None:
-                    break  # every slot pinned by running rows: wait for one to free
-                if slot == -2:
-                    continue  # evicted from host meanwhile: re-parked for a reload
-            self._waiting.pop()
+                    no_slot.add(id(req))
+                    continue
+                if slot == _REPARKED:
+                    continue
+                row = _Row(req, RowSampler(req.params, self.base.device),
+                           IncrementalDetokenizer(self.base.tokenizer, req.params.stop), slot)
+            except Exception as exc:  # e.g. its weights cannot be installed: only this request fails
+                log.warning("request %s could not be admitted: %s", req.request_id, exc)
+                self._waiting.remove(req)
+                err = exc if isinstance(exc, QloraServeError) else _internal(req, exc, "admitting")
+                self._finish_waiting(req, ErrorEvent(err))
+                continue
+            self._waiting.take(req)
             with self._lock:
                 self._queued -= 1
             if req.adapter_key is not None:
-                self.residency.pin(req.adapter_key)
-            row = _Row(req, RowSampler(req.params, self.base.device),
-                       IncrementalDetokenizer(self.base.tokenizer, req.params.stop), slot)
-            admitted.append(row)
+                self.adapters.pin(req.adapter_key)
+            self._admitted.append(row)
             prefill_tokens += n
             worst = max(worst, final_len)
-        return admitted
 
     def _slot_for(self, req: Request) -> int | None:
-        """Device slot for the request's adapter; None if no slot can be freed now,
-        -2 if the parsed adapter left the host cache (the request is re-parked)."""
+        """Device slot for the request's adapter (-1 = base); None if no slot can be
+        freed now, _REPARKED if its weights left the host (it waits for a new read)."""
         key = req.adapter_key
-        slot = self.residency.slot_of(key)
-        if slot is not None:
-            return slot
-        choice = self.residency.choose_slot(key)
-        if choice is None:
-            return None
-        adapter = self.residency.host_get(key)
-        if adapter is None:
+        if key is None:
+            return -1
+        if not self.adapters.available(key):
             self._waiting.remove(req)
-            self._enqueue(req)
-            return -2
-        return self._install(key, adapter, *choice)
+            self.adapters.park(req)
+            return _REPARKED
+        return self.adapters.install(key)
 
     @torch.inference_mode()
-    def _prefill(self, rows: list[_Row]) -> None:
-        """One left-padded forward pass over the new prompts; samples each row's first token."""
-        device = self.base.device
+    def _prefill(self) -> None:
+        """One left-padded forward pass over the admitted prompts; samples each row's
+        first token. If the forward fails, only these rows fail."""
+        rows, device = self._admitted, self.base.device
         length = max(len(r.request.prompt_ids) for r in rows)
         ids = torch.full((len(rows), length), self._pad_id, dtype=torch.long)
         mask = torch.zeros((len(rows), length), dtype=torch.long)
@@ -421,11 +416,18 @@ class Engine:
         ids, mask = ids.to(device), mask.to(device)
         positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
         cache = DynamicCache(config=self.base.model.config)
-        with self.lora.row_slots([r.slot for r in rows]):
-            out = self.base.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
-                                  use_cache=True, logits_to_keep=1)
+        try:
+            with self.lora.row_slots([r.slot for r in rows]):
+                out = self.base.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
+                                      use_cache=True, logits_to_keep=1)
+        except Exception as exc:  # the running rows' KV is untouched: they go on
+            log.exception("prefill failed; failing %d new request(s) and continuing", len(rows))
+            self._admitted = []
+            self._fail_rows(rows, exc)
+            return
         self._kv.join(cache, mask)
         self._running.extend(rows)
+        self._admitted = []
         self._emit(rows, sample_rows([r.sampler for r in rows], out.logits[:, -1, :]))
 
     @torch.inference_mode()
@@ -440,10 +442,15 @@ class Engine:
         self._kv.advance(mask)
         self._emit(rows, sample_rows([r.sampler for r in rows], out.logits[:, -1, :]))
 
-    def _emit(self, rows: list[_Row], tokens: list[int]) -> None:
+    def _emit(self, rows: list[_Row], tokens: list[int | Exception]) -> None:
         now = time.monotonic()
         for row, tok in zip(rows, tokens):
             if row.done:
+                continue
+            if isinstance(tok, Exception):  # this row's sampling failed; the others go on
+                log.error("sampling failed for request %s: %r", row.request.request_id, tok)
+                row.request.events.put(ErrorEvent(_internal(row.request, tok, "sampling")))
+                row.done = True
                 continue
             row.generated.append(tok)
             text = row.detok.add(tok)
@@ -461,8 +468,6 @@ class Engine:
                 row.request.events.put(FinalEvent(reason, list(row.generated), row.detok.text, tail,
                                                   len(row.request.prompt_ids)))
                 row.done = True
-                if self.metrics:
-                    self.metrics.generated(len(row.generated))
 
     def _finish_reason(self, row: _Row, tok: int) -> FinishReason | None:
         if tok in self.base.eos_token_ids:
@@ -485,30 +490,32 @@ class Engine:
         self._kv.keep(keep)
 
     def _release(self, row: _Row) -> None:
-        key = row.request.adapter_key
-        if key is not None and self.residency.slot_of(key) is not None and self.residency.unpin(key):
-            self.unload(key)
+        if row.request.adapter_key is not None:
+            self.adapters.unpin(row.request.adapter_key)
 
-    def _fail_running(self, exc: Exception) -> None:
-        log.exception("engine step failed; failing %d running request(s) and continuing", len(self._running))
-        for row in self._running:
+    def _fail_rows(self, rows: list[_Row], exc: Exception) -> None:
+        """Answer INTERNAL (naming the request id) to each row not yet answered; unpin all."""
+        for row in rows:
             if not row.done:
-                row.request.events.put(ErrorEvent(Internal(
-                    f"internal error while generating request {row.request.request_id}: {type(exc).__name__}; "
-                    "the server keeps serving, please report this id")))
+                row.request.events.put(ErrorEvent(_internal(row.request, exc, "generating")))
+                row.done = True
             self._release(row)
-        self._running = []
+
+    def _fail_step(self, exc: Exception) -> None:
+        """A step raised outside the per-row paths: fail the rows it held, keep serving."""
+        rows = self._admitted + self._running
+        log.exception("engine step failed; failing %d request(s) and continuing", len(rows))
+        self._admitted, self._running = [], []
         self._kv = PaddedKVBatch()
+        self._fail_rows(rows, exc)
 
     def _fail_everything(self, err: QloraServeError) -> None:
-        for row in self._running:
+        for row in self._admitted + self._running:
             if not row.done:
                 row.request.events.put(ErrorEvent(err))
-        self._running = []
+        self._admitted, self._running = [], []
         for req in list(self._waiting):
             self._waiting.remove(req)
             self._finish_waiting(req, ErrorEvent(err))
-        for reqs in self._parked.values():
-            for req in reqs:
-                self._finish_waiting(req, ErrorEvent(err))
-        self._parked.clear()
+        for req in self.adapters.fail_parked(err):
+            self._finish_waiting(req, ErrorEvent(err))

@@ -30,8 +30,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from qlora_serve.adapters.peft_format import LoraAdapter, check_fits_base
-from qlora_serve.server.errors import FailedPrecondition, InvalidArgument
+from qlora_serve.adapters.peft_format import LoraAdapter, check_finite_in, check_fits_base
+from qlora_serve.server.errors import FailedPrecondition
 
 
 @dataclass(frozen=True)
@@ -194,8 +194,7 @@ class MultiLoRA:
             layer = self._layers[name]
             a = mod.lora_a.to(device=layer.lora_a.device, dtype=self.dtype)
             b = mod.lora_b.to(device=layer.lora_b.device, dtype=self.dtype)
-            if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
-                raise InvalidArgument(f"adapter {adapter.path}: module {name!r} overflows {self.dtype}; serve with a wider --lora-dtype")
+            check_finite_in(a, b, self.dtype, f"adapter {adapter.path}: module {name!r}")
             staged[name] = (a, b, mod.scaling)
         # inference_mode, not no_grad: in-place writes then work whether the stacks
         # were created inside inference_mode (inference tensors) or outside it.

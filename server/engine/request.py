@@ -9,6 +9,11 @@ from enum import Enum
 
 from qlora_serve.server.errors import InvalidArgument
 
+# Temperatures below this sample greedily: dividing logits by a tiny positive
+# temperature (down to 1.4e-45, the smallest float32) overflows to inf and the
+# softmax to NaN, and any temperature this small is argmax in effect anyway.
+GREEDY_TEMPERATURE = 1e-5
+
 
 class FinishReason(str, Enum):
     """Why a sequence stopped; mirrors qlora_serve.v1.FinishReason."""
@@ -22,7 +27,7 @@ class FinishReason(str, Enum):
 class SamplingParams:
     """Per-request decoding parameters, validated at construction.
 
-    temperature: 0 = greedy (argmax); > 0 divides the logits.
+    temperature: 0 = greedy (argmax); > 0 divides the logits; below GREEDY_TEMPERATURE (1e-5) is greedy.
     top_p: nucleus mass in (0, 1]; 1 = off.   top_k: 0 = off.
     seed: None = nondeterministic.   max_new_tokens: >= 1.   stop: strings that end generation.
     """
@@ -48,7 +53,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_TEMPERATURE
 
 
 @dataclass(frozen=True)

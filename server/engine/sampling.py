@@ -40,8 +40,10 @@ class RowSampler:
         return int(torch.multinomial(probs, 1, generator=self._generator).item())
 
 
-def sample_rows(samplers: list[RowSampler], logits: torch.Tensor) -> list[int]:
-    """logits: [batch, vocab]. One token per row; greedy rows share one argmax."""
+def sample_rows(samplers: list[RowSampler], logits: torch.Tensor) -> list[int | Exception]:
+    """logits: [batch, vocab]. One token per row; greedy rows share one argmax.
+    A row whose sampling raises (e.g. NaN probabilities) gets the exception in
+    place of its token, so one bad row never costs the others."""
     greedy = [i for i, s in enumerate(samplers) if s.params.greedy]
     out = [0] * len(samplers)
     if greedy:
@@ -50,5 +52,8 @@ def sample_rows(samplers: list[RowSampler], logits: torch.Tensor) -> list[int]:
             out[i] = tok
     for i, s in enumerate(samplers):
         if not s.params.greedy:
-            out[i] = s.sample(logits[i])
+            try:
+                out[i] = s.sample(logits[i])
+            except Exception as exc:  # noqa: BLE001 - reported per row by the engine
+                out[i] = exc
     return out
