@@ -155,22 +155,12 @@ def test_adapter_the_slot_refuses_at_install_fails_only_its_request(bf16_server,
     _idle(server)
 
 
-# ----------------------------------------------------------------- shared server
-@pytest.fixture(scope="module")
-def rserver(start_server, demo, extra_adapters):
-    return start_server(adapters={**demo.adapters, **extra_adapters})
-
-
-@pytest.fixture(scope="module")
-def rclient(rserver):
-    with Client(f"127.0.0.1:{rserver.port}", timeout=60) as c:
-        yield c
-
+# The tests below share conftest's module-scoped `server` / `client` (demo + extra adapters).
 
 # ------------------------------------------------------------ 2. sampling faults
-def test_tiny_positive_temperature_is_greedy(rserver, rclient):
-    greedy = rclient.generate("The quick brown fox", adapter="pirate", max_new_tokens=8)
-    tiny = rclient.generate("The quick brown fox", adapter="pirate", max_new_tokens=8, temperature=1.4e-45)
+def test_tiny_positive_temperature_is_greedy(server, client):
+    greedy = client.generate("The quick brown fox", adapter="pirate", max_new_tokens=8)
+    tiny = client.generate("The quick brown fox", adapter="pirate", max_new_tokens=8, temperature=1.4e-45)
     assert list(tiny.token_ids) == list(greedy.token_ids)
 
 
@@ -191,14 +181,14 @@ class NanLogits:
         self._handle.remove()
 
 
-def test_sampling_failure_fails_only_that_row(rserver, rclient, engine_gate):
-    engine = rserver.runtime.engine
-    gate = engine_gate(rserver)
+def test_sampling_failure_fails_only_that_row(server, client, engine_gate):
+    engine = server.runtime.engine
+    gate = engine_gate(server)
     nan = NanLogits(engine.base.model.get_output_embeddings())
     try:
-        sampled = rclient.stream(LONG_PROMPT, adapter="pirate", max_new_tokens=40, temperature=1.0, seed=1,
+        sampled = client.stream(LONG_PROMPT, adapter="pirate", max_new_tokens=40, temperature=1.0, seed=1,
                                  request_id="sampled-row")
-        greedy = rclient.stream(LONG_PROMPT, max_new_tokens=40, request_id="greedy-row")
+        greedy = client.stream(LONG_PROMPT, max_new_tokens=40, request_id="greedy-row")
         assert next(sampled).token_ids and next(greedy).token_ids
         gate.close()
         gate.wait_parked()  # both rows are in the next decode
@@ -213,7 +203,7 @@ def test_sampling_failure_fails_only_that_row(rserver, rclient, engine_gate):
         assert nan.fired.is_set()
     finally:
         nan.remove()
-    _idle(rserver)
+    _idle(server)
 
 
 # ------------------------------------------------------------- 3. prefill faults
@@ -235,15 +225,15 @@ class FailPrefill:
         self._handle.remove()
 
 
-def test_prefill_fault_answers_the_new_rows_releases_their_pins_and_spares_running_rows(rserver, rclient):
-    engine = rserver.runtime.engine
+def test_prefill_fault_answers_the_new_rows_releases_their_pins_and_spares_running_rows(server, client):
+    engine = server.runtime.engine
     slow = Slow(engine.base.model)
     fault = FailPrefill(engine.base.model)
     try:
-        running = rclient.stream(LONG_PROMPT, max_new_tokens=80, request_id="already-running")
+        running = client.stream(LONG_PROMPT, max_new_tokens=80, request_id="already-running")
         assert next(running).token_ids
         fault.armed.set()
-        with Client(f"127.0.0.1:{rserver.port}", timeout=20) as short:
+        with Client(f"127.0.0.1:{server.port}", timeout=20) as short:
             with pytest.raises(grpc.RpcError) as e:
                 short.generate("The quick brown fox", adapter="extra-r8", max_new_tokens=3, request_id="new-row")
         assert e.value.code() == grpc.StatusCode.INTERNAL, e.value.details()
@@ -253,12 +243,12 @@ def test_prefill_fault_answers_the_new_rows_releases_their_pins_and_spares_runni
     finally:
         fault.remove()
         slow.remove()
-    _idle(rserver)
-    digest = rserver.runtime.registry.get("extra-r8").digest
+    _idle(server)
+    digest = server.runtime.registry.get("extra-r8").digest
     assert engine.residency.pins(digest) == 0  # the failed row's pin was released
-    rclient.unload("extra-r8")  # idle: leaves the device now
-    assert rclient.get_adapter("extra-r8").residency != registry_pb2.RESIDENCY_DEVICE
-    assert rclient.generate("hello", adapter="extra-r8", max_new_tokens=3).completion_tokens == 3
+    client.unload("extra-r8")  # idle: leaves the device now
+    assert client.get_adapter("extra-r8").residency != registry_pb2.RESIDENCY_DEVICE
+    assert client.generate("hello", adapter="extra-r8", max_new_tokens=3).completion_tokens == 3
 
 
 # ------------------------------------------ 4. adapters that do not fit the host cache
@@ -297,16 +287,16 @@ def test_request_waiting_for_a_pinned_slot_does_not_block_requests_behind_it(sta
 
 
 # ---------------------------------------------- 6. LoadAdapter off the engine thread
-def test_load_adapter_reads_off_the_engine_thread_and_shares_an_in_flight_read(rserver, rclient):
-    engine = rserver.runtime.engine
+def test_load_adapter_reads_off_the_engine_thread_and_shares_an_in_flight_read(server, client):
+    engine = server.runtime.engine
     held = HeldLoader(engine)
-    reads = _loads(rserver)
+    reads = _loads(server)
     try:
-        load_out, load_thread = _in_thread(lambda: rclient.load("extra-r16"))
+        load_out, load_thread = _in_thread(lambda: client.load("extra-r16"))
         assert held.entered.wait(30)
-        gen_out, gen_thread = _in_thread(lambda: rclient.generate("hello", adapter="extra-r16", max_new_tokens=3))
+        gen_out, gen_thread = _in_thread(lambda: client.generate("hello", adapter="extra-r16", max_new_tokens=3))
         # The read is held: streams and base requests go on meanwhile.
-        with Client(f"127.0.0.1:{rserver.port}", timeout=15) as quick:
+        with Client(f"127.0.0.1:{server.port}", timeout=15) as quick:
             assert quick.generate("hello", max_new_tokens=3).completion_tokens == 3
             assert quick.generate("hello", adapter="pirate", max_new_tokens=3).completion_tokens == 3
         held.release()
@@ -314,44 +304,44 @@ def test_load_adapter_reads_off_the_engine_thread_and_shares_an_in_flight_read(r
         gen_thread.join(30)
         assert load_out["value"].residency == registry_pb2.RESIDENCY_DEVICE, load_out
         assert gen_out["value"].completion_tokens == 3, gen_out
-        assert held.reads == 1 and _loads(rserver) == reads + 1  # one read served both
+        assert held.reads == 1 and _loads(server) == reads + 1  # one read served both
     finally:
         held.restore()
 
 
-def test_load_adapter_cancels_a_pending_unload(rserver, rclient):
-    engine = rserver.runtime.engine
+def test_load_adapter_cancels_a_pending_unload(server, client):
+    engine = server.runtime.engine
     slow = Slow(engine.base.model)
     try:
-        stream = rclient.stream(LONG_PROMPT, adapter="pirate", max_new_tokens=80)
+        stream = client.stream(LONG_PROMPT, adapter="pirate", max_new_tokens=80)
         assert next(stream).token_ids
-        rclient.unload("pirate")  # pinned: leaves when the row ends...
-        assert rclient.get_adapter("pirate").residency == registry_pb2.RESIDENCY_DEVICE
-        rclient.load("pirate")  # ...unless loaded again meanwhile
+        client.unload("pirate")  # pinned: leaves when the row ends...
+        assert client.get_adapter("pirate").residency == registry_pb2.RESIDENCY_DEVICE
+        client.load("pirate")  # ...unless loaded again meanwhile
         assert list(stream)[-1].finish_reason == common_pb2.FINISH_REASON_LENGTH
     finally:
         slow.remove()
-    _idle(rserver)
-    assert rclient.get_adapter("pirate").residency == registry_pb2.RESIDENCY_DEVICE
+    _idle(server)
+    assert client.get_adapter("pirate").residency == registry_pb2.RESIDENCY_DEVICE
 
 
 # ------------------------------------------- 7. registry calls and a busy or stopped engine
-def test_delete_returns_while_the_engine_is_busy(rserver, rclient, engine_gate, extra_adapters):
-    gate = engine_gate(rserver)
-    rclient.upload("doomed", extra_adapters["extra-r4"])
-    stream = rclient.stream(LONG_PROMPT, max_new_tokens=40)
+def test_delete_returns_while_the_engine_is_busy(server, client, engine_gate, extra_adapters):
+    gate = engine_gate(server)
+    client.upload("doomed", extra_adapters["extra-r4"])
+    stream = client.stream(LONG_PROMPT, max_new_tokens=40)
     assert next(stream).token_ids
     gate.close()
     gate.wait_parked()  # the engine is inside a step
     try:
-        with Client(f"127.0.0.1:{rserver.port}", timeout=5) as quick:
+        with Client(f"127.0.0.1:{server.port}", timeout=5) as quick:
             deleted = quick.delete("doomed")
         assert [d.name for d in deleted] == ["doomed"]
     finally:
         gate.release()
     list(stream)
     with pytest.raises(grpc.RpcError) as e:
-        rclient.generate("hello", adapter="doomed", max_new_tokens=2)
+        client.generate("hello", adapter="doomed", max_new_tokens=2)
     assert e.value.code() == grpc.StatusCode.NOT_FOUND
 
 
@@ -389,22 +379,22 @@ def test_cancelled_adapter_read_fails_its_requests_and_the_engine_keeps_serving(
 
 
 # ------------------------------------------ 9. a read in flight when its adapter is deleted
-def test_adapter_deleted_during_its_read_is_not_found_and_not_cached(rserver, rclient, demo, tmp_path):
+def test_adapter_deleted_during_its_read_is_not_found_and_not_cached(server, client, demo, tmp_path):
     from qlora_serve.server.demo import DemoAdapterSpec, build_random_adapter
 
-    engine = rserver.runtime.engine
+    engine = server.runtime.engine
     files = build_random_adapter(demo.base, tmp_path / "ephemeral", DemoAdapterSpec(name="ephemeral", r=4, alpha=8, seed=4242))
-    digest = rclient.upload("ephemeral", files).digest  # files no other version shares
+    digest = client.upload("ephemeral", files).digest  # files no other version shares
     held = HeldLoader(engine)
     try:
-        out, t = _in_thread(lambda: rclient.generate("hello", adapter="ephemeral", max_new_tokens=2))
+        out, t = _in_thread(lambda: client.generate("hello", adapter="ephemeral", max_new_tokens=2))
         assert held.entered.wait(30)  # its files were read; the result is not handed back yet
-        rclient.delete("ephemeral")
+        client.delete("ephemeral")
         held.release()
         t.join(30)
         assert out["error"].code() == grpc.StatusCode.NOT_FOUND, out
         assert "ephemeral" in out["error"].details()
     finally:
         held.restore()
-    _idle(rserver)
+    _idle(server)
     assert not engine.residency.in_host(digest) and engine.residency.slot_of(digest) is None  # not re-cached
