@@ -261,6 +261,37 @@ def test_reload_replaces_slot_and_untargeted_modules_stay_zero(wrapped, adapters
             assert not layer.lora_a[0, r:].any() and not layer.lora_b[0, :, r:].any()  # zero padding
 
 
+def test_cached_gathers_match_peft_and_follow_slot_changes(peft_ref, wrapped, adapters):
+    """A decode step reuses the previous step's per-row gathers while the composition
+    is unchanged; a load into a slot must invalidate them (no stale weights)."""
+    model, lora = wrapped
+    slots = [0, 1, -1, 2, 0]
+    ids = _ids(len(slots), seed=5)
+    names = [NAMES[s] if s >= 0 else "__base__" for s in slots]
+    with torch.no_grad():
+        expected = peft_ref(input_ids=ids, adapter_names=names).logits
+    first = _logits(model, ids, lora, slots)
+    rows = lora._recent[(tuple(slots), lora._version)]
+    assert rows.cache_gathers and rows.gathered  # filled by the first pass
+    torch.testing.assert_close(first, expected, atol=ATOL, rtol=0)
+    torch.testing.assert_close(_logits(model, ids, lora, slots), first, atol=0, rtol=0)  # served from the cache
+    lora.load(0, adapters[3])  # slot 0 now holds adapter 3
+    names = [NAMES[3] if s == 0 else NAMES[s] if s >= 0 else "__base__" for s in slots]
+    with torch.no_grad():
+        expected = peft_ref(input_ids=ids, adapter_names=names).logits
+    torch.testing.assert_close(_logits(model, ids, lora, slots), expected, atol=ATOL, rtol=0)
+
+
+def test_gathers_over_the_budget_are_not_cached(built, adapters):
+    model = _load_4bit(built[0])
+    lora = MultiLoRA(model, max_slots=2, max_rank=MAX_RANK, gather_cache_bytes=0)
+    lora.load(0, adapters[0])
+    lora.load(1, adapters[1])
+    _logits(model, _ids(2), lora, [0, 1])
+    rows = lora._recent[((0, 1), lora._version)]
+    assert not rows.cache_gathers and not rows.gathered
+
+
 def test_layer_shapes_2d_3d_and_row_checks(wrapped, adapters):
     model, lora = wrapped
     name = "model.layers.0.mlp.down_proj"

@@ -61,8 +61,8 @@ class AdapterSlots:
 
     def read_adapter(self, handle: AdapterHandle) -> LoraAdapter:
         """Default loader (loader thread): parse from disk, check it fits this base and
-        stays finite in the slots' dtype, so a bad adapter is refused before it queues."""
-        adapter = load_lora_adapter(handle.path, max_rank=self.lora.max_rank, dtype=self.lora.dtype)
+        stays finite in the base's compute dtype, so a bad adapter is refused before it queues."""
+        adapter = load_lora_adapter(handle.path, max_rank=self.lora.max_rank, dtype=self.lora.compute_dtype)
         check_fits_base(adapter, self.lora.linear_shapes)
         return adapter
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 import operator
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -44,12 +44,18 @@ class _Rows:
         (then no select/scatter is needed).
     single: the one slot every adapted row uses, else None. Then no per-row gather
         is needed: two plain matmuls (the common all-one-adapter traffic).
+    gathered: layer -> its per-row (A, B, scaling), filled on first use when
+        `cache_gathers`. Decode steps reuse one _Rows while the batch composition and
+        the slots are unchanged, so the per-row copy (profiled as the largest LoRA
+        cost) happens once per composition instead of once per step.
     """
 
     batch: int
     slot_ids: torch.Tensor
     active_rows: torch.Tensor | None
     single: int | None = None
+    cache_gathers: bool = False
+    gathered: dict = field(default_factory=dict, compare=False, repr=False)
 
 
 class LoRALinear(nn.Module):
@@ -102,23 +108,30 @@ class LoRALinear(nn.Module):
         if active is not None:
             active = active.to(x.device)
             xs = xs.index_select(0, active)  # [n, T, in], only the adapted rows
+        # PEFT's arithmetic: delta = (x @ A.T @ B.T) * scaling in the stacks' dtype, added
+        # to the base output in the wider dtype, rounded to the output dtype once.
         if rows.single is not None:
             s = rows.single
-            h = torch.matmul(xs.to(self.lora_a.dtype), self.lora_a[s].t()) * self.scaling[s]  # [n, T, r]
-            delta = torch.matmul(h, self.lora_b[s].t()).to(out.dtype)  # [n, T, out]
+            delta = torch.matmul(torch.matmul(xs.to(self.lora_a.dtype), self.lora_a[s].t()), self.lora_b[s].t())
+            delta = delta * self.scaling[s]  # [n, T, out]
         else:
-            # index_select copies the per-row stacks ~3x faster than advanced indexing.
-            a = self.lora_a.index_select(0, slot_ids)  # [n, r, in]
-            b = self.lora_b.index_select(0, slot_ids)  # [n, out, r]
-            scale = self.scaling.index_select(0, slot_ids).view(-1, 1, 1)  # [n, 1, 1]
-            # One gathered bmm pair for all adapted rows, in the stacks' dtype.
-            h = torch.bmm(xs.to(a.dtype), a.transpose(1, 2)) * scale  # [n, T, r]
-            delta = torch.bmm(h, b.transpose(1, 2)).to(out.dtype)  # [n, T, out]
+            cached = rows.gathered.get(self)
+            if cached is None:
+                # index_select copies the per-row stacks ~3x faster than advanced indexing.
+                cached = (self.lora_a.index_select(0, slot_ids),  # [n, r, in]
+                          self.lora_b.index_select(0, slot_ids),  # [n, out, r]
+                          self.scaling.index_select(0, slot_ids).view(-1, 1, 1))  # [n, 1, 1]
+                if rows.cache_gathers:
+                    rows.gathered[self] = cached
+            a, b, scale = cached
+            # One gathered bmm pair for all adapted rows, however many adapters they use.
+            delta = torch.bmm(torch.bmm(xs.to(a.dtype), a.transpose(1, 2)), b.transpose(1, 2)) * scale
         if active is None:
-            return out + delta.view(out.shape)
+            return (out + delta.view(out.shape)).to(out.dtype)
         # Out-of-place scatter-add: base rows are never touched, so they stay
         # bit-identical to the base (even -0.0, which `+ 0.0` would flip).
-        return out.index_add(0, active, delta.view(-1, *out.shape[1:]))
+        wide = torch.promote_types(out.dtype, delta.dtype)
+        return out.to(wide).index_add(0, active, delta.view(-1, *out.shape[1:]).to(wide)).to(out.dtype)
 
     def extra_repr(self) -> str:
         slots, rank = self.lora_a.shape[:2]
@@ -133,7 +146,8 @@ class MultiLoRA:
     of `dtype`. Not thread-safe: the engine thread owns load/unload/row_slots.
     """
 
-    def __init__(self, model: nn.Module, *, max_slots: int, max_rank: int, dtype: torch.dtype | None = None):
+    def __init__(self, model: nn.Module, *, max_slots: int, max_rank: int, dtype: torch.dtype | None = None,
+                 gather_cache_bytes: int = 256 << 20):
         if max_slots < 1 or max_rank < 1:
             raise ValueError(f"max_slots and max_rank must be >= 1, got max_slots={max_slots}, max_rank={max_rank}")
         if any(isinstance(m, LoRALinear) for m in model.modules()):
@@ -143,12 +157,21 @@ class MultiLoRA:
         self.max_rank = int(max_rank)
         self._rows: _Rows | None = None
         self._loaded: set[int] = set()
+        # Per-row gathers are cached for a batch composition while they fit this budget (bytes).
+        self.gather_cache_bytes = int(gather_cache_bytes)
+        self._version = 0  # bumped by load/unload: cached gathers of older slot contents are stale
+        self._recent: dict[tuple, _Rows] = {}  # (row slots, version) -> _Rows, for the last few compositions
 
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         targets = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear) and m is not head]
         if not targets:
             raise ValueError("model has no Linear layers to adapt")
-        self.dtype = dtype or _compute_dtype(model, targets[0][1])
+        # float32 by default, as PEFT keeps and computes adapters (autocast_adapter_dtype):
+        # with a bf16 base our tokens then round exactly where plain PEFT's do.
+        self.dtype = dtype or torch.float32
+        # The dtype the base computes (and rounds each layer's output) in: an adapter
+        # whose weights overflow it is refused (see `load` and AdapterSlots.read_adapter).
+        self.compute_dtype = _compute_dtype(model, targets[0][1])
         self.device = targets[0][1].weight.device
 
         self.linear_shapes: dict[str, tuple[int, int]] = {}
@@ -159,6 +182,8 @@ class MultiLoRA:
             setattr(model.get_submodule(parent_name), child, wrapper)
             self.linear_shapes[name] = (wrapper.in_features, wrapper.out_features)
             self._layers[name] = wrapper
+        elem = torch.empty((), dtype=self.dtype).element_size()
+        self._gather_bytes_per_row = elem * (self.max_rank * sum(i + o for i, o in self.linear_shapes.values()) + 1)
 
     @property
     def loaded_slots(self) -> frozenset[int]:
@@ -194,7 +219,8 @@ class MultiLoRA:
             layer = self._layers[name]
             a = mod.lora_a.to(device=layer.lora_a.device, dtype=self.dtype)
             b = mod.lora_b.to(device=layer.lora_b.device, dtype=self.dtype)
-            check_finite_in(a, b, self.dtype, f"adapter {adapter.path}: module {name!r}")
+            for dtype in {self.dtype, self.compute_dtype}:
+                check_finite_in(a, b, dtype, f"adapter {adapter.path}: module {name!r}")
             staged[name] = (a, b, mod.scaling)
         # inference_mode, not no_grad: in-place writes then work whether the stacks
         # were created inside inference_mode (inference tensors) or outside it.
@@ -209,6 +235,7 @@ class MultiLoRA:
                     layer.lora_b[slot, :, : b.shape[1]].copy_(b)
                     layer.scaling[slot] = scaling
         self._loaded.add(slot)
+        self._invalidate()
 
     def unload(self, slot: int) -> None:
         """Zero `slot` in every layer (idempotent). The memory stays allocated for reuse."""
@@ -219,6 +246,12 @@ class MultiLoRA:
                 layer.lora_b[slot].zero_()
                 layer.scaling[slot] = 0.0
         self._loaded.discard(slot)
+        self._invalidate()
+
+    def _invalidate(self) -> None:
+        """Slot contents changed: gathers cached from the old contents must not be reused."""
+        self._version += 1
+        self._recent.clear()
 
     @contextmanager
     def row_slots(self, slots: Sequence[int] | torch.Tensor) -> Iterator[None]:
@@ -234,15 +267,20 @@ class MultiLoRA:
         bad = [s for s in ids if s != -1 and s not in self._loaded]
         if bad:
             raise ValueError(f"row slots {sorted(set(bad))} are not loaded slots (loaded: {sorted(self._loaded)}); use -1 for base rows")
+        key = (tuple(ids), self._version)
+        rows = self._recent.get(key)
         active = [i for i, s in enumerate(ids) if s >= 0]
-        rows = None
-        if active:  # all -1: leave rows None so every layer skips the delta entirely
+        if rows is None and active:  # all -1: leave rows None so every layer skips the delta entirely
             rows = _Rows(
                 batch=len(ids),
                 slot_ids=torch.tensor([ids[i] for i in active], dtype=torch.long, device=self.device),
                 active_rows=None if len(active) == len(ids) else torch.tensor(active, dtype=torch.long, device=self.device),
                 single=ids[active[0]] if len({ids[i] for i in active}) == 1 else None,
+                cache_gathers=len(active) * self._gather_bytes_per_row <= self.gather_cache_bytes,
             )
+            # Keep the prefill's and the decode's compositions; older ones are gone for good.
+            self._recent = {k: v for k, v in list(self._recent.items())[-1:]}
+            self._recent[key] = rows
         previous, self._rows = self._rows, rows
         try:
             yield
