@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from concurrent.futures import CancelledError, Future
 
-from qlora_serve.adapters.registry import AdapterRecord
+from qlora_serve.adapters.records import AdapterRecord
 from qlora_serve.server.auth import Principal, can_read_adapter, check_adapter_access, require_admin
 from qlora_serve.server.errors import InvalidArgument, PermissionDenied, ResourceExhausted, Unavailable
 from qlora_serve.server.runtime import handle_of, unary_rpc

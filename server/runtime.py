@@ -7,7 +7,8 @@ import functools
 import threading
 from dataclasses import dataclass, field
 
-from qlora_serve.adapters.registry import AdapterRecord, AdapterRegistry
+from qlora_serve.adapters.records import AdapterRecord
+from qlora_serve.adapters.registry import AdapterRegistry
 from qlora_serve.server.auth import Authenticator, Principal, check_adapter_access, principal_from_context
 from qlora_serve.server.engine.engine import Engine
 from qlora_serve.server.engine.request import AdapterHandle, FinalEvent, Request

@@ -258,7 +258,7 @@ class TrainingService(training_pb2_grpc.TrainingServicer):
 
     @unary_rpc
     def SubmitJob(self, request, context, principal):
-        from qlora_serve.adapters.registry import validate_name
+        from qlora_serve.adapters.records import validate_name
         from qlora_serve.training.config import TrainConfig
 
         validate_name(request.adapter_name)
