@@ -10,7 +10,7 @@ from dataclasses import dataclass, fields
 
 import grpc
 
-from qlora_serve.server.engine.config import _opt
+from qlora_serve.server.engine.config import option
 from qlora_serve.server.engine.request import (
     AdapterHandle,
     ErrorEvent,
@@ -36,10 +36,10 @@ _POLL_S = 0.5  # how often a waiting handler re-checks that its client is still 
 class RequestLimits:
     """Per-request input limits (INVALID_ARGUMENT beyond them)."""
 
-    max_prompt_tokens: int = _opt(8192, "longest prompt accepted, in tokens")
-    max_stop_strings: int = _opt(16, "most stop strings one request may send")
-    max_stop_chars: int = _opt(256, "longest stop string, in characters")
-    request_timeout_s: float = _opt(300.0, "server-side deadline per request, seconds; a client deadline may only shorten it")
+    max_prompt_tokens: int = option(8192, "longest prompt accepted, in tokens")
+    max_stop_strings: int = option(16, "most stop strings one request may send")
+    max_stop_chars: int = option(256, "longest stop string, in characters")
+    request_timeout_s: float = option(300.0, "server-side deadline per request, seconds; a client deadline may only shorten it")
 
     def __post_init__(self) -> None:
         for f in fields(self):

@@ -26,7 +26,8 @@ class RegistryService(registry_pb2_grpc.AdapterRegistryServicer):
         self._rt = runtime
 
     # ------------------------------------------------------------ helpers
-    def _info(self, rec: AdapterRecord) -> registry_pb2.AdapterInfo:
+    def _info(self, rec: AdapterRecord, aliases: dict[str, int] | None = None) -> registry_pb2.AdapterInfo:
+        """`aliases`: the name's alias -> version map when the caller already has it."""
         reg, res = self._rt.registry, self._rt.engine.residency
         if res.slot_of(rec.digest) is not None:
             residency = registry_pb2.RESIDENCY_DEVICE
@@ -34,7 +35,8 @@ class RegistryService(registry_pb2_grpc.AdapterRegistryServicer):
             residency = registry_pb2.RESIDENCY_HOST
         else:
             residency = registry_pb2.RESIDENCY_DISK
-        aliases = sorted(a for a, v in reg.aliases(rec.name).items() if v == rec.version)
+        aliases = reg.aliases(rec.name) if aliases is None else aliases
+        aliases = sorted(a for a, v in aliases.items() if v == rec.version)
         return registry_pb2.AdapterInfo(
             name=rec.name, version=rec.version, digest=rec.digest, source=rec.source,
             base_fingerprint=rec.base_fingerprint, rank=rec.rank, alpha=rec.alpha,
@@ -118,9 +120,9 @@ class RegistryService(registry_pb2_grpc.AdapterRegistryServicer):
 
     @unary_rpc
     def ListAdapters(self, request, context, principal):
-        records = self._rt.registry.list(name=request.name or None)
-        return registry_pb2.ListAdaptersResponse(
-            adapters=[self._info(r) for r in records if can_read_adapter(principal, r.owner)])
+        records = [r for r in self._rt.registry.list(name=request.name or None) if can_read_adapter(principal, r.owner)]
+        aliases = {name: self._rt.registry.aliases(name) for name in {r.name for r in records}}  # once per name
+        return registry_pb2.ListAdaptersResponse(adapters=[self._info(r, aliases[r.name]) for r in records])
 
     @unary_rpc
     def GetAdapter(self, request, context, principal):

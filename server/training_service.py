@@ -13,7 +13,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from qlora_serve.server.auth import Principal
+from qlora_serve.server.auth import Principal, check_adapter_access
 from qlora_serve.server.errors import InvalidArgument, NotFound, PermissionDenied, ResourceExhausted, Unavailable
 from qlora_serve.server.runtime import streaming_rpc, unary_rpc
 from qlora_serve.v1 import common_pb2, training_pb2, training_pb2_grpc
@@ -63,9 +63,8 @@ class Job:
 class JobManager:
     """Runs queued jobs one after another on a worker thread."""
 
-    def __init__(self, runtime, jobs_dir: Path) -> None:
+    def __init__(self, runtime) -> None:
         self._rt = runtime
-        self._dir = jobs_dir
         self._jobs: dict[str, Job] = {}
         self._queue: list[Job] = []
         self._cv = threading.Condition()
@@ -229,7 +228,7 @@ class TrainingService(training_pb2_grpc.TrainingServicer):
     def _mgr(self) -> JobManager:
         with self._lock:
             if self._manager is None:
-                self._manager = JobManager(self._rt, self._jobs_dir)
+                self._manager = JobManager(self._rt)
             return self._manager
 
     def shutdown(self) -> None:
@@ -270,8 +269,7 @@ class TrainingService(training_pb2_grpc.TrainingServicer):
         existing = self._rt.registry.list(name=request.adapter_name)
         owner = principal.tenant if self._rt.auth.enabled else None
         if existing:
-            if not principal.is_admin and existing[0].owner != principal.tenant:
-                raise PermissionDenied(f"adapter {request.adapter_name!r} belongs to another tenant")
+            check_adapter_access(principal, existing[0].owner, write=True, adapter=f"adapter {request.adapter_name!r}")
             # A new version keeps the name's owner (public stays public), or registration would refuse it.
             owner = existing[0].owner
         config = {**self._config(request), "base": self._rt.engine.base.name, "name": request.adapter_name,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 
 
-def _opt(default, help: str):
+def option(default, help: str):
     """A config field whose help text the CLI turns into a --flag (see server/cli.py)."""
     return field(default=default, metadata={"help": help})
 
@@ -14,15 +14,15 @@ def _opt(default, help: str):
 class EngineConfig:
     """Scheduling and memory limits of the engine (counts are per server process)."""
 
-    max_running: int = _opt(16, "rows decoded together in one forward pass (continuous batch size)")
-    max_waiting: int = _opt(256, "requests queued beyond the running ones; more are refused at once (RESOURCE_EXHAUSTED)")
-    max_prefill_tokens: int = _opt(2048, "prompt tokens prefilled per step; one longer prompt is still admitted alone")
-    max_kv_tokens: int = _opt(65536, "KV-cache budget in token slots (rows x padded length); admission waits when full")
-    max_new_tokens: int = _opt(1024, "largest max_new_tokens a request may ask for")
-    default_max_new_tokens: int = _opt(64, "max_new_tokens when a request leaves it unset")
-    max_resident_adapters: int = _opt(8, "device slots for adapters (LRU among adapters no running request uses)")
-    max_lora_rank: int = _opt(64, "largest adapter rank accepted; device slots are padded to it")
-    host_cache_bytes: int = _opt(1 << 30, "bytes of parsed adapters kept in host memory after eviction from the device")
+    max_running: int = option(16, "rows decoded together in one forward pass (continuous batch size)")
+    max_waiting: int = option(256, "requests queued beyond the running ones; more are refused at once (RESOURCE_EXHAUSTED)")
+    max_prefill_tokens: int = option(2048, "prompt tokens prefilled per step; one longer prompt is still admitted alone")
+    max_kv_tokens: int = option(65536, "KV-cache budget in token slots (rows x padded length); admission waits when full")
+    max_new_tokens: int = option(1024, "largest max_new_tokens a request may ask for")
+    default_max_new_tokens: int = option(64, "max_new_tokens when a request leaves it unset")
+    max_resident_adapters: int = option(8, "device slots for adapters (LRU among adapters no running request uses)")
+    max_lora_rank: int = option(64, "largest adapter rank accepted; device slots are padded to it")
+    host_cache_bytes: int = option(1 << 30, "bytes of parsed adapters kept in host memory after eviction from the device")
 
     def __post_init__(self) -> None:
         for f in fields(self):

@@ -98,7 +98,6 @@ class Engine:
         self._queued = 0  # submitted but not yet running: bounded by max_waiting
         self._accepting = True
         self._closed = False  # the loop has ended: the inbox takes nothing more
-        self._stopped = threading.Event()
         # Fair across tenants (VTC); never fuller than _queued allows, so push cannot overflow.
         self._waiting: FairQueue[Request] = FairQueue(config.max_waiting)
         self._admitted: list[_Row] = []  # taken from the queue and pinned, not yet prefilled
@@ -242,7 +241,6 @@ class Engine:
             self._closed = True
         self._drain_inbox(block=False, stopping=True)
         self._fail_everything(Unavailable("server stopped before this request ran; retry"))
-        self._stopped.set()
 
     def _drain_inbox(self, block: bool, stopping: bool = False) -> bool:
         """Apply pending commands; False when asked to stop. A command that fails
