@@ -25,7 +25,7 @@ import stat
 from collections.abc import Sequence
 from pathlib import Path
 
-from qlora_serve.server.errors import InvalidArgument, PermissionDenied
+from qlora_serve.errors import InvalidArgument, PermissionDenied
 
 
 def _is_within(path: str, root: str) -> bool:

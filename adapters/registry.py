@@ -25,7 +25,7 @@ Semantics (the servicer and CLI rely on these):
 - Deleting a version removes the aliases that point at it (a deleted "default"
   makes plain "name" fall back to the highest remaining version); store files
   no other version references are removed after the transaction commits.
-- Every refusal raises a `qlora_serve.server.errors` error before the
+- Every refusal raises a `qlora_serve.errors` error before the
   catalogue or the store changes.
 
 Base fingerprint policy: an adapter may declare the base it was trained on in
@@ -79,7 +79,7 @@ from qlora_serve.adapters.records import (
     validate_name,
 )
 from qlora_serve.adapters.store import ContentStore, StagedAdapter
-from qlora_serve.server.errors import (
+from qlora_serve.errors import (
     AlreadyExists,
     FailedPrecondition,
     InvalidArgument,

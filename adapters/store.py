@@ -29,7 +29,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from qlora_serve.server.errors import InvalidArgument
+from qlora_serve.errors import InvalidArgument
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ from qlora_serve.server.auth import AuthInterceptor, Authenticator
 from qlora_serve.server.engine.config import EngineConfig
 from qlora_serve.server.engine.engine import Engine
 from qlora_serve.server.engine.loader import load_base
-from qlora_serve.server.errors import FailedPrecondition
+from qlora_serve.errors import FailedPrecondition
 from qlora_serve.server.inference_service import InferenceService, RequestLimits
 from qlora_serve.server.interceptors import RequestGuard
 from qlora_serve.server.metrics import Metrics

@@ -70,7 +70,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10 needs the backport (pip install tomli)
     import tomli as tomllib
 
-from .errors import InvalidArgument, PermissionDenied, Unauthenticated
+from qlora_serve.errors import InvalidArgument, PermissionDenied, Unauthenticated
 
 log = logging.getLogger(__name__)
 

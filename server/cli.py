@@ -101,7 +101,7 @@ def _add_serve(sub) -> None:
 def _serve(args) -> int:
     from qlora_serve.server.app import QloraServer, ServerConfig, default_data_dir
     from qlora_serve.server.engine.config import EngineConfig
-    from qlora_serve.server.errors import QloraServeError
+    from qlora_serve.errors import QloraServeError
     from qlora_serve.server.inference_service import RequestLimits
 
     try:

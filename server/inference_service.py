@@ -20,7 +20,7 @@ from qlora_serve.server.engine.request import (
     SamplingParams,
     TokenEvent,
 )
-from qlora_serve.server.errors import Cancelled, InvalidArgument
+from qlora_serve.errors import Cancelled, InvalidArgument
 from qlora_serve.server.status import abort, code_for
 from qlora_serve.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 

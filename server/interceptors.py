@@ -29,7 +29,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from qlora_serve.server.auth import Authenticator
-from qlora_serve.server.errors import InvalidArgument, QloraServeError, Unauthenticated
+from qlora_serve.errors import InvalidArgument, QloraServeError, Unauthenticated
 from qlora_serve.server.metrics import Metrics
 from qlora_serve.server.status import abort
 

@@ -42,7 +42,7 @@ from types import TracebackType
 from typing import Any, Callable, Mapping
 
 from .auth import TENANT_RE, KeyFileError, read_toml
-from .errors import ResourceExhausted
+from qlora_serve.errors import ResourceExhausted
 
 # No finishing time is known for a concurrency slot; a short, fixed hint.
 CONCURRENCY_RETRY_S = 1

@@ -12,7 +12,7 @@ from concurrent.futures import CancelledError, Future
 
 from qlora_serve.adapters.records import AdapterRecord
 from qlora_serve.server.auth import Principal, can_read_adapter, check_adapter_access, require_admin
-from qlora_serve.server.errors import InvalidArgument, PermissionDenied, ResourceExhausted, Unavailable
+from qlora_serve.errors import InvalidArgument, PermissionDenied, ResourceExhausted, Unavailable
 from qlora_serve.server.runtime import handle_of, unary_rpc
 from qlora_serve.v1 import registry_pb2, registry_pb2_grpc
 

@@ -12,7 +12,7 @@ from qlora_serve.adapters.registry import AdapterRegistry
 from qlora_serve.server.auth import Authenticator, Principal, check_adapter_access, principal_from_context
 from qlora_serve.server.engine.engine import Engine
 from qlora_serve.server.engine.request import AdapterHandle, FinalEvent, Request
-from qlora_serve.server.errors import FailedPrecondition, Unavailable
+from qlora_serve.errors import FailedPrecondition, Unavailable
 from qlora_serve.server.inference_service import RequestLimits
 from qlora_serve.server.metrics import Metrics
 from qlora_serve.server.quotas import Lease, QuotaBook

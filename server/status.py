@@ -6,7 +6,7 @@ import logging
 
 import grpc
 
-from qlora_serve.server import errors
+from qlora_serve import errors
 
 log = logging.getLogger(__name__)
 

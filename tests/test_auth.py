@@ -22,7 +22,7 @@ from qlora_serve.server.auth import (
     principal_from_context,
     require_admin,
 )
-from qlora_serve.server.errors import PermissionDenied, Unauthenticated
+from qlora_serve.errors import PermissionDenied, Unauthenticated
 
 CLIENT_KEY, CLIENT_SHA = generate_key()
 ADMIN_KEY, ADMIN_SHA = generate_key()

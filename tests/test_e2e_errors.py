@@ -13,7 +13,7 @@ import grpc
 import pytest
 import torch
 
-from qlora_serve.server.errors import QloraServeError
+from qlora_serve.errors import QloraServeError
 from qlora_serve.v1 import common_pb2
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT

@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from qlora_serve.server.errors import ResourceExhausted
-from qlora_serve.server.fairness import FairQueue
+from qlora_serve.errors import ResourceExhausted
+from qlora_serve.server.engine.fairness import FairQueue
 
 
 @dataclass

@@ -26,7 +26,7 @@ from qlora_serve.adapters.peft_format import LoraModule, load_lora_adapter
 from qlora_serve.server.demo import build_tiny_base
 from qlora_serve.server.engine.loader import disable_cpu_bf16_repack
 from qlora_serve.server.engine.multi_lora import LoRALinear, MultiLoRA
-from qlora_serve.server.errors import FailedPrecondition, InvalidArgument
+from qlora_serve.errors import FailedPrecondition, InvalidArgument
 
 ATOL = 1e-4  # fp32 compute, see the module docstring
 BF16_KERNEL_ATOL = 5e-2  # bnb's bf16 CPU kernel amplifies ulp differences (module docstring)

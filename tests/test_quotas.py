@@ -7,7 +7,7 @@ import threading
 import pytest
 
 from qlora_serve.server.auth import KeyFileError
-from qlora_serve.server.errors import ResourceExhausted
+from qlora_serve.errors import ResourceExhausted
 from qlora_serve.server.quotas import QuotaBook, QuotaExceeded, TenantLimits, load_limits
 
 

@@ -19,7 +19,7 @@ from qlora_serve.adapters.fingerprint import base_fingerprint
 from qlora_serve.adapters.peft_format import load_lora_adapter
 from qlora_serve.adapters.registry import FINGERPRINT_KEY, AdapterRegistry
 from qlora_serve.adapters.store import manifest_digest
-from qlora_serve.server.errors import (
+from qlora_serve.errors import (
     AlreadyExists,
     FailedPrecondition,
     InvalidArgument,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from qlora_serve.server.errors import FailedPrecondition, InvalidArgument
+from qlora_serve.errors import FailedPrecondition, InvalidArgument
 from qlora_serve.training.collate import make_collator
 from qlora_serve.training.config import TrainConfig
 from qlora_serve.training.data import IGNORE_INDEX, load_dataset

@@ -19,7 +19,7 @@ import sys
 import types
 import typing
 
-from qlora_serve.server.errors import QloraServeError
+from qlora_serve.errors import QloraServeError
 
 from .config import TrainConfig
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qlora_serve.server.errors import InvalidArgument
+from qlora_serve.errors import InvalidArgument
 
 COMPUTE_DTYPES = ("bfloat16", "float32")
 OPTIMIZERS = ("paged_adamw_8bit", "paged_adamw_32bit")

@@ -24,7 +24,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from qlora_serve.server.errors import InvalidArgument
+from qlora_serve.errors import InvalidArgument
 
 IGNORE_INDEX = -100  # the label value torch's cross-entropy skips
 _FORMATS = {"text": ("text",), "prompt_completion": ("prompt", "completion"), "messages": ("messages",)}

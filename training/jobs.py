@@ -15,7 +15,7 @@ Events (plain dicts, JSON-serialisable), in order:
     {"event": "eval", "step", "max_steps", "epoch", "eval_loss", "eval_perplexity"}
     {"event": "done", "adapter_dir", "global_step", "stopped_early", "cancelled", "final_train_loss", ...}  (terminal)
     {"event": "error", "kind", "message"}                                                                (terminal)
-`kind` is the qlora_serve.server.errors class name (InvalidArgument, ...) or "Internal".
+`kind` is the qlora_serve.errors class name (InvalidArgument, ...) or "Internal".
 A job cancelled mid-run writes its adapter and a checkpoint; `resume=True` continues it.
 """
 
@@ -36,7 +36,7 @@ TERMINAL_EVENTS = ("done", "error")
 def _child(config: dict[str, Any], events, cancel) -> None:
     """Runs in the job process: train, forwarding events; never raises."""
     try:
-        from qlora_serve.server.errors import QloraServeError
+        from qlora_serve.errors import QloraServeError
 
         from .feedback import StopCallback
         from .trainer import train

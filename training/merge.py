@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from qlora_serve.server.errors import FailedPrecondition, InvalidArgument
+from qlora_serve.errors import FailedPrecondition, InvalidArgument
 
 DEFAULT_PROMPT = "hello world"
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from qlora_serve.server.engine.loader import disable_cpu_bf16_repack
-from qlora_serve.server.errors import InvalidArgument
+from qlora_serve.errors import InvalidArgument
 
 from .config import TrainConfig
 

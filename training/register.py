@@ -24,7 +24,7 @@ def check_server_ready(address: str, timeout_s: float = 5.0) -> None:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    from qlora_serve.server.errors import FailedPrecondition
+    from qlora_serve.errors import FailedPrecondition
 
     with grpc.insecure_channel(address) as channel:
         try:

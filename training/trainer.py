@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from qlora_serve.server.errors import InvalidArgument
+from qlora_serve.errors import InvalidArgument
 
 from .collate import make_collator, packing_is_isolated
 from .config import TrainConfig

@@ -27,7 +27,7 @@ from qlora_serve.adapters.peft_format import LoraAdapter, check_fits_base, load_
 from qlora_serve.adapters.residency import Residency
 from qlora_serve.server.engine.multi_lora import MultiLoRA
 from qlora_serve.server.engine.request import AdapterHandle, Request
-from qlora_serve.server.errors import Internal, NotFound, QloraServeError, ResourceExhausted, Unavailable
+from qlora_serve.errors import Internal, NotFound, QloraServeError, ResourceExhausted, Unavailable
 
 log = logging.getLogger(__name__)
 

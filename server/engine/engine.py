@@ -39,8 +39,8 @@ from qlora_serve.server.engine.request import (
     TokenEvent,
 )
 from qlora_serve.server.engine.sampling import RowSampler, sample_rows
-from qlora_serve.server.fairness import FairQueue
-from qlora_serve.server.errors import (
+from qlora_serve.server.engine.fairness import FairQueue
+from qlora_serve.errors import (
     Cancelled,
     DeadlineExceeded,
     Internal,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from qlora_serve.server.errors import FailedPrecondition, InvalidArgument
+from qlora_serve.errors import FailedPrecondition, InvalidArgument
 
 log = logging.getLogger(__name__)
 

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from qlora_serve.adapters.peft_format import LoraAdapter, check_finite_in, check_fits_base
-from qlora_serve.server.errors import FailedPrecondition
+from qlora_serve.errors import FailedPrecondition
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ import queue
 from dataclasses import dataclass, field
 from enum import Enum
 
-from qlora_serve.server.errors import InvalidArgument
+from qlora_serve.errors import InvalidArgument
 
 # Temperatures below this sample greedily: dividing logits by a tiny positive
 # temperature (down to 1.4e-45, the smallest float32) overflows to inf and the
