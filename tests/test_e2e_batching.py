@@ -192,6 +192,41 @@ def test_full_waiting_queue_answers_resource_exhausted_at_once(single_row, singl
     assert single_client.generate("hi", max_new_tokens=4).completion_tokens == 4  # and the queue has room again
 
 
+def test_a_burst_of_max_running_plus_max_waiting_on_an_idle_server_is_all_accepted(start_server):
+    """An idle server has max_running free rows and max_waiting queue places: a burst of
+    exactly that many is accepted in full, the next one is refused. The engine thread is
+    held in a command (Engine.call) while the burst arrives, so every request of it is
+    submitted before any is admitted: the burst is exactly at the bound, whatever the timing."""
+    running, waiting = 2, 3
+    server = start_server(engine={"max_running": running, "max_waiting": waiting})
+    engine, hold = server.runtime.engine, threading.Event()
+    held = engine.call(hold.wait)
+    outcomes: list = []
+    with Client(f"127.0.0.1:{server.port}", timeout=60) as c:
+        def one():
+            try:
+                outcomes.append(c.generate("hello", max_new_tokens=2).completion_tokens)
+            except grpc.RpcError as exc:
+                outcomes.append(exc.code())
+        try:
+            threads = [threading.Thread(target=one) for _ in range(running + waiting)]
+            for t in threads:
+                t.start()
+            wait_until(lambda: engine.stats()["queued"] + len(outcomes) == running + waiting, what="the burst submitted")
+            assert outcomes == [], f"refused from a burst of max_running + max_waiting: {outcomes}"
+            with pytest.raises(grpc.RpcError) as err:  # one more is beyond the bound
+                c.generate("hello", max_new_tokens=2)
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "--max-waiting" in err.value.details()
+        finally:
+            hold.set()
+        held.result(30)
+        for t in threads:
+            t.join(60)
+        assert outcomes == [2] * (running + waiting)
+        assert engine.stats()["queued"] == 0
+        assert c.generate("hello", max_new_tokens=2).completion_tokens == 2  # nothing leaked
+
+
 # -------------------------------------------------------- per-row sampling
 def _batched(server, client, gate, calls: list[tuple[str, dict]]) -> list:
     """Run `calls` [(prompt, kwargs)] so that all are admitted in one step and decoded
