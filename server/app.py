@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +36,11 @@ from qlora_serve.server.training_service import TrainingService
 from qlora_serve.v1 import inference_pb2, inference_pb2_grpc, registry_pb2, registry_pb2_grpc, training_pb2, training_pb2_grpc
 
 log = logging.getLogger("qlora_serve")
+
+# After the last in-flight call has handed its final message to gRPC, the port stays
+# open this long (within the grace) so clients read the tail before the connection
+# closes: closing at once can reset it under a client's unread last frames.
+_FLUSH_LINGER_S = 0.25
 
 SERVICE_NAMES = (
     inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name,
@@ -100,10 +106,11 @@ class QloraServer:
         # One handler thread per in-flight RPC: enough for every running and queued
         # request plus registry/health calls; beyond that gRPC answers RESOURCE_EXHAUSTED.
         workers = config.max_concurrent_rpcs or config.engine.max_running + config.engine.max_waiting + 16
+        self.guard = RequestGuard(auth, self.metrics)
         self.grpc = grpc.server(
             futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc"),
             # The guard is outermost so it parses, counts and logs what auth refuses too.
-            interceptors=[RequestGuard(auth, self.metrics), AuthInterceptor(auth)],
+            interceptors=[self.guard, AuthInterceptor(auth)],
             maximum_concurrent_rpcs=workers,
             options=[("grpc.max_receive_message_length", config.max_message_bytes),
                      ("grpc.max_send_message_length", config.max_message_bytes)],
@@ -189,12 +196,21 @@ class QloraServer:
     def stop(self, grace_s: float | None = None) -> None:
         """Drain: NOT_SERVING, refuse new requests, finish in-flight ones, close."""
         grace = self.config.grace_s if grace_s is None else grace_s
+        deadline = time.monotonic() + grace
         self.runtime.draining = True
         self.health.enter_graceful_shutdown()
         self.training.shutdown()  # a running training job's process must not outlive the server
         if self.runtime.engine is not None:
             self.runtime.engine.shutdown(grace)
-        self.grpc.stop(grace=1.0).wait()
+        # A row leaves the engine before its handler has sent the stream's last messages
+        # (a slow client reads them later): wait for the handlers too, within the grace.
+        pending = self.guard.in_flight()
+        if pending and deadline > time.monotonic():
+            log.info("engine drained; waiting up to %.1f s for %d in-flight call(s) to send their last messages",
+                     deadline - time.monotonic(), pending)
+            if self.guard.wait_idle(deadline - time.monotonic()):
+                time.sleep(max(0.0, min(_FLUSH_LINGER_S, deadline - time.monotonic())))
+        self.grpc.stop(grace=max(1.0, deadline - time.monotonic())).wait()
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
         if self.runtime.registry is not None:

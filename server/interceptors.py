@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 import time
 from typing import Any, Callable
 
@@ -151,6 +152,28 @@ class RequestGuard(grpc.ServerInterceptor):
     def __init__(self, authenticator: Authenticator, metrics: Metrics) -> None:
         self._auth = authenticator
         self._metrics = metrics
+        self._active = 0  # guarded calls whose handler has not returned yet
+        self._idle = threading.Condition()
+
+    def in_flight(self) -> int:
+        """Guarded calls whose handler is still running (a stream: still sending)."""
+        with self._idle:
+            return self._active
+
+    def wait_idle(self, timeout_s: float) -> bool:
+        """Block until no guarded call is in flight or `timeout_s` seconds passed; True if idle."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self._active == 0, timeout=max(timeout_s, 0.0))
+
+    def _begin(self) -> None:
+        with self._idle:
+            self._active += 1
+
+    def _end(self) -> None:
+        with self._idle:
+            self._active -= 1
+            if self._active == 0:
+                self._idle.notify_all()
 
     def _tenant(self, metadata) -> tuple[str, bool]:
         try:
@@ -188,11 +211,14 @@ class RequestGuard(grpc.ServerInterceptor):
             def unary_response(request_or_iter, context):
                 call, response = _Call(method, tenant, metrics), None
                 setattr(context, _CALL_ATTR, call)
+                self._begin()
                 try:
                     response = inner(read(request_or_iter, context, call), context)
                 except BaseException as exc:
                     call.finish(_code_after(context, True), exc)
                     raise
+                finally:
+                    self._end()
                 call.saw_response(response)
                 call.finish(_code_after(context, False))
                 return response
@@ -207,6 +233,7 @@ class RequestGuard(grpc.ServerInterceptor):
             call = _Call(method, tenant, metrics)
             setattr(context, _CALL_ATTR, call)
             responses = None
+            self._begin()
             try:
                 responses = inner(read(request_or_iter, context, call), context)
                 for response in responses:
@@ -222,6 +249,8 @@ class RequestGuard(grpc.ServerInterceptor):
                         close()
                 call.finish(_code_after(context, True), exc)
                 raise
+            finally:
+                self._end()
             call.finish(_code_after(context, False))
 
         key = "unary_stream" if handler.unary_stream else "stream_stream"
