@@ -86,6 +86,7 @@ from qlora_serve.errors import (
     NotFound,
     QloraServeError,
     ResourceExhausted,
+    clip_repr,
 )
 
 log = logging.getLogger(__name__)
@@ -148,6 +149,8 @@ class AdapterRegistry:
     allowed_roots: directories `register_path` may read from; empty = path registration off.
     allow_fingerprint_mismatch: accept adapters declaring another base.
     max_upload_bytes: total size limit of one `register_files` upload, bytes.
+    compute_dtype: the dtype the server computes in (torch dtype; None = float32): weights
+        and scaled deltas that overflow it are refused at registration.
     """
 
     def __init__(
@@ -160,6 +163,7 @@ class AdapterRegistry:
         allowed_roots: Sequence[str | os.PathLike] = (),
         allow_fingerprint_mismatch: bool = False,
         max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
+        compute_dtype=None,
     ):
         self.data_dir = Path(data_dir)
         self.base_fingerprint = base_fingerprint
@@ -168,6 +172,7 @@ class AdapterRegistry:
         self.allowed_roots = real_roots(allowed_roots)
         self.allow_fingerprint_mismatch = allow_fingerprint_mismatch
         self.max_upload_bytes = max_upload_bytes
+        self.compute_dtype = compute_dtype
         self._lock = threading.RLock()
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self._lock_fd = self._acquire_dir_lock()
@@ -320,9 +325,9 @@ class AdapterRegistry:
                     f"PeftModel.from_pretrained(base, dir).save_pretrained(out_dir, safe_serialization=True) and upload {WEIGHTS_FILE}"
                 )
             if fname not in allowed:
-                raise InvalidArgument(f"uploaded file {fname!r} is not accepted; upload only {', '.join(allowed)}")
+                raise InvalidArgument(f"uploaded file {clip_repr(fname)} is not accepted; upload only {', '.join(allowed)}")
             if not isinstance(data, (bytes, bytearray, memoryview)):
-                raise InvalidArgument(f"uploaded file {fname!r} must be bytes")
+                raise InvalidArgument(f"uploaded file {clip_repr(fname)} must be bytes")
         total = sum(len(data) for data in files.values())
         if total > self.max_upload_bytes:
             raise ResourceExhausted(
@@ -395,7 +400,7 @@ class AdapterRegistry:
         """Validate exactly the bytes that will be stored (no check-then-copy race).
         Messages name `shown` (the caller's path), not the private temp dir."""
         try:
-            adapter = load_lora_adapter(staged.dir, max_rank=self.max_rank)
+            adapter = load_lora_adapter(staged.dir, max_rank=self.max_rank, dtype=self.compute_dtype)
             fingerprint = self._check_fingerprint(adapter.config, shown)
             check_fits_base(adapter, self.linear_shapes)
             if METADATA_FILE in staged.files:
@@ -487,6 +492,16 @@ class AdapterRegistry:
             rows = self._query(f"SELECT {_COLUMNS} FROM adapters WHERE name=? AND version=?", (name, version))
             return self._row_to_record(rows[0])
 
+    def owner_of(self, ref: str) -> str | None:
+        """The owner (None = public) of the name a ref names, read before anything
+        else about it, so access can be decided before versions or aliases are
+        revealed; NotFound (naming only the name) when it has no versions."""
+        name, _ = parse_ref(ref)
+        rows = self._query("SELECT owner FROM adapters WHERE name=? LIMIT 1", (name,))
+        if not rows:
+            raise self._not_found(name)
+        return rows[0][0]
+
     def get(self, name: str, version: int | None = None) -> AdapterRecord:
         """`name@version`, or what plain `name` resolves to when version is None."""
         validate_name(name)
@@ -516,7 +531,7 @@ class AdapterRegistry:
         record. "default" decides what plain `name` serves; "latest" is reserved."""
         validate_name(name)
         if not isinstance(alias, str) or not ALIAS_RE.match(alias):
-            raise InvalidArgument(f"alias {alias!r} is invalid: use 1-64 characters from letters, digits, '.', '_', '-', starting with a letter")
+            raise InvalidArgument(f"alias {clip_repr(alias)} is invalid: use 1-64 characters from letters, digits, '.', '_', '-', starting with a letter")
         if alias == LATEST:
             raise InvalidArgument(f"alias {LATEST!r} is reserved: it always means the highest version")
         with self._lock:
@@ -530,7 +545,7 @@ class AdapterRegistry:
         validate_name(name)
         with self._tx() as conn:
             if conn.execute("DELETE FROM aliases WHERE name=? AND alias=?", (name, alias)).rowcount == 0:
-                raise NotFound(f"adapter {name!r} has no alias {alias!r}; {LIST_HINT}")
+                raise NotFound(f"adapter {name!r} has no alias {clip_repr(alias)}; {LIST_HINT}")
 
     def aliases(self, name: str) -> dict[str, int]:
         """{alias: version} of `name` ({} if it has none); NotFound for an unknown name."""

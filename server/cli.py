@@ -71,6 +71,9 @@ def _add_serve(sub) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to bind; 0.0.0.0 to accept remote clients")
     p.add_argument("--port", type=int, default=50051, help="gRPC port (0 = any free port)")
     p.add_argument("--metrics-port", type=int, default=9090, help="Prometheus /metrics port (0 = any free port)")
+    p.add_argument("--metrics-address", default="127.0.0.1",
+                   help="address /metrics binds to; it names adapters and tenants, so open it (0.0.0.0) "
+                        "only to trusted networks")
     p.add_argument("--no-metrics", action="store_true", help="do not serve /metrics")
     p.add_argument("--compute-dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"],
                    help="dtype the NF4 weights are dequantized to for matmuls")
@@ -107,7 +110,7 @@ def _serve(args) -> int:
     try:
         config = ServerConfig(
             base=args.base, host=args.host, port=args.port,
-            metrics_port=None if args.no_metrics else args.metrics_port,
+            metrics_port=None if args.no_metrics else args.metrics_port, metrics_address=args.metrics_address,
             compute_dtype=args.compute_dtype, device=args.device, data_dir=args.data_dir or default_data_dir(),
             adapters=args.adapter, allowed_roots=args.allowed_adapter_root,
             allow_fingerprint_mismatch=args.allow_fingerprint_mismatch, key_file=args.key_file, grace_s=args.grace,

@@ -30,6 +30,9 @@ _FINISH = {
     FinishReason.EOS: common_pb2.FINISH_REASON_EOS,
 }
 _POLL_S = 0.5  # how often a waiting handler re-checks that its client is still there
+# Default prompt bound in UTF-8 bytes per --max-prompt-tokens token: natural text
+# averages about 4 bytes a token, so only pathological prompts reach 16.
+PROMPT_BYTES_PER_TOKEN = 16
 
 
 @dataclass(frozen=True)
@@ -37,11 +40,15 @@ class RequestLimits:
     """Per-request input limits (INVALID_ARGUMENT beyond them)."""
 
     max_prompt_tokens: int = option(8192, "longest prompt accepted, in tokens")
+    max_prompt_bytes: int = option(0, f"longest text prompt accepted, in UTF-8 bytes, checked before tokenizing "
+                                      f"(tokenizing costs CPU); 0 = {PROMPT_BYTES_PER_TOKEN} x max-prompt-tokens")
     max_stop_strings: int = option(16, "most stop strings one request may send")
     max_stop_chars: int = option(256, "longest stop string, in characters")
     request_timeout_s: float = option(300.0, "server-side deadline per request, seconds; a client deadline may only shorten it")
 
     def __post_init__(self) -> None:
+        if self.max_prompt_bytes == 0:
+            object.__setattr__(self, "max_prompt_bytes", PROMPT_BYTES_PER_TOKEN * self.max_prompt_tokens)
         for f in fields(self):
             if getattr(self, f.name) <= 0:
                 raise ValueError(f"{f.name} must be > 0, got {getattr(self, f.name)}")
@@ -60,8 +67,15 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         if msg.prompt and len(msg.prompt_token_ids):
             raise InvalidArgument("set either prompt or prompt_token_ids, not both")
         if msg.prompt:
+            size = len(msg.prompt.encode("utf-8"))
+            if size > limits.max_prompt_bytes:  # before tokenizing: a 7 MiB prompt costs seconds of CPU
+                raise InvalidArgument(f"prompt has {size} bytes; the limit is {limits.max_prompt_bytes} "
+                                      f"(--max-prompt-bytes; --max-prompt-tokens is {limits.max_prompt_tokens})")
             ids = list(self._rt.tokenizer(msg.prompt).input_ids)
         else:
+            if len(msg.prompt_token_ids) > limits.max_prompt_tokens:  # before scanning them all
+                raise InvalidArgument(f"prompt_token_ids has {len(msg.prompt_token_ids)} tokens; the limit is "
+                                      f"{limits.max_prompt_tokens} (--max-prompt-tokens)")
             ids = list(msg.prompt_token_ids)
             vocab = self._rt.vocab_size
             bad = next((t for t in ids if t >= vocab), None)
@@ -102,6 +116,8 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         principal = rt.authenticate(context)
         ids, params = self._validate(msg)
         adapter: AdapterHandle | None = rt.resolve_adapter(msg.adapter, principal) if msg.adapter else None
+        if not context.is_active():  # gone while its prompt was tokenized: queue nothing for it
+            raise Cancelled(f"request {msg.request_id or '-'}: the client went away before it was queued")
         deadline = time.monotonic() + rt.limits.request_timeout_s
         remaining = context.time_remaining()
         if remaining is not None:

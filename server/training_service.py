@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from qlora_serve.server.auth import Principal, check_adapter_access
-from qlora_serve.errors import InvalidArgument, NotFound, PermissionDenied, ResourceExhausted, Unavailable
+from qlora_serve.errors import InvalidArgument, NotFound, PermissionDenied, ResourceExhausted, Unavailable, clip_repr
 from qlora_serve.server.runtime import streaming_rpc, unary_rpc
 from qlora_serve.v1 import common_pb2, training_pb2, training_pb2_grpc
 
@@ -88,7 +88,7 @@ class JobManager:
         with self._cv:
             job = self._jobs.get(job_id)
         if job is None:
-            raise NotFound(f"training job {job_id!r} does not exist; list jobs with ListJobs")
+            raise NotFound(f"training job {clip_repr(job_id)} does not exist; list jobs with ListJobs")
         return job
 
     def all(self) -> list[Job]:

@@ -24,7 +24,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from qlora_serve.errors import InvalidArgument
+from qlora_serve.errors import InvalidArgument, clip
 
 IGNORE_INDEX = -100  # the label value torch's cross-entropy skips
 _FORMATS = {"text": ("text",), "prompt_completion": ("prompt", "completion"), "messages": ("messages",)}
@@ -125,7 +125,7 @@ def _detect_format(obj: dict, path: Path, lineno: int) -> str:
             raise InvalidArgument(f"{path}:{lineno}: 'text' must be a non-empty string")
         return "text"
     raise InvalidArgument(
-        f"{path}:{lineno}: unknown record with keys {sorted(obj)}; expected {{\"text\"}}, "
+        f"{path}:{lineno}: unknown record with keys {clip(sorted(obj))}; expected {{\"text\"}}, "
         f"{{\"prompt\", \"completion\"}} or {{\"messages\"}}"
     )
 
