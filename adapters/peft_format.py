@@ -273,7 +273,6 @@ def check_fits_base(adapter: LoraAdapter, linear_shapes: dict[str, tuple[int, in
     """Refuse an adapter whose modules are not Linear layers of the base or whose
     shapes differ, or whose `target_modules` contradicts the base or the tensors.
     `linear_shapes` maps module name -> (in_features, out_features)."""
-    check_targets(adapter, linear_shapes)
     for name, mod in adapter.modules.items():
         if name not in linear_shapes:
             raise InvalidArgument(
@@ -286,3 +285,4 @@ def check_fits_base(adapter: LoraAdapter, linear_shapes: dict[str, tuple[int, in
                 f"{adapter.path / WEIGHTS_FILE}: module {name!r} expects a Linear of {mod.lora_a.shape[1]} -> "
                 f"{mod.lora_b.shape[0]} features but the base has {in_f} -> {out_f}; the adapter belongs to another base model"
             )
+    check_targets(adapter, linear_shapes)

@@ -20,7 +20,7 @@ from qlora_serve.server.engine.request import (
     SamplingParams,
     TokenEvent,
 )
-from qlora_serve.errors import Cancelled, InvalidArgument
+from qlora_serve.errors import Cancelled, DeadlineExceeded, InvalidArgument
 from qlora_serve.server.status import abort, code_for
 from qlora_serve.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 
@@ -117,6 +117,9 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         ids, params = self._validate(msg)
         adapter: AdapterHandle | None = rt.resolve_adapter(msg.adapter, principal) if msg.adapter else None
         if not context.is_active():  # gone while its prompt was tokenized: queue nothing for it
+            remaining = context.time_remaining()
+            if remaining is not None and remaining <= 0:
+                raise DeadlineExceeded(f"request {msg.request_id or '-'}: the client deadline passed before it was queued")
             raise Cancelled(f"request {msg.request_id or '-'}: the client went away before it was queued")
         deadline = time.monotonic() + rt.limits.request_timeout_s
         remaining = context.time_remaining()
@@ -132,8 +135,10 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
             arrival=time.monotonic(),
         )
         rt.admit(req, principal)
-        # A client that goes away frees its row within one engine step.
-        context.add_callback(lambda: rt.engine.cancel(req))
+        # A client that goes away frees its row within one engine step; add_callback
+        # returns False (and never calls it) when the client left after the check above.
+        if not context.add_callback(lambda: rt.engine.cancel(req)):
+            rt.engine.cancel(req)
         return req
 
     def _events(self, req: Request, context):

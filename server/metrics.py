@@ -62,6 +62,7 @@ class Metrics:
     def rejected(self, reason: str, tenant: str = "") -> None:
         self.rejections.labels(reason, tenant).inc()
 
-    def serve_http(self, port: int, host: str = "0.0.0.0"):
-        """Expose /metrics on host:port; returns the (server, thread) pair."""
+    def serve_http(self, port: int, host: str = "127.0.0.1"):
+        """Expose /metrics on host:port (loopback unless told otherwise: the labels name
+        adapters and tenants); returns the (server, thread) pair."""
         return start_http_server(port, addr=host, registry=self.registry)

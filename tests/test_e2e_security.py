@@ -200,19 +200,20 @@ def test_negative_lora_alpha_is_accepted_and_served_as_peft_serves_it(sec, demo,
 
 # ------------------------------------------------------------- 5. huge prompts
 def test_prompt_bytes_are_bounded_before_tokenizing(sec):
-    from qlora_serve.server.cli import build_parser
-    from qlora_serve.server.inference_service import PROMPT_BYTES_PER_TOKEN, RequestLimits
-
     server, clients = sec
-    assert server.runtime.limits.max_prompt_bytes == PROMPT_BYTES_PER_TOKEN * MAX_PROMPT_TOKENS
-    assert RequestLimits(max_prompt_bytes=5).max_prompt_bytes == 5
-    assert build_parser().parse_args(["serve", "--max-prompt-bytes", "4096"]).max_prompt_bytes == 4096
     for stream in (False, True):
         call = clients["alpha"].stream if stream else clients["alpha"].generate
         code, details = status(call, "ab " * 400, max_new_tokens=2)  # 1200 bytes
         assert code == grpc.StatusCode.INVALID_ARGUMENT and "1200 bytes" in details, details
         assert "--max-prompt-bytes" in details, details
     assert clients["alpha"].generate("ab " * 10, max_new_tokens=2).completion_tokens == 2
+    # The default is derived from --max-prompt-tokens; the flag sets it.
+    from qlora_serve.server.cli import build_parser
+    from qlora_serve.server.inference_service import PROMPT_BYTES_PER_TOKEN, RequestLimits
+
+    assert server.runtime.limits.max_prompt_bytes == PROMPT_BYTES_PER_TOKEN * MAX_PROMPT_TOKENS
+    assert RequestLimits(max_prompt_bytes=5).max_prompt_bytes == 5
+    assert build_parser().parse_args(["serve", "--max-prompt-bytes", "4096"]).max_prompt_bytes == 4096
 
 
 class HeldTokenizer:
