@@ -26,6 +26,7 @@ from adapter_files import make_variant
 from conftest import wait_until
 from e2e_keys import write_key_file
 from qlora_serve.errors import InvalidArgument
+from qlora_serve.server.engine.loader import disable_cpu_bf16_repack  # why: see its docstring
 from qlora_serve.server.client import Client
 from qlora_serve.v1 import registry_pb2, training_pb2
 
@@ -51,6 +52,8 @@ def sec(start_server, demo, tmp_path_factory):
     keys = write_key_file(key_file, ROLES)
     server = start_server(key_file=key_file, engine={"default_max_new_tokens": 4},
                           limits={"max_prompt_tokens": MAX_PROMPT_TOKENS})
+    # float32 matmuls, before the first forward, for the comparison with plain PEFT (see its docstring).
+    disable_cpu_bf16_repack(server.runtime.engine.base.model)
     clients = {t: Client(f"127.0.0.1:{server.port}", api_key=k, timeout=60) for t, k in keys.items()}
     root = tmp_path_factory.mktemp("priv")
     alpha = clients["alpha"]
@@ -175,13 +178,10 @@ def test_negative_lora_alpha_is_accepted_and_served_as_peft_serves_it(sec, demo,
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-    from qlora_serve.server.engine.loader import disable_cpu_bf16_repack  # float32 matmuls both sides
-
-    server, clients = sec
+    _, clients = sec
     path = make_variant(demo.adapters["poet"], tmp_path / "neg", config={"lora_alpha": -8}, scale=4.0)
     info = clients["ops"].upload("negative", path)
     assert info.alpha == -8
-    disable_cpu_bf16_repack(server.runtime.engine.base.model)
     got = clients["ops"].generate("hello world", adapter="negative", max_new_tokens=8).token_ids
 
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
