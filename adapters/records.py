@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from qlora_serve.errors import InvalidArgument, clip_repr
@@ -30,6 +30,9 @@ class AdapterRecord:
     target_modules: module name suffixes, sorted (e.g. ("q_proj", "v_proj")).
     size_bytes: total bytes of the stored files. created_at: unix seconds.
     owner: owning tenant, None = public. path: its directory in the store.
+    aliases: the aliases pointing at this version when the record was read, sorted;
+    read in the same transaction as the row, so a record never names a state that
+    did not exist (not part of equality: aliases move, the version does not).
     """
 
     name: str
@@ -45,6 +48,7 @@ class AdapterRecord:
     owner: str | None
     labels: dict[str, str]
     path: Path
+    aliases: tuple[str, ...] = field(default=(), compare=False)
 
     def __hash__(self) -> int:  # labels is a dict; identity is (name, version, digest)
         return hash((self.name, self.version, self.digest))

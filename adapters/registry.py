@@ -249,6 +249,22 @@ class AdapterRegistry:
                 raise
             self._conn.execute("COMMIT")
 
+    @contextmanager
+    def _snapshot(self) -> Iterator[None]:
+        """Reads inside see one state of the catalogue: one read transaction, and
+        writers (which take the same lock) wait until it ends."""
+        with self._lock:
+            if self._conn is None:
+                raise FailedPrecondition("the adapter registry is closed")
+            if self._conn.in_transaction:  # already inside a write transaction: same state
+                yield
+                return
+            self._conn.execute("BEGIN")
+            try:
+                yield
+            finally:
+                self._conn.execute("COMMIT")
+
     def _query(self, sql: str, args: Sequence = ()) -> list[tuple]:
         with self._lock:
             if self._conn is None:
@@ -368,10 +384,10 @@ class AdapterRegistry:
                 self._check_owner(name, owner)
                 same = self._query(f"SELECT {_COLUMNS} FROM adapters WHERE name=? AND digest=? ORDER BY version LIMIT 1", (name, digest))
                 if same:
-                    record = self._row_to_record(same[0])
-                    if set_default:
-                        self.set_alias(name, DEFAULT_ALIAS, record.version)
-                    return record
+                    version = same[0][1]
+                    # Record and aliases read under this lock hold: a delete racing this
+                    # registration lands before or after it, never between (no NOT_FOUND).
+                    return self.set_alias(name, DEFAULT_ALIAS, version) if set_default else self.get(name, version)
                 self._store.commit(staged)
                 committed = True
                 record = AdapterRecord(
@@ -385,6 +401,7 @@ class AdapterRegistry:
                         record = self._insert_version(conn, record)
                         if set_default:
                             conn.execute("INSERT OR REPLACE INTO aliases (name, alias, version) VALUES (?, ?, ?)", (name, DEFAULT_ALIAS, record.version))
+                            record = AdapterRecord(**{**record.__dict__, "aliases": (DEFAULT_ALIAS,)})
                 except BaseException:
                     # The row did not land: drop the store dir unless another row uses it.
                     if digest not in self._referenced_digests():
@@ -452,13 +469,23 @@ class AdapterRegistry:
 
     # -- lookup --------------------------------------------------------------
 
-    def _row_to_record(self, row: tuple) -> AdapterRecord:
+    def _row_to_record(self, row: tuple, aliases: Sequence[str] = ()) -> AdapterRecord:
         name, version, digest, source, fp, rank, alpha, targets, size, created, owner, labels = row
         return AdapterRecord(
             name=name, version=version, digest=digest, source=source, base_fingerprint=fp, rank=rank,
             alpha=alpha, target_modules=tuple(json.loads(targets)), size_bytes=size, created_at=created,
-            owner=owner, labels=json.loads(labels), path=self._store.path(digest),
+            owner=owner, labels=json.loads(labels), path=self._store.path(digest), aliases=tuple(sorted(aliases)),
         )
+
+    def _alias_map(self, name: str | None = None) -> dict[tuple[str, int], list[str]]:
+        """(name, version) -> its aliases; call inside `_snapshot` with the rows it goes with."""
+        sql, args = "SELECT name, alias, version FROM aliases", ()
+        if name is not None:
+            sql, args = sql + " WHERE name=?", (name,)
+        out: dict[tuple[str, int], list[str]] = {}
+        for n, alias, version in self._query(sql, args):
+            out.setdefault((n, version), []).append(alias)
+        return out
 
     def _versions(self, name: str) -> list[int]:
         return [r[0] for r in self._query("SELECT version FROM adapters WHERE name=? ORDER BY version", (name,))]
@@ -470,7 +497,7 @@ class AdapterRegistry:
         """The record a ref names: "name" (the "default" alias, else the highest
         version), "name@3", "name@latest" or "name@<alias>"."""
         name, selector = parse_ref(ref)
-        with self._lock:
+        with self._snapshot():
             versions = self._versions(name)
             if not versions:
                 raise self._not_found(name)
@@ -490,7 +517,7 @@ class AdapterRegistry:
                     raise NotFound(f"adapter {name!r} has no alias {selector!r} (aliases: {known}); {LIST_HINT}")
                 version = aliased[0][0]
             rows = self._query(f"SELECT {_COLUMNS} FROM adapters WHERE name=? AND version=?", (name, version))
-            return self._row_to_record(rows[0])
+            return self._row_to_record(rows[0], self._alias_map(name).get((name, version), ()))
 
     def owner_of(self, ref: str) -> str | None:
         """The owner (None = public) of the name a ref names, read before anything
@@ -512,7 +539,8 @@ class AdapterRegistry:
         return self.resolve(f"{name}@{version}")
 
     def list(self, *, name: str | None = None, owner: str | None = None, include_public: bool = True) -> list[AdapterRecord]:
-        """Records ordered by (name, version). `name` restricts to one name.
+        """Records ordered by (name, version), with their aliases, read in one
+        transaction (a snapshot). `name` restricts to one name.
         owner=None: every record (operator view). owner="t": records owned by
         "t", plus public ones (owner None) when include_public."""
         sql, args = f"SELECT {_COLUMNS} FROM adapters WHERE 1=1", []
@@ -522,7 +550,10 @@ class AdapterRegistry:
         if owner is not None:
             sql += " AND (owner=? OR owner IS NULL)" if include_public else " AND owner=?"
             args.append(owner)
-        return [self._row_to_record(r) for r in self._query(sql + " ORDER BY name, version", args)]
+        with self._snapshot():
+            rows = self._query(sql + " ORDER BY name, version", args)
+            aliases = self._alias_map(name)
+        return [self._row_to_record(r, aliases.get((r[0], r[1]), ())) for r in rows]
 
     # -- aliases -------------------------------------------------------------
 
@@ -535,10 +566,10 @@ class AdapterRegistry:
         if alias == LATEST:
             raise InvalidArgument(f"alias {LATEST!r} is reserved: it always means the highest version")
         with self._lock:
-            record = self.get(name, version)
+            self.get(name, version)  # NotFound / InvalidArgument before any change
             with self._tx() as conn:
                 conn.execute("INSERT OR REPLACE INTO aliases (name, alias, version) VALUES (?, ?, ?)", (name, alias, version))
-            return record
+            return self.get(name, version)  # with the alias just set
 
     def delete_alias(self, name: str, alias: str) -> None:
         """Remove `name@alias`; removing "default" makes plain `name` serve the highest version."""

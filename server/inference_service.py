@@ -21,7 +21,8 @@ from qlora_serve.server.engine.request import (
     TokenEvent,
 )
 from qlora_serve.errors import Cancelled, DeadlineExceeded, InvalidArgument
-from qlora_serve.server.status import abort, code_for
+from qlora_serve.server.interceptors import report_usage
+from qlora_serve.server.status import abort, code_for, deadline_passed
 from qlora_serve.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 
 _FINISH = {
@@ -149,7 +150,7 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
             except queue.Empty:
                 if not context.is_active():
                     self._rt.engine.cancel(req)
-                    raise Cancelled(f"request {req.request_id}: the client went away")
+                    raise self._outcome(Cancelled(f"request {req.request_id}: the client went away"), req, context)
                 continue
             # Tokens that queued up while this thread was busy go out as one message:
             # no added latency, and far fewer messages when the handler lags the engine.
@@ -174,6 +175,18 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
                 if isinstance(item, FinalEvent):
                     return
 
+    @staticmethod
+    def _outcome(exc: Exception, req: Request | None, context) -> Exception:
+        """The error a request ends with: a cancel once its deadline (the client's, or
+        --request-timeout-s) has passed is DEADLINE_EXCEEDED, whichever side saw it first."""
+        if not isinstance(exc, Cancelled):
+            return exc
+        expired = req is not None and req.deadline is not None and time.monotonic() >= req.deadline
+        if not (expired or deadline_passed(context)):
+            return exc
+        rid = req.request_id if req is not None else "-"
+        return DeadlineExceeded(f"request {rid} passed its deadline; raise the client timeout or lower max_new_tokens")
+
     def _adapter_ref(self, req: Request) -> common_pb2.AdapterRef:
         a = req.adapter
         return common_pb2.AdapterRef(name=a.name, version=a.version, digest=a.key) if a else common_pb2.AdapterRef()
@@ -193,9 +206,13 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         rt.metrics.requests.labels(method, adapter, tenant, code.name).inc()
         if final is not None:
             rt.metrics.latency.labels(adapter).observe(time.monotonic() - started)
-            rt.metrics.tokens.labels(adapter, tenant).inc(len(final.token_ids))
-            rt.metrics.prompt_tokens.labels(adapter, tenant).inc(final.prompt_tokens)
-        rt.finished(req, final)
+        # One count of the tokens (the quota's charge) for metrics and the access log, on
+        # every exit: a stream the client cancelled still generated what it streamed.
+        usage = rt.finished(req, final)
+        if usage is not None:
+            rt.metrics.prompt_tokens.labels(adapter, tenant).inc(usage[0])
+            rt.metrics.tokens.labels(adapter, tenant).inc(usage[1])
+            report_usage(context, *usage)
 
     # --------------------------------------------------------------- RPCs
     def Generate(self, request, context):
@@ -206,12 +223,13 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
             for ev in self._events(req, context):
                 if isinstance(ev, FinalEvent):
                     final = ev  # _events returns only after the FinalEvent (or raises)
-            self._record("Generate", req, grpc.StatusCode.OK, started, final)
+            self._record("Generate", req, grpc.StatusCode.OK, started, final, context)
             return inference_pb2.GenerateResponse(
                 text=final.text, token_ids=final.token_ids, finish_reason=_FINISH[final.finish_reason],
                 prompt_tokens=final.prompt_tokens, completion_tokens=len(final.token_ids),
                 adapter=self._adapter_ref(req), request_id=req.request_id)
         except Exception as exc:
+            exc = self._outcome(exc, req, context)
             self._record("Generate", req, code_for(exc), started, context=context)
             abort(context, exc, req.request_id if req else request.request_id)
 
@@ -226,12 +244,13 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
                                                                request_id=req.request_id)
                 else:
                     recorded = True
-                    self._record("GenerateStream", req, grpc.StatusCode.OK, started, ev)
+                    self._record("GenerateStream", req, grpc.StatusCode.OK, started, ev, context)
                     yield inference_pb2.GenerateStreamResponse(
                         text=ev.tail, finish_reason=_FINISH[ev.finish_reason], prompt_tokens=ev.prompt_tokens,
                         completion_tokens=len(ev.token_ids), adapter=ref, request_id=req.request_id)
         except Exception as exc:
             recorded = True
+            exc = self._outcome(exc, req, context)
             self._record("GenerateStream", req, code_for(exc), started, context=context)
             abort(context, exc, req.request_id if req else request.request_id)
         finally:
@@ -239,4 +258,5 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
                 # The client cancelled while this generator was suspended at a yield: gRPC
                 # drops it (GeneratorExit), so no except clause runs. Still count the RPC and
                 # release the quota lease; the engine frees the row via the done callback.
-                self._record("GenerateStream", req, grpc.StatusCode.CANCELLED, started)
+                code = code_for(self._outcome(Cancelled("client went away"), req, context))
+                self._record("GenerateStream", req, code, started, context=context)

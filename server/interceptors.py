@@ -21,6 +21,7 @@ and logs the calls authentication refuses. Health and reflection pass through.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from typing import Any, Callable
@@ -31,7 +32,7 @@ from google.protobuf.message import DecodeError
 from qlora_serve.server.auth import Authenticator
 from qlora_serve.errors import InvalidArgument, QloraServeError, Unauthenticated
 from qlora_serve.server.metrics import Metrics
-from qlora_serve.server.status import abort
+from qlora_serve.server.status import abort, deadline_passed
 
 access_log = logging.getLogger("qlora_serve.requests")
 
@@ -79,6 +80,7 @@ class _Call:
         self.prompt = ""
         self.prompt_tokens = 0
         self.completion_tokens = 0
+        self.usage_reported = False  # set by report_usage: the servicer's count wins
 
     def saw_request(self, request: Any) -> None:
         self.request_id = getattr(request, "request_id", "") or ""
@@ -92,8 +94,9 @@ class _Call:
         ref = getattr(response, "adapter", None)
         if ref is not None and getattr(ref, "name", ""):
             self.adapter = f"{ref.name}@{ref.version}"
-        self.prompt_tokens = getattr(response, "prompt_tokens", 0) or self.prompt_tokens
-        self.completion_tokens = getattr(response, "completion_tokens", 0) or self.completion_tokens
+        if not self.usage_reported:
+            self.prompt_tokens = getattr(response, "prompt_tokens", 0) or self.prompt_tokens
+            self.completion_tokens = getattr(response, "completion_tokens", 0) or self.completion_tokens
 
     def finish(self, code: grpc.StatusCode, exc: BaseException | None = None) -> None:
         reason = rejection_reason(code, exc)
@@ -111,13 +114,26 @@ class _Call:
                         extra=fields)
 
 
+_CALL_ATTR = "_qlora_serve_call"  # the guard's _Call, on the call's context, for report_usage
+
+
+def report_usage(context: grpc.ServicerContext | None, prompt_tokens: int, completion_tokens: int) -> None:
+    """Give the call's access-log line the servicer's token count (the one its quota
+    charged and its metrics counted), also for a call that ends without a final message."""
+    call = getattr(context, _CALL_ATTR, None)
+    if call is not None:
+        call.prompt_tokens, call.completion_tokens, call.usage_reported = prompt_tokens, completion_tokens, True
+
+
 def _code_after(context: grpc.ServicerContext, failed: bool) -> grpc.StatusCode:
     code = context.code()
     if code is not None:
         return code
     if not failed:
         return grpc.StatusCode.OK
-    return grpc.StatusCode.CANCELLED if not context.is_active() else grpc.StatusCode.UNKNOWN
+    if context.is_active():
+        return grpc.StatusCode.UNKNOWN
+    return grpc.StatusCode.DEADLINE_EXCEEDED if deadline_passed(context) else grpc.StatusCode.CANCELLED
 
 
 def _parse(deserialize: Callable[[bytes], Any], raw: bytes, method: str) -> Any:
@@ -171,6 +187,7 @@ class RequestGuard(grpc.ServerInterceptor):
 
             def unary_response(request_or_iter, context):
                 call, response = _Call(method, tenant, metrics), None
+                setattr(context, _CALL_ATTR, call)
                 try:
                     response = inner(read(request_or_iter, context, call), context)
                 except BaseException as exc:
@@ -188,11 +205,21 @@ class RequestGuard(grpc.ServerInterceptor):
 
         def stream_response(request_or_iter, context):
             call = _Call(method, tenant, metrics)
+            setattr(context, _CALL_ATTR, call)
+            responses = None
             try:
-                for response in inner(read(request_or_iter, context, call), context):
+                responses = inner(read(request_or_iter, context, call), context)
+                for response in responses:
                     call.saw_response(response)
                     yield response
             except BaseException as exc:
+                # A client that left closes this generator at its yield: close the
+                # servicer's too, now, so its own accounting (tokens streamed, quota)
+                # lands before this call's log line, not whenever it is collected.
+                close = getattr(responses, "close", None)
+                if close is not None:
+                    with contextlib.suppress(Exception):  # its own errors are its to log
+                        close()
                 call.finish(_code_after(context, True), exc)
                 raise
             call.finish(_code_after(context, False))

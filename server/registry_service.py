@@ -26,22 +26,21 @@ class RegistryService(registry_pb2_grpc.AdapterRegistryServicer):
         self._rt = runtime
 
     # ------------------------------------------------------------ helpers
-    def _info(self, rec: AdapterRecord, aliases: dict[str, int] | None = None) -> registry_pb2.AdapterInfo:
-        """`aliases`: the name's alias -> version map when the caller already has it."""
-        reg, res = self._rt.registry, self._rt.engine.residency
+    def _info(self, rec: AdapterRecord) -> registry_pb2.AdapterInfo:
+        """The record as the API shows it. Its aliases come with the record (read in the
+        same transaction), never from a second read that a concurrent delete could fail."""
+        res = self._rt.engine.residency
         if res.slot_of(rec.digest) is not None:
             residency = registry_pb2.RESIDENCY_DEVICE
         elif res.in_host(rec.digest):
             residency = registry_pb2.RESIDENCY_HOST
         else:
             residency = registry_pb2.RESIDENCY_DISK
-        aliases = reg.aliases(rec.name) if aliases is None else aliases
-        aliases = sorted(a for a, v in aliases.items() if v == rec.version)
         return registry_pb2.AdapterInfo(
             name=rec.name, version=rec.version, digest=rec.digest, source=rec.source,
             base_fingerprint=rec.base_fingerprint, rank=rec.rank, alpha=rec.alpha,
             target_modules=list(rec.target_modules), size_bytes=rec.size_bytes, created_at=rec.created_at,
-            owner=rec.owner or "", labels=rec.labels, aliases=aliases, residency=residency,
+            owner=rec.owner or "", labels=rec.labels, aliases=list(rec.aliases), residency=residency,
             unusable_reason=self._rt.unusable.get(rec.digest, ""))
 
     def _owner_for_new(self, principal: Principal, name: str, requested: str, public: bool) -> str | None:
@@ -120,9 +119,9 @@ class RegistryService(registry_pb2_grpc.AdapterRegistryServicer):
 
     @unary_rpc
     def ListAdapters(self, request, context, principal):
+        # One snapshot of the catalogue, aliases included: a name deleted meanwhile is listed whole or not at all.
         records = [r for r in self._rt.registry.list(name=request.name or None) if can_read_adapter(principal, r.owner)]
-        aliases = {name: self._rt.registry.aliases(name) for name in {r.name for r in records}}  # once per name
-        return registry_pb2.ListAdaptersResponse(adapters=[self._info(r, aliases[r.name]) for r in records])
+        return registry_pb2.ListAdaptersResponse(adapters=[self._info(r) for r in records])
 
     @unary_rpc
     def GetAdapter(self, request, context, principal):

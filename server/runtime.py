@@ -128,18 +128,23 @@ class Runtime:
             if id(req) in self._relayed:
                 self._relayed[id(req)] += n
 
-    def finished(self, req: Request | None, final: FinalEvent | None) -> None:
+    def finished(self, req: Request | None, final: FinalEvent | None) -> tuple[int, int] | None:
         """Release the request's quota lease, charging its prompt and every token it
         generated: the final count when it finished, else the tokens relayed so far
-        (a cancelled, timed-out or failed request pays for what it streamed)."""
+        (a cancelled, timed-out or failed request pays for what it streamed).
+        Returns (prompt tokens, completion tokens) as charged, the one count metrics
+        and the access log also use; None when the request never held a lease."""
         if req is None:
-            return
+            return None
         with self._lock:
             lease = self._leases.pop(id(req), None)
             relayed = self._relayed.pop(id(req), 0)
-        if lease is not None:
-            lease.charge(len(req.prompt_ids) + max(relayed, len(final.token_ids) if final else 0))
-            lease.release()
+        if lease is None:
+            return None
+        usage = len(req.prompt_ids), max(relayed, len(final.token_ids) if final else 0)
+        lease.charge(sum(usage))
+        lease.release()
+        return usage
 
     def registered(self, record: AdapterRecord) -> AdapterRecord:
         """Call after every successful registration of `record`: registering a digest

@@ -25,6 +25,18 @@ CODES: dict[type[errors.QloraServeError], grpc.StatusCode] = {
 }
 
 
+# A client deadline reaches the server as a cancellation that may arrive a little before
+# the server's own copy of it expires: the timeout travels relative and starts here later.
+DEADLINE_SKEW_S = 0.1
+
+
+def deadline_passed(context: grpc.ServicerContext | None) -> bool:
+    """Whether the call's client deadline has passed (within DEADLINE_SKEW_S). A call
+    that ends then ended by its deadline: DEADLINE_EXCEEDED, never CANCELLED."""
+    remaining = context.time_remaining() if context is not None else None
+    return remaining is not None and remaining <= DEADLINE_SKEW_S
+
+
 def code_for(exc: BaseException) -> grpc.StatusCode:
     """The status code for an exception; anything not a domain error is INTERNAL."""
     for cls in type(exc).__mro__:

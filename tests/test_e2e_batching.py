@@ -9,6 +9,7 @@ forward passes, which tells "the row was freed" apart from "it ran to the end".
 
 from __future__ import annotations
 
+import logging
 import re
 import threading
 import time
@@ -149,6 +150,89 @@ def test_client_deadline_yields_deadline_exceeded_and_frees_the_row(single_row, 
     assert gate.forwards - forwards <= 1 + 8 + 2, gate.batch_sizes
 
 
+class AccessLog(logging.Handler):
+    """The in-process server's access-log records (logger qlora_serve.requests), by request id."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: dict[str, logging.LogRecord] = {}
+        self._cond = threading.Condition()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        with self._cond:
+            self.records[getattr(record, "request_id", "")] = record
+            self._cond.notify_all()
+
+    def wait(self, request_id: str, timeout: float = 60) -> logging.LogRecord:
+        """The line of that call, once the server has written it (it is the call's last act)."""
+        with self._cond:
+            assert self._cond.wait_for(lambda: request_id in self.records, timeout), f"no log line for {request_id}"
+            return self.records[request_id]
+
+
+@pytest.fixture
+def access_log():
+    logger = logging.getLogger("qlora_serve.requests")
+    handler, level = AccessLog(), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    yield handler
+    logger.removeHandler(handler)
+    logger.setLevel(level)
+
+
+def test_tokens_streamed_before_a_cancel_are_counted_once_for_metrics_log_and_quota(
+        single_row, single_client, engine_gate, access_log):
+    """A stream the client cancels generated tokens: qlora_generated_tokens_total and the
+    log line's completion_tokens count them, the same number the quota charged."""
+    gate = engine_gate(single_row)
+    before = {m: _metric(single_row, m, adapter=LONG_ADAPTER) for m in ("qlora_generated_tokens_total",
+                                                                        "qlora_prompt_tokens_total")}
+    stream = single_client.stream(LONG_PROMPT, adapter=LONG_ADAPTER, max_new_tokens=LONG, request_id="cancel-count")
+    received = sum(len(next(stream).token_ids) for _ in range(3))
+    gate.close()
+    gate.wait_parked()  # no more tokens until the cancel is seen
+    stream.cancel()
+    line = access_log.wait("cancel-count")
+    gate.release()
+    generated = _metric(single_row, "qlora_generated_tokens_total", adapter=LONG_ADAPTER) - before[
+        "qlora_generated_tokens_total"]
+    prompt = _metric(single_row, "qlora_prompt_tokens_total", adapter=LONG_ADAPTER) - before["qlora_prompt_tokens_total"]
+    assert line.code == "CANCELLED"
+    assert line.completion_tokens >= received >= 3, (line.completion_tokens, received)
+    assert generated == line.completion_tokens and prompt == line.prompt_tokens > 0
+
+
+def test_a_passed_client_deadline_is_reported_as_deadline_exceeded(single_row, single_client, engine_gate,
+                                                                   access_log):
+    """Whoever notices first (the waiting handler, the engine, gRPC dropping the stream), a
+    call whose client deadline passed is DEADLINE_EXCEEDED in the log and the metrics,
+    never CANCELLED: here a running stream and a queued unary call, the engine parked."""
+    gate = engine_gate(single_row)
+
+    def count(method, code):
+        return _metric(single_row, "qlora_requests_total", method=method, code=code)
+
+    before = {(m, c): count(m, c) for m in ("Generate", "GenerateStream") for c in ("CANCELLED", "DEADLINE_EXCEEDED")}
+    stream = single_client.inference.GenerateStream(single_client.request(
+        LONG_PROMPT, adapter=LONG_ADAPTER, max_new_tokens=LONG, request_id="dl-stream"), timeout=2.0)
+    assert next(stream).token_ids
+    gate.close()
+    gate.wait_parked()
+    unary = single_client.inference.Generate.future(
+        single_client.request("hello", max_new_tokens=4, request_id="dl-unary"), timeout=1.0)
+    for call in (unary.result, lambda: list(stream)):
+        with pytest.raises(grpc.RpcError) as err:
+            call()
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    lines = [access_log.wait("dl-unary"), access_log.wait("dl-stream")]
+    gate.release()
+    assert [r.code for r in lines] == ["DEADLINE_EXCEEDED"] * 2
+    for m in ("Generate", "GenerateStream"):
+        assert count(m, "CANCELLED") == before[(m, "CANCELLED")]
+        assert count(m, "DEADLINE_EXCEEDED") == before[(m, "DEADLINE_EXCEEDED")] + 1
+
+
 def test_server_request_timeout_yields_deadline_exceeded(start_server, engine_gate):
     """The server's own deadline (--request-timeout-s), no client deadline: the engine
     expires the row and the client gets DEADLINE_EXCEEDED from the server."""
@@ -190,6 +274,41 @@ def test_full_waiting_queue_answers_resource_exhausted_at_once(single_row, singl
     gate.release()
     assert waiting.result(60).completion_tokens == 4  # the queued one still runs
     assert single_client.generate("hi", max_new_tokens=4).completion_tokens == 4  # and the queue has room again
+
+
+def test_a_burst_of_max_running_plus_max_waiting_on_an_idle_server_is_all_accepted(start_server):
+    """An idle server has max_running free rows and max_waiting queue places: a burst of
+    exactly that many is accepted in full, the next one is refused. The engine thread is
+    held in a command (Engine.call) while the burst arrives, so every request of it is
+    submitted before any is admitted: the burst is exactly at the bound, whatever the timing."""
+    running, waiting = 2, 3
+    server = start_server(engine={"max_running": running, "max_waiting": waiting})
+    engine, hold = server.runtime.engine, threading.Event()
+    held = engine.call(hold.wait)
+    outcomes: list = []
+    with Client(f"127.0.0.1:{server.port}", timeout=60) as c:
+        def one():
+            try:
+                outcomes.append(c.generate("hello", max_new_tokens=2).completion_tokens)
+            except grpc.RpcError as exc:
+                outcomes.append(exc.code())
+        try:
+            threads = [threading.Thread(target=one) for _ in range(running + waiting)]
+            for t in threads:
+                t.start()
+            wait_until(lambda: engine.stats()["queued"] + len(outcomes) == running + waiting, what="the burst submitted")
+            assert outcomes == [], f"refused from a burst of max_running + max_waiting: {outcomes}"
+            with pytest.raises(grpc.RpcError) as err:  # one more is beyond the bound
+                c.generate("hello", max_new_tokens=2)
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "--max-waiting" in err.value.details()
+        finally:
+            hold.set()
+        held.result(30)
+        for t in threads:
+            t.join(60)
+        assert outcomes == [2] * (running + waiting)
+        assert engine.stats()["queued"] == 0
+        assert c.generate("hello", max_new_tokens=2).completion_tokens == 2  # nothing leaked
 
 
 # -------------------------------------------------------- per-row sampling

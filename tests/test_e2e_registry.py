@@ -43,6 +43,7 @@ from safetensors.torch import load_file
 
 from adapter_files import CONFIG, WEIGHTS, corrupt, make_variant
 from conftest import stop_server, wait_until
+from interleave import RegistryInterleaver
 from qlora_serve.adapters.registry import FINGERPRINT_KEY
 from qlora_serve.server.engine.loader import disable_cpu_bf16_repack
 from qlora_serve.v1 import registry_pb2
@@ -479,6 +480,71 @@ def test_request_for_a_live_name_survives_deleting_another_name_with_the_same_fi
     assert served == ("share-b", 1, b.digest), f"share-b got {served}"
     refs.check(b.digest, PROMPTS[0], toks, "share-b")
     rc.delete("share-b")
+
+
+def _walk_interleavings(reg_server, setup, operation, racer, check) -> int:
+    """For k = 1, 2, ...: setup(), then operation() with racer() run at the k-th point where
+    the operation releases the registry lock; check(result, racer's result) each time.
+    Stops when the racer no longer fires (every point visited); returns how many there were."""
+    hook = RegistryInterleaver(reg_server.runtime.registry)
+    try:
+        for k in range(1, 64):
+            state = setup()
+            raced: list = []
+            hook.arm(k, lambda: raced.append(racer(state)))
+            result = operation(state)
+            hook.disarm()
+            assert hook.error is None, f"k={k}: the racing call failed: {hook.error!r}"
+            check(state, result, raced[0] if raced else None)
+            if not hook.fired:
+                return k - 1
+        raise AssertionError("the operation released the registry lock more than 63 times")
+    finally:
+        hook.remove()
+
+
+def test_list_adapters_is_a_snapshot_while_the_name_is_deleted(reg_server, rc, pool):
+    """ListAdapters racing a DeleteAdapter of the listed name, at every point the listing
+    releases the registry lock: the name is listed whole (versions with their aliases)
+    or not at all, never NOT_FOUND (it once read the aliases after the versions)."""
+    def setup():
+        v1 = rc.upload("snap", pool["support1"], set_default=True)
+        v2 = rc.upload("snap", pool["support2"])
+        return [(v1.version, ("default",)), (v2.version, ())]
+
+    def check(whole, listed, deleted):
+        assert listed in ([], whole), listed
+        assert listed == whole or deleted is not None  # empty only because the delete landed first
+        for a in rc.list_adapters("snap"):
+            rc.delete("snap", a.version)
+
+    points = _walk_interleavings(
+        reg_server, setup, lambda _: [(a.version, tuple(a.aliases)) for a in rc.list_adapters("snap")],
+        lambda _: rc.delete("snap"), check)
+    assert points >= 1
+
+
+def test_upload_racing_a_delete_of_the_same_name_never_answers_not_found(reg_server, rc, pool):
+    """UploadAdapter racing a DeleteAdapter of the same name, at every point the upload
+    releases the registry lock: registration is one atomic step, so the delete lands
+    before or after it; the answer is the registered version with its aliases, never
+    NOT_FOUND (registration has no documented NOT_FOUND)."""
+    def setup():
+        return rc.upload("race-up", pool["support1"]).version  # a version for the delete to find
+
+    def upload(_):
+        return rc.upload("race-up", pool["support2"], set_default=True)  # a grpc.RpcError fails the test
+
+    def check(old, info, deleted):
+        assert info.name == "race-up" and info.version > old and list(info.aliases) == ["default"], info
+        gone = {d.version for d in deleted or ()}
+        assert old in gone or deleted is None
+        assert {a.version for a in rc.list_adapters("race-up")} == {old, info.version} - gone
+        for a in rc.list_adapters("race-up"):
+            rc.delete("race-up", a.version)
+
+    points = _walk_interleavings(reg_server, setup, upload, lambda _: rc.delete("race-up"), check)
+    assert points >= 2
 
 
 # ----------------------------------------------------- (3) one cold load

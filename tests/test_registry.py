@@ -131,6 +131,20 @@ def test_versions_aliases_rollback(reg, root):
     assert reg.resolve("pirate").version == 3
 
 
+def test_records_carry_the_aliases_read_with_them(reg, root):
+    """Every record comes with the aliases pointing at it, read in the same transaction
+    (what the servicers answer, so no second read can meet a concurrent delete)."""
+    files = {f: (root / "pirate2" / f).read_bytes() for f in (CONFIG, WEIGHTS)}
+    assert reg.register_files("pirate", files, set_default=True).aliases == ("default",)
+    assert reg.register_files("pirate", files, set_default=True).aliases == ("default",)  # same digest again
+    assert reg.set_alias("pirate", "canary", 2).aliases == ("canary", "default")
+    assert reg.set_alias("pirate", "stable", 1).aliases == ("stable",)
+    assert [(r.ref, r.aliases) for r in reg.list()] == [
+        ("pirate@1", ("stable",)), ("pirate@2", ("canary", "default")), ("poet@1", ())]
+    assert reg.resolve("pirate").aliases == ("canary", "default") and reg.resolve("pirate@1").aliases == ("stable",)
+    assert reg.list(name="poet")[0].aliases == ()
+
+
 def test_same_content_same_name_is_idempotent(reg, root):
     first = reg.resolve("pirate@1")
     reg.register_path("pirate", root / "pirate2")

@@ -15,7 +15,7 @@ class EngineConfig:
     """Scheduling and memory limits of the engine (counts are per server process)."""
 
     max_running: int = option(16, "rows decoded together in one forward pass (continuous batch size)")
-    max_waiting: int = option(256, "requests queued beyond the running ones; more are refused at once (RESOURCE_EXHAUSTED)")
+    max_waiting: int = option(256, "requests queued beyond --max-running; more are refused at once (RESOURCE_EXHAUSTED)")
     max_prefill_tokens: int = option(2048, "prompt tokens prefilled per step; one longer prompt is still admitted alone")
     max_kv_tokens: int = option(65536, "KV-cache budget in token slots (rows x padded length); admission waits when full")
     max_new_tokens: int = option(1024, "largest max_new_tokens a request may ask for")

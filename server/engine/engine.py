@@ -95,11 +95,15 @@ class Engine:
         self._pad_id = next(i for i in (base.tokenizer.pad_token_id, base.tokenizer.eos_token_id, 0) if i is not None)
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._lock = threading.Lock()
-        self._queued = 0  # submitted but not yet running: bounded by max_waiting
+        self._queued = 0  # submitted but not yet running
+        # Admitted or running rows (until released). Submit bounds queued + rows by
+        # max_running + max_waiting: a request that will run at once is not "waiting",
+        # so an idle server accepts a burst of exactly that many.
+        self._rows = 0
         self._accepting = True
         self._closed = False  # the loop has ended: the inbox takes nothing more
         # Fair across tenants (VTC); never fuller than _queued allows, so push cannot overflow.
-        self._waiting: FairQueue[Request] = FairQueue(config.max_waiting)
+        self._waiting: FairQueue[Request] = FairQueue(config.max_waiting + config.max_running)
         self._admitted: list[_Row] = []  # taken from the queue and pinned, not yet prefilled
         self._running: list[_Row] = []
         self._kv = PaddedKVBatch()
@@ -145,7 +149,7 @@ class Engine:
         with self._lock:
             if not self._accepting or self._closed:
                 raise Unavailable("server is shutting down; retry on another replica")
-            if self._queued >= self.config.max_waiting:  # counted in qlora_rejections_total by the RequestGuard
+            if self._queued + self._rows >= self.config.max_running + self.config.max_waiting:  # counted by the RequestGuard
                 raise QueueFull(
                     f"waiting queue is full ({self.config.max_waiting} requests, --max-waiting); retry with backoff")
             self._queued += 1
@@ -184,7 +188,7 @@ class Engine:
         with self._lock:
             self._accepting = False
         deadline = time.monotonic() + grace_s
-        while time.monotonic() < deadline and (self._queued or self._running):
+        while time.monotonic() < deadline and (self._queued or self._rows):  # rows: admitted ones too
             time.sleep(0.02)
         self._post("stop", None)
         self._thread.join(timeout=5)
@@ -379,8 +383,9 @@ class Engine:
                 self._finish_waiting(req, ErrorEvent(err))
                 continue
             self._waiting.take(req)
-            with self._lock:
+            with self._lock:  # one step: from queued to a row
                 self._queued -= 1
+                self._rows += 1
             if req.adapter_key is not None:
                 self.adapters.pin(req.adapter_key)
             self._admitted.append(row)
@@ -488,6 +493,8 @@ class Engine:
         self._kv.keep(keep)
 
     def _release(self, row: _Row) -> None:
+        with self._lock:
+            self._rows -= 1
         if row.request.adapter_key is not None:
             self.adapters.unpin(row.request.adapter_key)
 
