@@ -21,6 +21,7 @@ from qlora_serve.server.engine.request import (
     TokenEvent,
 )
 from qlora_serve.errors import Cancelled, InvalidArgument
+from qlora_serve.server.interceptors import note_outcome
 from qlora_serve.server.status import abort, code_for
 from qlora_serve.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 
@@ -169,7 +170,7 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         rt = self._rt
         adapter = req.adapter.name if req and req.adapter else ""
         tenant = req.tenant if req else self._tenant_of(context)
-        rt.metrics.requests.labels(method, adapter, tenant, code.name).inc()
+        note_outcome(adapter, code)  # the guard counts the RPC (qlora_requests_total) with these
         if final is not None:
             rt.metrics.latency.labels(adapter).observe(time.monotonic() - started)
             rt.metrics.tokens.labels(adapter, tenant).inc(len(final.token_ids))
