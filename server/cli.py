@@ -132,14 +132,19 @@ def _serve(args) -> int:
     address = f"{'localhost' if args.host in ('127.0.0.1', '0.0.0.0', '::') else args.host}:{server.port}"
     adapters = sorted({r.name for r in server.runtime.registry.list()})
     print(f"qlora-serve {__version__} ready on {address}  (adapters: {', '.join(adapters) or 'none'})", flush=True)
-    example = f" --adapter {adapters[0]}" if adapters else ""
-    # --address only where the client's default would not find this server (as the README shows it).
-    where = "" if address == DEFAULT_ADDRESS else f" --address {address}"
-    print(f"try:  qlora-serve generate{where}{example} \"hello\"", flush=True)
+    print(f"try:  {try_command(address, adapters)}", flush=True)
     stop.wait()
     log.info("shutting down: finishing in-flight requests (up to %.0f s)", args.grace)
     server.stop()
     return 0
+
+
+def try_command(address: str, adapters: list[str]) -> str:
+    """The command the start-up message offers; `--address` only where the client's
+    default would not reach this server (the README shows it for the default)."""
+    where = "" if address == DEFAULT_ADDRESS else f" --address {address}"
+    example = f" --adapter {adapters[0]}" if adapters else ""
+    return f'qlora-serve generate{where}{example} "hello"'
 
 
 # --------------------------------------------------------------- clients
