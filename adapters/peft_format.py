@@ -91,6 +91,8 @@ def read_adapter_config(adapter_dir: Path) -> dict:
         cfg = json.loads(cfg_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise InvalidArgument(f"{cfg_path} is not valid JSON: {exc}") from None
+    except RecursionError:  # json recurses per nesting level: deep nesting is bad input, not a crash
+        raise InvalidArgument(f"{cfg_path}: the JSON is nested too deeply; a PEFT adapter config is a flat object") from None
     if not isinstance(cfg, dict):
         raise InvalidArgument(f"{cfg_path} must hold a JSON object")
     peft_type = str(cfg.get("peft_type", "")).upper()

@@ -15,7 +15,8 @@ Semantics (the servicer and CLI rely on these):
   Rollback = `set_alias(name, "default", older)`. "latest" is reserved (always
   the highest version) and cannot be set. Alias names start with a letter, so
   they never look like a version number.
-- Registering the same files (same digest) again under the same name returns
+- Registering the same files (same digest: adapter_config.json and
+  adapter_model.safetensors, see `store.py`) again under the same name returns
   the existing record instead of a new version (safe client retries); its
   owner/labels are not changed. The same files under another name is a new
   record sharing the stored copy.
@@ -99,7 +100,7 @@ LATEST = "latest"
 # Key in adapter_config.json naming the base the adapter was trained on.
 FINGERPRINT_KEY = "qlora_serve_base_fingerprint"
 REQUIRED_FILES = (CONFIG_FILE, WEIGHTS_FILE)
-# Optional files copied with the adapter (and covered by its digest); anything
+# Optional files copied with the adapter (stored, but not part of its digest); anything
 # else in a source directory (checkpoints, tokenizer, training_args.bin) is ignored.
 METADATA_FILE = "qlora_serve_metadata.json"  # written by training/export.py
 OPTIONAL_FILES = ("README.md", METADATA_FILE)
@@ -183,6 +184,12 @@ class AdapterRegistry:
             # Nothing can be in flight yet, so every tmp entry and unreferenced
             # store dir is a leftover of a crash (or of a failed delete).
             self._store.gc(self._referenced_digests())
+        except sqlite3.DatabaseError as exc:  # e.g. "file is not a database": a corrupted catalogue
+            self.close()
+            raise FailedPrecondition(
+                f"{self.data_dir / DB_FILE} cannot be read as the adapter registry ({exc}); restore it from a "
+                "backup, or start with a new --data-dir and register the adapters again (keep this directory: "
+                "its store/ holds the adapter files)") from None
         except BaseException:
             self.close()
             raise
@@ -425,6 +432,8 @@ class AdapterRegistry:
                     meta = json.loads((staged.dir / METADATA_FILE).read_text())
                 except (json.JSONDecodeError, UnicodeDecodeError) as exc:
                     raise InvalidArgument(f"{staged.dir / METADATA_FILE} is not valid JSON: {exc}") from None
+                except RecursionError:
+                    raise InvalidArgument(f"{staged.dir / METADATA_FILE}: the JSON is nested too deeply") from None
                 if not isinstance(meta, dict):
                     raise InvalidArgument(f"{staged.dir / METADATA_FILE} must hold a JSON object")
         except QloraServeError as exc:
@@ -621,6 +630,8 @@ class AdapterRegistry:
             )
         try:
             actual = self._store.digest_of(record.path)
+            if actual != record.digest and self._store.digest_of(record.path, every_file=True) == record.digest:
+                actual = record.digest  # registered when the digest covered every stored file
         except OSError as exc:
             raise FailedPrecondition(
                 f"adapter {record.ref}: its files in {record.path} cannot be read ({exc.strerror or exc}); "

@@ -43,6 +43,18 @@ SERVICE_NAMES = (
 )
 
 
+class HealthServicer(health.HealthServicer):
+    """grpcio-health-checking's servicer plus `List`, which its 1.85 release
+    leaves UNIMPLEMENTED although reflection advertises it."""
+
+    def List(self, request, context):
+        """Every registered service's status ("" is the server as a whole)."""
+        with self._lock:  # the parent's lock over _server_status
+            statuses = dict(self._server_status)
+        return health_pb2.HealthListResponse(
+            statuses={name: health_pb2.HealthCheckResponse(status=s) for name, s in statuses.items()})
+
+
 def default_data_dir() -> Path:
     """`$QLORA_SERVE_DATA`, else `$XDG_DATA_HOME/qlora-serve`, else `~/.local/share/qlora-serve`."""
     env = os.environ.get("QLORA_SERVE_DATA")
@@ -113,7 +125,7 @@ class QloraServer:
                      # would start and split the traffic with the first one.
                      ("grpc.so_reuseport", 0)],
         )
-        self.health = health.HealthServicer(experimental_non_blocking=True)
+        self.health = HealthServicer(experimental_non_blocking=True)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         inference_pb2_grpc.add_InferenceServicer_to_server(InferenceService(self.runtime), self.grpc)
         registry_pb2_grpc.add_AdapterRegistryServicer_to_server(RegistryService(self.runtime), self.grpc)

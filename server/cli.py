@@ -6,12 +6,14 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import signal
 import sys
 import threading
 from pathlib import Path
 
 from qlora_serve import __version__
+from qlora_serve.server.cli_checks import CliError, check_utf8, local_adapter_dir
 from qlora_serve.server.client import DEFAULT_ADDRESS
 
 log = logging.getLogger("qlora_serve")
@@ -133,12 +135,19 @@ def _serve(args) -> int:
     address = f"{'localhost' if args.host in ('127.0.0.1', '0.0.0.0', '::') else args.host}:{server.port}"
     adapters = sorted({r.name for r in server.runtime.registry.list()})
     print(f"qlora-serve {__version__} ready on {address}  (adapters: {', '.join(adapters) or 'none'})", flush=True)
-    example = f" --adapter {adapters[0]}" if adapters else ""
-    print(f"try:  qlora-serve generate --address {address}{example} \"hello\"", flush=True)
+    print(f"try:  {try_command(address, adapters)}", flush=True)
     stop.wait()
     log.info("shutting down: finishing in-flight requests (up to %.0f s)", args.grace)
     server.stop()
     return 0
+
+
+def try_command(address: str, adapters: list[str]) -> str:
+    """The command the start-up message offers; `--address` only where the client's
+    default would not reach this server (the README shows it for the default)."""
+    where = "" if address == DEFAULT_ADDRESS else f" --address {address}"
+    example = f" --adapter {adapters[0]}" if adapters else ""
+    return f'qlora-serve generate{where}{example} "hello"'
 
 
 # --------------------------------------------------------------- clients
@@ -231,8 +240,11 @@ def _adapters(args) -> int:
             infos = [c.get_adapter(args.ref)]
         elif args.verb == "register":
             labels = dict(args.label)
-            fn = c.register_path if args.server_path else c.upload
-            infos = [fn(args.name, args.path, owner=args.owner, labels=labels, set_default=args.set_default,
+            if args.server_path:  # the server refuses relative paths; resolve against our working dir
+                fn, path = c.register_path, os.path.abspath(args.path)
+            else:
+                fn, path = c.upload, local_adapter_dir(args.path)
+            infos = [fn(args.name, path, owner=args.owner, labels=labels, set_default=args.set_default,
                         public=args.public)]
         elif args.verb == "alias":
             infos = [c.set_alias(args.name, args.alias, args.version)]
@@ -433,10 +445,20 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(args.log_level, getattr(args, "log_format", "text"))
     try:
+        if hasattr(args, "address"):  # a client verb: what it sends must be UTF-8
+            check_utf8(args)
         return int(args.func(args) or 0)
     except grpc.RpcError as exc:  # a client verb's server answered with an error status
         print(f"qlora-serve: {exc.code().name}: {exc.details()}", file=sys.stderr)
         return 1
+    except CliError as exc:
+        print(f"qlora-serve: error: {exc}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:
+        # The reader went away (`... | head -1`): stop quietly, as cat does. Point stdout
+        # at /dev/null so the interpreter's final flush does not complain again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell reports for a writer killed by the broken pipe
     except KeyboardInterrupt:
         return 130
 

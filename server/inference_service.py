@@ -21,7 +21,7 @@ from qlora_serve.server.engine.request import (
     TokenEvent,
 )
 from qlora_serve.errors import Cancelled, DeadlineExceeded, InvalidArgument
-from qlora_serve.server.interceptors import report_usage
+from qlora_serve.server.interceptors import note_outcome, report_usage
 from qlora_serve.server.status import abort, code_for, deadline_passed
 from qlora_serve.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 
@@ -203,7 +203,7 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         rt = self._rt
         adapter = req.adapter.name if req and req.adapter else ""
         tenant = req.tenant if req else self._tenant_of(context)
-        rt.metrics.requests.labels(method, adapter, tenant, code.name).inc()
+        note_outcome(adapter, code)  # the guard counts the RPC (qlora_requests_total) with these
         if final is not None:
             rt.metrics.latency.labels(adapter).observe(time.monotonic() - started)
         # One count of the tokens (the quota's charge) for metrics and the access log, on

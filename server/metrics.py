@@ -14,6 +14,7 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+        # Counted by the request guard (server/interceptors.py), the one place that sees every RPC.
         self.requests = Counter("qlora_requests", "Finished RPCs by method, adapter, tenant and gRPC status code.",
                                 ["method", "adapter", "tenant", "code"], registry=r)
         self.latency = Histogram("qlora_request_latency_seconds", "End-to-end generation latency (s).",

@@ -89,6 +89,9 @@ def read_jsonl(path: str | Path) -> tuple[str, list[tuple[int, dict]]]:
                 obj = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise InvalidArgument(f"{path}:{lineno}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+            except RecursionError:  # json recurses per nesting level: deep nesting is bad input, not a crash
+                raise InvalidArgument(f"{path}:{lineno}: the JSON is nested too deeply; a record is one flat "
+                                      "object of strings (or a messages list)") from None
             if not isinstance(obj, dict):
                 raise InvalidArgument(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
             line_fmt = _detect_format(obj, path, lineno)
