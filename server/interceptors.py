@@ -1,6 +1,6 @@
 """The request guard: one server interceptor around every ``qlora_serve.v1`` RPC.
 
-It does three things the servicers would otherwise each repeat:
+It does four things the servicers would otherwise each repeat:
 
 * **Parsing.** gRPC's own deserializer turns a malformed request (bad wire
   format, or a ``string`` field that is not valid UTF-8) into INTERNAL
