@@ -61,6 +61,8 @@ class SamplingParams:
     top_logprobs: int = 0
 
     def __post_init__(self) -> None:
+        # Any iterable of ids is accepted (a list from JSON, a repeated proto field).
+        object.__setattr__(self, "stop_token_ids", frozenset(int(t) for t in self.stop_token_ids))
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             raise InvalidArgument(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if not math.isfinite(self.temperature) or self.temperature < 0:

@@ -155,9 +155,9 @@ def sample_rows(samplers: list[RowSampler], logits: torch.Tensor) -> tuple[list[
     the token it got."""
     n, vocab = logits.shape
     picked = torch.zeros(n, dtype=torch.long, device=logits.device)
+    bad = torch.zeros(n, dtype=torch.long, device=logits.device)  # 1 = this row's sampling failed
     greedy = _rows(samplers, lambda s: s.params.greedy)
     sampled = _rows(samplers, lambda s: not s.params.greedy)
-    failed: set[int] = set()
     if greedy:
         sub = [samplers[i] for i in greedy]
         scores = logits if len(greedy) == n else logits[greedy]
@@ -173,9 +173,9 @@ def sample_rows(samplers: list[RowSampler], logits: torch.Tensor) -> tuple[list[
         # token of probability 0 adds nothing to the CDF, so it is never chosen.
         u = torch.tensor([s.draw() for s in sub], dtype=torch.float32, device=logits.device).unsqueeze(1)
         picked[sampled] = torch.searchsorted(cdf, u * total, right=True).squeeze(1).clamp_(max=vocab - 1)
-        ok = (torch.isfinite(total) & (total > 0)).squeeze(1).tolist()
-        failed = {i for i, good in zip(sampled, ok) if not good}
-    tokens: list[int | Exception] = picked.tolist()
+        bad[sampled] = (~(torch.isfinite(total) & (total > 0))).squeeze(1).long()
+    tokens, flags = torch.stack([picked, bad]).tolist()  # one device sync per step
+    failed = {i for i, f in enumerate(flags) if f}
     for i in failed:
         tokens[i] = RuntimeError("sampling failed: the probabilities are NaN, infinite or all zero")
     return tokens, _logprobs(samplers, logits, picked, failed, tokens)
