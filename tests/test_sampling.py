@@ -218,3 +218,14 @@ def test_stop_token_ids_outside_the_vocabulary_are_refused():
     with pytest.raises(InvalidArgument, match=f"stop_token_ids contains {VOCAB + 1}, outside the vocabulary"):
         p.check_vocab(VOCAB)
     SamplingParams(max_new_tokens=8, stop_token_ids=frozenset({VOCAB - 1})).check_vocab(VOCAB)
+
+
+def test_a_draw_at_the_top_of_the_unit_interval_never_picks_a_zero_probability_token():
+    """u x total may round up to total in float32; the last token of nonzero probability is taken then."""
+    x = torch.full((1, VOCAB), float("-inf"))
+    x[0, 10], x[0, 20] = 0.0, 0.3
+    s = sampler(temperature=1.0, seed=0)
+    s.draw = lambda: 1.0 - 2.0 ** -30  # rounds to 1.0 in float32
+    assert sample_rows([s], x)[0][0] == 20
+    s.draw = lambda: 0.0
+    assert sample_rows([s], x)[0][0] == 10

@@ -84,6 +84,17 @@ def _rows(samplers: list[RowSampler], pred) -> list[int]:
     return [i for i, s in enumerate(samplers) if pred(s)]
 
 
+def _part(scores: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """The rows' scores: the tensor itself when every row is in (no copy), else a copy."""
+    return scores if len(rows) == scores.shape[0] else scores[rows]
+
+
+def _put(scores: torch.Tensor, rows: list[int], part: torch.Tensor) -> None:
+    """Write back what `_part` gave (nothing to do when it was the tensor itself)."""
+    if part is not scores:
+        scores[rows] = part
+
+
 def _col(values, device) -> torch.Tensor:
     """One float32 column [n, 1] of per-row values."""
     return torch.tensor([float(v) for v in values], dtype=torch.float32, device=device).unsqueeze(1)
@@ -119,26 +130,26 @@ def warp(scores: torch.Tensor, samplers: list[RowSampler]) -> torch.Tensor:
     scores /= _col([s.params.temperature for s in samplers], dev)
     rows = _rows(samplers, lambda s: 0 < s.params.top_k < vocab)
     if rows:
-        part = scores[rows]
+        part = _part(scores, rows)
         k = torch.tensor([samplers[i].params.top_k for i in rows], device=dev)
         kth = part.topk(int(k.max())).values.gather(1, (k - 1).unsqueeze(1))
-        scores[rows] = part.masked_fill(part < kth, _NEG_INF)
+        _put(scores, rows, part.masked_fill_(part < kth, _NEG_INF))
     rows = _rows(samplers, lambda s: s.params.top_p < 1.0)
     if rows:
-        part = scores[rows]
+        part = _part(scores, rows)
         sorted_scores, order = torch.sort(part, descending=False)
         cum = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
         drop = cum <= _col([1 - samplers[i].params.top_p for i in rows], dev)
         drop[:, -1] = False  # keep at least the most likely token
-        scores[rows] = part.masked_fill(drop.scatter(1, order, drop), _NEG_INF)
+        _put(scores, rows, part.masked_fill_(drop.scatter(1, order, drop), _NEG_INF))
     rows = _rows(samplers, lambda s: s.params.min_p > 0.0)
     if rows:
-        part = scores[rows]
+        part = _part(scores, rows)
         probs = part.softmax(dim=-1)
         floor = _col([samplers[i].params.min_p for i in rows], dev) * probs.amax(dim=-1, keepdim=True)
         drop = probs < floor
         drop.scatter_(1, probs.argmax(dim=-1, keepdim=True), False)
-        scores[rows] = part.masked_fill(drop, _NEG_INF)
+        _put(scores, rows, part.masked_fill_(drop, _NEG_INF))
     return scores
 
 
@@ -168,11 +179,14 @@ def sample_rows(samplers: list[RowSampler], logits: torch.Tensor) -> tuple[list[
         sub = [samplers[i] for i in sampled]
         probs = sampling_scores(sub, logits[sampled]).softmax(dim=-1)
         cdf = probs.cumsum(dim=-1)
-        total = cdf[:, -1:]
-        # Inverse-CDF draw: one uniform per row from the row's own generator. A
-        # token of probability 0 adds nothing to the CDF, so it is never chosen.
+        total = cdf[:, -1:].contiguous()
+        # Inverse-CDF draw: one uniform per row from the row's own generator: the first
+        # token whose CDF exceeds u x total. A token of probability 0 adds nothing to
+        # the CDF, so it is never chosen; `last` (the last token of nonzero
+        # probability) catches u x total rounding up to total.
         u = torch.tensor([s.draw() for s in sub], dtype=torch.float32, device=logits.device).unsqueeze(1)
-        picked[sampled] = torch.searchsorted(cdf, u * total, right=True).squeeze(1).clamp_(max=vocab - 1)
+        last = torch.searchsorted(cdf, total, right=False)
+        picked[sampled] = torch.minimum(torch.searchsorted(cdf, u * total, right=True), last).squeeze(1)
         bad[sampled] = (~(torch.isfinite(total) & (total > 0))).squeeze(1).long()
     tokens, flags = torch.stack([picked, bad]).tolist()  # one device sync per step
     failed = {i for i, f in enumerate(flags) if f}
