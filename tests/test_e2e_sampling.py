@@ -131,19 +131,20 @@ def test_a_penalty_on_one_row_never_touches_the_others(fp32_server, client, engi
 
 # ------------------------------------------- stop_token_ids, min_tokens (server)
 def test_stop_token_ids_end_the_request_and_min_tokens_delays_them(client):
-    greedy = list(client.generate(PROMPT, max_new_tokens=N).token_ids)
+    kw = dict(max_new_tokens=N, ignore_eos=True)  # whatever the demo model does with eos, N tokens
+    greedy = list(client.generate(PROMPT, **kw).token_ids)
     stop = greedy[3]
     first = greedy.index(stop)
-    resp = client.generate(PROMPT, max_new_tokens=N, stop_token_ids=[stop])
+    resp = client.generate(PROMPT, stop_token_ids=[stop], **kw)
     assert list(resp.token_ids) == greedy[:first + 1]
     assert resp.finish_reason == common_pb2.FINISH_REASON_STOP
-    text_before = client.generate(PROMPT, max_new_tokens=first).text if first else ""
+    text_before = client.generate(PROMPT, max_new_tokens=first, ignore_eos=True).text if first else ""
     assert resp.text == text_before  # the stop token's own text is not returned
-    chunks = list(client.stream(PROMPT, max_new_tokens=N, stop_token_ids=[stop]))
+    chunks = list(client.stream(PROMPT, stop_token_ids=[stop], **kw))
     assert [t for c in chunks for t in c.token_ids] == greedy[:first + 1]
     assert chunks[-1].finish_reason == common_pb2.FINISH_REASON_STOP
     # min_tokens: the stop id is masked for the first min_tokens tokens.
-    delayed = list(client.generate(PROMPT, max_new_tokens=N, stop_token_ids=[stop], min_tokens=first + 2).token_ids)
+    delayed = list(client.generate(PROMPT, stop_token_ids=[stop], min_tokens=first + 2, **kw).token_ids)
     assert delayed[:first] == greedy[:first] and stop not in delayed[:first + 2]
 
 
@@ -158,7 +159,8 @@ def eos_engine(demo):
     base = load_base(str(demo.base), compute_dtype="float32", device="cpu")
     engine = Engine(base, EngineConfig()).start()
     ids = list(base.tokenizer(PROMPT).input_ids)
-    greedy = _run(engine, ids, max_new_tokens=N)[0]
+    greedy = _run(engine, ids, max_new_tokens=N, ignore_eos=True)[0]
+    # The engine is idle; from its next request on, greedy's 3rd token is this base's eos.
     engine.base = dataclasses.replace(base, eos_token_ids=frozenset({greedy[2]}))
     yield engine, ids, greedy
     engine.shutdown(grace_s=5)
@@ -205,9 +207,10 @@ def test_eos_ends_unless_ignore_eos_and_min_tokens_masks_it(eos_engine):
     ("min_tokens", 5, "min_tokens must be in [0, max_new_tokens (4)]"),
     ("top_logprobs", 21, "top_logprobs must be in [0, 20]"),
     ("top_logprobs", -2, "top_logprobs must be in [0, 20]"),
-    ("stop_token_ids", [10**6], "stop_token_ids contains 1000000, outside the vocabulary (size 384)"),
+    ("stop_token_ids", [10**6], "stop_token_ids contains 1000000, outside the vocabulary (size {vocab})"),
 ])
-def test_out_of_range_controls_are_invalid_argument(client, field, value, needle):
+def test_out_of_range_controls_are_invalid_argument(server, client, field, value, needle):
+    needle = needle.format(vocab=server.runtime.vocab_size)
     kw = {"max_new_tokens": 4, field: value}
     if field == "top_logprobs":
         kw["logprobs"] = True
@@ -265,7 +268,8 @@ def test_chat_on_a_base_without_template_is_invalid_argument(start_server, demo,
 def test_get_model_info_and_the_cli(fp32_server, client):
     base = fp32_server.runtime.engine.base
     info = client.model_info()
-    assert info.base_name == base.name and info.context_length == 512 and info.vocab_size == 384
+    assert info.base_name == base.name and info.context_length == base.max_context > 0
+    assert info.vocab_size == base.model.config.vocab_size == base.model.get_output_embeddings().out_features
     assert info.compute_dtype == "float32" and info.device == "cpu" and info.chat_template
     assert info.resident_bytes == base.footprint.model_bytes > info.quantized_bytes == base.footprint.quantized_bytes > 0
     assert info.max_new_tokens == fp32_server.runtime.engine.config.max_new_tokens
@@ -273,7 +277,7 @@ def test_get_model_info_and_the_cli(fp32_server, client):
     out = subprocess.run([sys.executable, "-m", "qlora_serve.server.cli", "model-info", "--json", "--address", address],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert json.loads(out.stdout)["vocab_size"] == 384
+    assert json.loads(out.stdout)["vocab_size"] == info.vocab_size
     out = subprocess.run([sys.executable, "-m", "qlora_serve.server.cli", "generate", "--address", address, "--chat",
                           "--system", "be brief", "--max-new-tokens", "4", "--top-logprobs", "2",
                           "--repetition-penalty", "1.2", "hello world"], capture_output=True, text=True, timeout=120)
