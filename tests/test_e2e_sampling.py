@@ -247,7 +247,11 @@ def test_bad_chat_requests_are_invalid_argument(client):
 
 
 def test_chat_on_a_base_without_template_is_invalid_argument(start_server, demo, tmp_path_factory):
-    base = tmp_path_factory.mktemp("no-template") / "base"
+    """Also: with authentication on, GetModelInfo needs a key like every other RPC."""
+    from e2e_keys import write_key_file
+
+    root = tmp_path_factory.mktemp("no-template")
+    base = root / "base"
     shutil.copytree(demo.base, base)
     (base / "chat_template.jinja").unlink(missing_ok=True)
     cfg_path = base / "tokenizer_config.json"
@@ -256,8 +260,12 @@ def test_chat_on_a_base_without_template_is_invalid_argument(start_server, demo,
     cfg_path.write_text(json.dumps(cfg))
     from qlora_serve.server.client import Client
 
-    server = start_server(base=str(base), adapters=[])
-    with Client(f"127.0.0.1:{server.port}", timeout=60) as c:
+    keys = write_key_file(root / "keys.toml", {"acme": "client"})
+    server = start_server(base=str(base), adapters=[], key_file=root / "keys.toml")
+    with Client(f"127.0.0.1:{server.port}", timeout=60) as anonymous:
+        code, _ = status_of(anonymous.model_info)
+        assert code == grpc.StatusCode.UNAUTHENTICATED
+    with Client(f"127.0.0.1:{server.port}", api_key=keys["acme"], timeout=60) as c:
         assert not c.model_info().chat_template
         code, details = status_of(lambda: c.chat([("user", "hi")], max_new_tokens=2))
         assert code == grpc.StatusCode.INVALID_ARGUMENT and "has no chat template" in details, details
