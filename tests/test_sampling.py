@@ -229,3 +229,31 @@ def test_a_draw_at_the_top_of_the_unit_interval_never_picks_a_zero_probability_t
     assert sample_rows([s], x)[0][0] == 20
     s.draw = lambda: 0.0
     assert sample_rows([s], x)[0][0] == 10
+
+
+@pytest.mark.cuda
+def test_on_the_gpu_every_control_matches_the_cpu():
+    """Same controls, same seeds, logits on the GPU: the same processed scores and
+    tokens (the uniform draws come from CPU generators on either device)."""
+    gpu = torch.device("cuda")
+    x = logits(4, seed=21)
+    kws = [dict(PROMPT=PROMPT, repetition_penalty=1.4, presence_penalty=0.3, frequency_penalty=0.2),
+           dict(temperature=0.9, top_k=10, top_p=0.9, min_p=0.05, seed=3, logprobs=True, top_logprobs=4),
+           dict(min_tokens=3, stop_token_ids=frozenset({int(x[2].argmax())})),
+           dict(temperature=1.2, seed=8)]
+
+    def make(device):
+        out = []
+        for kw in kws:
+            kw = dict(kw)
+            prompt = kw.pop("PROMPT", ())
+            out.append(RowSampler(SamplingParams(max_new_tokens=8, **kw), device, prompt, frozenset()))
+        return out
+
+    cpu_rows, gpu_rows = make(CPU), make(gpu)
+    for _ in range(4):
+        t_cpu, lp_cpu = sample_rows(cpu_rows, x.clone())
+        t_gpu, lp_gpu = sample_rows(gpu_rows, x.to(gpu))
+        assert t_cpu == t_gpu
+        assert lp_gpu[1].logprob == pytest.approx(lp_cpu[1].logprob, abs=1e-5)
+        assert [t for t, _ in lp_gpu[1].top] == [t for t, _ in lp_cpu[1].top]
