@@ -175,25 +175,66 @@ def _add_generate(sub) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--json", action="store_true", help="print the whole response as JSON")
+    g = p.add_argument_group("more sampling controls (ranges: README, Request fields)")
+    g.add_argument("--presence-penalty", type=float, default=0.0, help="[-2, 2], 0 = off")
+    g.add_argument("--frequency-penalty", type=float, default=0.0, help="[-2, 2], 0 = off")
+    g.add_argument("--repetition-penalty", type=float, default=None, help="> 0, 1 = off")
+    g.add_argument("--min-p", type=float, default=0.0, help="[0, 1], 0 = off")
+    g.add_argument("--stop-token-id", type=int, action="append", default=[], help="stop token id (repeatable)")
+    g.add_argument("--ignore-eos", action="store_true", help="keep generating after the eos token")
+    g.add_argument("--min-tokens", type=int, default=0, help="no eos / stop token before this many tokens")
+    g.add_argument("--logprobs", action="store_true", help="print each token's log-probability")
+    g.add_argument("--top-logprobs", type=int, default=0, help="and this many alternatives (0..20; implies --logprobs)")
+    g.add_argument("--chat", action="store_true", help="send PROMPT as a user chat message (chat template)")
+    g.add_argument("--system", default=None, help="a system message before it (implies --chat)")
     _add_client_flags(p)
     p.set_defaults(func=_generate)
+    p = sub.add_parser("model-info", help="the served base: name, context length, vocabulary, dtype, memory")
+    p.add_argument("--json", action="store_true", help="print as JSON")
+    _add_client_flags(p)
+    p.set_defaults(func=_model_info)
 
 
 def _generate(args) -> int:
     from google.protobuf.json_format import MessageToDict
 
     kw = dict(adapter=args.adapter, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-              top_p=args.top_p, top_k=args.top_k, seed=args.seed, stop=args.stop)
+              top_p=args.top_p, top_k=args.top_k, seed=args.seed, stop=args.stop,
+              presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
+              repetition_penalty=args.repetition_penalty, min_p=args.min_p, stop_token_ids=args.stop_token_id,
+              ignore_eos=args.ignore_eos, min_tokens=args.min_tokens,
+              logprobs=args.logprobs or args.top_logprobs > 0, top_logprobs=args.top_logprobs)
+    prompt = args.prompt
+    if args.chat or args.system is not None:
+        kw["messages"] = ([("system", args.system)] if args.system is not None else []) + [("user", prompt)]
+        prompt = ""
+    logprobs = []
     with _client(args) as client:
         if args.stream:
-            for chunk in client.stream(args.prompt, **kw):
+            for chunk in client.stream(prompt, **kw):
                 print(json.dumps(MessageToDict(chunk)) if args.json else chunk.text, end="\n" if args.json else "",
                       flush=True)
+                logprobs += chunk.logprobs
             if not args.json:
                 print()
         else:
-            resp = client.generate(args.prompt, **kw)
+            resp = client.generate(prompt, **kw)
             print(json.dumps(MessageToDict(resp), indent=2) if args.json else resp.text)
+            logprobs = resp.logprobs
+    if not args.json:
+        for lp in logprobs:  # token text as JSON strings: no raw control characters reach the terminal
+            alts = "  ".join(f"{json.dumps(t.token)}={t.logprob:.4f}" for t in lp.top_logprobs)
+            print(f"{lp.logprob:9.4f}  {lp.token_id:>6}  {json.dumps(lp.token)}" + (f"  | {alts}" if alts else ""))
+    return 0
+
+
+def _model_info(args) -> int:
+    from google.protobuf.json_format import MessageToDict
+
+    with _client(args) as client:
+        info = MessageToDict(client.model_info(), preserving_proto_field_name=True,
+                             always_print_fields_with_no_presence=True)
+    print(json.dumps(info, indent=2) if args.json else "\n".join(f"{k}: {v}" for k, v in info.items()))
     return 0
 
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass, fields
 
 import grpc
 
+from qlora_serve.server.engine.chat import render_chat
 from qlora_serve.server.engine.config import option
 from qlora_serve.server.engine.request import (
     AdapterHandle,
@@ -19,6 +20,7 @@ from qlora_serve.server.engine.request import (
     Request,
     SamplingParams,
     TokenEvent,
+    TokenLogprob,
 )
 from qlora_serve.errors import Cancelled, DeadlineExceeded, InvalidArgument
 from qlora_serve.server.interceptors import note_outcome, report_usage
@@ -65,13 +67,16 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
     def _validate(self, msg: inference_pb2.GenerateRequest) -> tuple[list[int], SamplingParams]:
         limits: RequestLimits = self._rt.limits
         engine = self._rt.engine
-        if msg.prompt and len(msg.prompt_token_ids):
-            raise InvalidArgument("set either prompt or prompt_token_ids, not both")
-        if msg.prompt:
-            size = len(msg.prompt.encode("utf-8"))
+        if sum(map(bool, (msg.prompt, len(msg.prompt_token_ids), len(msg.messages)))) > 1:
+            raise InvalidArgument("set one of prompt, prompt_token_ids or messages, not several")
+        if msg.prompt or msg.messages:
+            size = len(msg.prompt.encode("utf-8")) + sum(len(m.content.encode("utf-8")) for m in msg.messages)
             if size > limits.max_prompt_bytes:  # before tokenizing: a 7 MiB prompt costs seconds of CPU
                 raise InvalidArgument(f"prompt has {size} bytes; the limit is {limits.max_prompt_bytes} "
                                       f"(--max-prompt-bytes; --max-prompt-tokens is {limits.max_prompt_tokens})")
+        if msg.messages:
+            ids = render_chat(self._rt.tokenizer, [(m.role, m.content) for m in msg.messages])
+        elif msg.prompt:
             ids = list(self._rt.tokenizer(msg.prompt).input_ids)
         else:
             if len(msg.prompt_token_ids) > limits.max_prompt_tokens:  # before scanning them all
@@ -97,7 +102,7 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
             raise InvalidArgument(f"stop has {len(msg.stop)} strings; the limit is {limits.max_stop_strings}")
         if any(len(s) > limits.max_stop_chars for s in msg.stop):
             raise InvalidArgument(f"a stop string is longer than {limits.max_stop_chars} characters")
-        for field in ("temperature", "top_p"):
+        for field in ("temperature", "top_p", "presence_penalty", "frequency_penalty", "min_p"):
             if not math.isfinite(getattr(msg, field)):
                 raise InvalidArgument(f"{field} must be a finite number, got {getattr(msg, field)}")
         params = SamplingParams(
@@ -107,7 +112,9 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
             top_k=int(msg.top_k),
             seed=int(msg.seed) if msg.HasField("seed") else None,
             stop=tuple(msg.stop),
+            **sampling_controls(msg),
         )
+        params.check_vocab(self._rt.vocab_size)
         engine.validate_lengths(len(ids), max_new)
         return ids, params
 
@@ -163,7 +170,8 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
                 if not isinstance(nxt, TokenEvent):
                     pending = nxt
                     break
-                ev = TokenEvent(ev.token_ids + nxt.token_ids, ev.text + nxt.text)
+                ev = TokenEvent(ev.token_ids + nxt.token_ids, ev.text + nxt.text,
+                                None if ev.logprobs is None else ev.logprobs + nxt.logprobs)
             for item in (ev, pending):
                 if isinstance(item, ErrorEvent):
                     raise item.error
@@ -227,7 +235,8 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
             return inference_pb2.GenerateResponse(
                 text=final.text, token_ids=final.token_ids, finish_reason=_FINISH[final.finish_reason],
                 prompt_tokens=final.prompt_tokens, completion_tokens=len(final.token_ids),
-                adapter=self._adapter_ref(req), request_id=req.request_id)
+                adapter=self._adapter_ref(req), request_id=req.request_id,
+                logprobs=logprobs_pb(self._rt.tokenizer, final.logprobs))
         except Exception as exc:
             exc = self._outcome(exc, req, context)
             self._record("Generate", req, code_for(exc), started, context=context)
@@ -240,8 +249,9 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
             ref = self._adapter_ref(req)
             for ev in self._events(req, context):
                 if isinstance(ev, TokenEvent):
-                    yield inference_pb2.GenerateStreamResponse(text=ev.text, token_ids=ev.token_ids, adapter=ref,
-                                                               request_id=req.request_id)
+                    yield inference_pb2.GenerateStreamResponse(
+                        text=ev.text, token_ids=ev.token_ids, adapter=ref, request_id=req.request_id,
+                        logprobs=logprobs_pb(self._rt.tokenizer, ev.logprobs))
                 else:
                     recorded = True
                     self._record("GenerateStream", req, grpc.StatusCode.OK, started, ev, context)
@@ -260,3 +270,34 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
                 # release the quota lease; the engine frees the row via the done callback.
                 code = code_for(self._outcome(Cancelled("client went away"), req, context))
                 self._record("GenerateStream", req, code, started, context=context)
+
+    def GetModelInfo(self, request, context):
+        try:
+            self._rt.require_ready()
+            self._rt.authenticate(context)
+            cfg = self._rt.engine.config
+            return inference_pb2.ModelInfo(**self._rt.engine.base.info(), max_new_tokens=cfg.max_new_tokens,
+                                           max_prompt_tokens=self._rt.limits.max_prompt_tokens)
+        except Exception as exc:
+            abort(context, exc)
+
+
+def sampling_controls(msg: inference_pb2.GenerateRequest) -> dict:
+    """The GenerateRequest's sampling controls as SamplingParams keyword arguments
+    (SamplingParams validates their ranges)."""
+    return dict(
+        presence_penalty=float(msg.presence_penalty), frequency_penalty=float(msg.frequency_penalty),
+        repetition_penalty=float(msg.repetition_penalty) if msg.HasField("repetition_penalty") else 1.0,
+        min_p=float(msg.min_p), stop_token_ids=frozenset(msg.stop_token_ids), ignore_eos=msg.ignore_eos,
+        min_tokens=int(msg.min_tokens), logprobs=msg.logprobs, top_logprobs=int(msg.top_logprobs))
+
+
+def logprobs_pb(tokenizer, logprobs: list[TokenLogprob] | None) -> list[inference_pb2.TokenLogprob]:
+    """Engine logprobs -> proto messages, each token with its own text."""
+    def text(t: int) -> str:
+        return tokenizer.decode([t], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+    return [inference_pb2.TokenLogprob(
+        token_id=lp.token_id, token=text(lp.token_id), logprob=lp.logprob,
+        top_logprobs=[inference_pb2.TopLogprob(token_id=t, token=text(t), logprob=v) for t, v in lp.top])
+        for lp in logprobs or ()]
