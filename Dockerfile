@@ -27,4 +27,4 @@ WORKDIR /home/qlora
 EXPOSE 50051 9090
 HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 \
   CMD ["qlora-serve", "health", "--address", "localhost:50051"]
-ENTRYPOINT ["qlora-serve", "serve", "--host", "0.0.0.0"]
+ENTRYPOINT ["qlora-serve", "serve", "--host", "0.0.0.0", "--metrics-address", "0.0.0.0"]

@@ -25,7 +25,7 @@ import stat
 from collections.abc import Sequence
 from pathlib import Path
 
-from qlora_serve.errors import InvalidArgument, PermissionDenied
+from qlora_serve.errors import InvalidArgument, PermissionDenied, clip_repr
 
 
 def _is_within(path: str, root: str) -> bool:
@@ -51,9 +51,9 @@ def resolve_adapter_dir(path: str | os.PathLike, roots: Sequence[str]) -> Path:
     if not raw or "\x00" in raw:
         raise InvalidArgument("adapter path is empty or contains a NUL byte; pass the absolute path of the adapter directory on the server")
     if ".." in Path(raw).parts:
-        raise PermissionDenied(f"adapter path {raw!r} contains '..', which is refused; pass the absolute path without '..'")
+        raise PermissionDenied(f"adapter path {clip_repr(raw)} contains '..', which is refused; pass the absolute path without '..'")
     if not os.path.isabs(raw):
-        raise InvalidArgument(f"adapter path {raw!r} is relative; pass an absolute path on the server (the CLI makes local paths absolute)")
+        raise InvalidArgument(f"adapter path {clip_repr(raw)} is relative; pass an absolute path on the server (the CLI makes local paths absolute)")
     if not roots:
         raise PermissionDenied(
             "registering from a server path is disabled: no allowed adapter roots are configured; "
@@ -62,11 +62,11 @@ def resolve_adapter_dir(path: str | os.PathLike, roots: Sequence[str]) -> Path:
     real = os.path.realpath(raw)
     if not any(_is_within(real, root) for root in roots):
         raise PermissionDenied(
-            f"adapter path {raw!r} (resolves to {real!r}) is outside the allowed adapter roots {list(roots)}; "
+            f"adapter path {clip_repr(raw)} (resolves to {clip_repr(real)}) is outside the allowed adapter roots {list(roots)}; "
             f"copy the adapter under one of them or add a root with --allowed-adapter-root"
         )
     if not os.path.isdir(real):
-        raise InvalidArgument(f"adapter path {raw!r} is not a directory; pass the folder that holds adapter_config.json and adapter_model.safetensors")
+        raise InvalidArgument(f"adapter path {clip_repr(raw)} is not a directory; pass the folder that holds adapter_config.json and adapter_model.safetensors")
     return Path(real)
 
 
@@ -78,7 +78,7 @@ def resolve_adapter_file(adapter_dir: Path, name: str, roots: Sequence[str] | No
     real = os.path.realpath(shown)
     if roots is not None and not any(_is_within(real, root) for root in roots):
         raise PermissionDenied(
-            f"{shown} is a symlink to {real!r}, outside the allowed adapter roots {list(roots)}; "
+            f"{shown} is a symlink to {clip_repr(real)}, outside the allowed adapter roots {list(roots)}; "
             f"replace the link with a copy of the file"
         )
     try:

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from qlora_serve.errors import FailedPrecondition, InvalidArgument
+from qlora_serve.errors import FailedPrecondition, InvalidArgument, clip, clip_repr
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -22,7 +23,9 @@ PICKLE_WEIGHTS = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
 _KEY_PREFIX = "base_model.model."
 # Config switches whose behaviour our batched LoRA does not implement. Refusing is
 # better than serving an adapter that silently computes something else.
-_UNSUPPORTED_TRUE = ("use_dora", "lora_bias", "use_qalora", "fan_in_fan_out")
+_UNSUPPORTED_TRUE = ("use_dora", "lora_bias", "use_qalora", "fan_in_fan_out",
+                     # aLoRA applies the adapter only after its invocation tokens: plain LoRA differs.
+                     "alora_invocation_tokens")
 
 
 @dataclass(frozen=True)
@@ -88,6 +91,8 @@ def read_adapter_config(adapter_dir: Path) -> dict:
         cfg = json.loads(cfg_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise InvalidArgument(f"{cfg_path} is not valid JSON: {exc}") from None
+    except RecursionError:  # json recurses per nesting level: deep nesting is bad input, not a crash
+        raise InvalidArgument(f"{cfg_path}: the JSON is nested too deeply; a PEFT adapter config is a flat object") from None
     if not isinstance(cfg, dict):
         raise InvalidArgument(f"{cfg_path} must hold a JSON object")
     peft_type = str(cfg.get("peft_type", "")).upper()
@@ -97,11 +102,12 @@ def read_adapter_config(adapter_dir: Path) -> dict:
     if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
         raise InvalidArgument(f"{cfg_path}: field 'r' must be a positive integer, got {r!r}")
     alpha = cfg.get("lora_alpha", r)
-    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha) or alpha <= 0:
-        raise InvalidArgument(f"{cfg_path}: field 'lora_alpha' must be a positive number, got {alpha!r}")
+    # Any finite number: PEFT accepts a negative (or zero) alpha and scales by it as it is.
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha):
+        raise InvalidArgument(f"{cfg_path}: field 'lora_alpha' must be a finite number, got {clip_repr(alpha)}")
     for key in _UNSUPPORTED_TRUE:
         if cfg.get(key):
-            raise InvalidArgument(f"{cfg_path}: '{key}: true' is not supported by the serving engine; retrain without it or merge the adapter (qlora-serve merge)")
+            raise InvalidArgument(f"{cfg_path}: '{key}: {clip(json.dumps(cfg[key]), 40)}' is not supported by the serving engine; retrain without it or merge the adapter (qlora-serve merge)")
     if cfg.get("modules_to_save"):
         raise InvalidArgument(f"{cfg_path}: modules_to_save={cfg['modules_to_save']} replaces whole base modules, which a shared base cannot do per request; retrain without modules_to_save or merge the adapter (qlora-serve merge)")
     if cfg.get("bias", "none") != "none":
@@ -144,6 +150,9 @@ def load_lora_adapter(adapter_dir: Path, *, max_rank: int | None = None, dtype: 
 
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
+        if not tensor.is_floating_point():
+            raise InvalidArgument(f"{weights}: tensor {clip_repr(key)} has dtype {str(tensor.dtype).removeprefix('torch.')}; "
+                                  "LoRA weights must be floating point (F32, F16 or BF16)")
         if "lora_embedding_" in key or "lora_magnitude_vector" in key:
             raise InvalidArgument(f"{weights}: tensor {key!r} belongs to an embedding/DoRA adapter, which the serving engine does not support")
         for part in ("lora_A", "lora_B"):
@@ -166,6 +175,7 @@ def load_lora_adapter(adapter_dir: Path, *, max_rank: int | None = None, dtype: 
         if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
             raise InvalidArgument(f"{weights}: module {name!r} has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}; expected [r, in] and [out, r]")
         rank = int(a.shape[0])
+        check_config_rank(cfg, name, rank, weights)
         if max_rank is not None and rank > max_rank:
             raise FailedPrecondition(f"{weights}: module {name!r} has rank {rank} > the server's max_lora_rank {max_rank}; raise --max-lora-rank or retrain with a smaller r")
         a, b = a.float(), b.float()
@@ -174,7 +184,52 @@ def load_lora_adapter(adapter_dir: Path, *, max_rank: int | None = None, dtype: 
         if dtype is not None and dtype != torch.float32:
             check_finite_in(a, b, dtype, f"{weights}: module {name!r}")
         modules[name] = LoraModule(lora_a=a, lora_b=b, scaling=_scaling(cfg, name, rank))
+        check_delta_range(modules[name], dtype or torch.float32, f"{weights}: module {name!r}")
     return LoraAdapter(path=adapter_dir, config=cfg, modules=modules)
+
+
+def check_config_rank(cfg: dict, module_name: str, rank: int, weights: Path) -> None:
+    """Refuse tensors whose rank is not the one the config gives the module (`r`, or
+    its `rank_pattern` entry): PEFT refuses such an adapter, so must we."""
+    from peft.utils.other import get_pattern_key
+
+    pattern = cfg.get("rank_pattern") or {}
+    key = get_pattern_key(pattern.keys(), module_name) if pattern else module_name
+    expected = pattern.get(key, cfg["r"])
+    if expected != rank:
+        field_name = f"rank_pattern[{key!r}]" if key in pattern else "r"
+        raise InvalidArgument(
+            f"{weights}: module {module_name!r} has rank-{rank} tensors but adapter_config.json field "
+            f"'{field_name}' says {clip_repr(expected)}; fix the config to match the tensors")
+
+
+def delta_bound(module: LoraModule) -> float:
+    """An upper bound on the spectral norm of the module's weight delta
+    |scaling| x ||B @ A||_2 <= |scaling| x ||B||_F x ||A||_F: the most the delta can
+    multiply an input's L2 norm by. Float64, so it is exact enough even for weights
+    whose square overflows float32; O((in + out) x r), B @ A is never formed."""
+    a = torch.linalg.vector_norm(module.lora_a.double()).item()
+    b = torch.linalg.vector_norm(module.lora_b.double()).item()
+    return abs(module.scaling) * a * b
+
+
+def delta_limit(dtype: torch.dtype) -> float:
+    """Largest `delta_bound` served for `dtype`: the square root of its largest value
+    (and of float32's, which the adapter slots use), so an activation would itself
+    have to be near overflow before the delta overflows (1.8e19 for float32/bfloat16,
+    256 for float16)."""
+    return math.sqrt(min(torch.finfo(dtype).max, torch.finfo(torch.float32).max))
+
+
+def check_delta_range(module: LoraModule, dtype: torch.dtype, what: str) -> None:
+    """Refuse a module whose scaled delta (scaling x B x A, not A and B one by one)
+    can overflow `dtype`: served, it answers OK with garbage tokens."""
+    bound, limit = delta_bound(module), delta_limit(dtype)
+    if not bound <= limit:  # also catches inf/nan
+        raise InvalidArgument(
+            f"{what}: its scaled delta lora_alpha/r x lora_B x lora_A can reach {bound:.3g} x the input, beyond what "
+            f"{str(dtype).removeprefix('torch.')} holds (limit {limit:.3g}); the adapter is corrupt or diverged: check "
+            f"lora_alpha and the weights, or retrain")
 
 
 def check_finite_in(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype, what: str) -> None:
@@ -185,9 +240,41 @@ def check_finite_in(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype, what: 
             "rescale the adapter (e.g. retrain with weight decay) or serve with --compute-dtype float32")
 
 
+def _targeted(target_modules, name: str) -> bool:
+    """PEFT's rule (check_target_module_exists): a regex string must match the whole
+    module name; a list entry must be the name or its last dotted parts."""
+    if isinstance(target_modules, str):
+        return target_modules == "all-linear" or re.fullmatch(target_modules, name) is not None
+    return name in target_modules or any(name.endswith(f".{t}") for t in target_modules)
+
+
+def check_targets(adapter: LoraAdapter, linear_shapes: dict[str, tuple[int, int]]) -> None:
+    """Refuse `target_modules` that names no Linear layer of the base (PEFT refuses
+    it) or that leaves out a module the tensors adapt (PEFT would ignore them)."""
+    where = adapter.path / CONFIG_FILE
+    targets = adapter.config.get("target_modules")
+    if targets is None:
+        return
+    if not (isinstance(targets, str) or (isinstance(targets, list) and all(isinstance(t, str) for t in targets))):
+        raise InvalidArgument(f"{where}: field 'target_modules' must be a list of module names or a regex string, "
+                              f"got {clip_repr(targets)}")
+    try:
+        if not any(_targeted(targets, name) for name in linear_shapes):
+            raise InvalidArgument(
+                f"{where}: field 'target_modules' {clip_repr(targets)} names no Linear layer of the base model "
+                f"(e.g. {sorted({n.rsplit('.', 1)[-1] for n in linear_shapes})[:8]}); the adapter was trained for another architecture")
+        missing = next((n for n in sorted(adapter.modules) if not _targeted(targets, n)), None)
+    except re.error as exc:
+        raise InvalidArgument(f"{where}: field 'target_modules' is not a valid regex: {exc}") from None
+    if missing is not None:
+        raise InvalidArgument(f"{where}: {WEIGHTS_FILE} adapts module {missing!r}, which field 'target_modules' "
+                              f"{clip_repr(targets)} does not name; fix target_modules to match the tensors")
+
+
 def check_fits_base(adapter: LoraAdapter, linear_shapes: dict[str, tuple[int, int]]) -> None:
     """Refuse an adapter whose modules are not Linear layers of the base or whose
-    shapes differ. `linear_shapes` maps module name -> (in_features, out_features)."""
+    shapes differ, or whose `target_modules` contradicts the base or the tensors.
+    `linear_shapes` maps module name -> (in_features, out_features)."""
     for name, mod in adapter.modules.items():
         if name not in linear_shapes:
             raise InvalidArgument(
@@ -200,3 +287,4 @@ def check_fits_base(adapter: LoraAdapter, linear_shapes: dict[str, tuple[int, in
                 f"{adapter.path / WEIGHTS_FILE}: module {name!r} expects a Linear of {mod.lora_a.shape[1]} -> "
                 f"{mod.lora_b.shape[0]} features but the base has {in_f} -> {out_f}; the adapter belongs to another base model"
             )
+    check_targets(adapter, linear_shapes)

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from qlora_serve.errors import InvalidArgument
+from qlora_serve.errors import InvalidArgument, clip_repr
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 ALIAS_RE = re.compile(r"^[A-Za-z][A-Za-z0-9._-]{0,63}$")
@@ -61,7 +61,7 @@ class AdapterRecord:
 def validate_name(name: object) -> str:
     if not isinstance(name, str) or not NAME_RE.match(name):
         raise InvalidArgument(
-            f"adapter name {name!r} is invalid: use 1-64 characters from letters, digits, '.', '_', '-', "
+            f"adapter name {clip_repr(name)} is invalid: use 1-64 characters from letters, digits, '.', '_', '-', "
             f"starting with a letter or digit (no '@' or '/')"
         )
     return name
@@ -70,11 +70,11 @@ def validate_name(name: object) -> str:
 def parse_ref(ref: object) -> tuple[str, str | None]:
     """Split "name[@selector]" -> (name, selector or None); validates the name."""
     if not isinstance(ref, str) or ref.count("@") > 1:
-        raise InvalidArgument(f"adapter reference {ref!r} is invalid: use 'name', 'name@3' or 'name@alias'")
+        raise InvalidArgument(f"adapter reference {clip_repr(ref)} is invalid: use 'name', 'name@3' or 'name@alias'")
     name, _, selector = ref.partition("@")
     validate_name(name)
     if "@" in ref and not (selector.isdigit() or ALIAS_RE.match(selector)):
-        raise InvalidArgument(f"adapter reference {ref!r} is invalid: after '@' put a version number or an alias name")
+        raise InvalidArgument(f"adapter reference {clip_repr(ref)} is invalid: after '@' put a version number or an alias name")
     return name, (selector if "@" in ref else None)
 
 
@@ -82,7 +82,7 @@ def _validate_owner(owner: object) -> str | None:
     if owner is None or owner == "":
         return None
     if not isinstance(owner, str) or len(owner) > _MAX_LABEL_CHARS:
-        raise InvalidArgument(f"owner must be a string of at most {_MAX_LABEL_CHARS} characters, got {owner!r}")
+        raise InvalidArgument(f"owner must be a string of at most {_MAX_LABEL_CHARS} characters, got {clip_repr(owner)}")
     return owner
 
 
@@ -94,6 +94,6 @@ def _validate_labels(labels: object) -> dict[str, str]:
     out = {}
     for key, value in labels.items():
         if not (isinstance(key, str) and isinstance(value, str) and 0 < len(key) <= _MAX_LABEL_CHARS and len(value) <= _MAX_LABEL_CHARS):
-            raise InvalidArgument(f"label {key!r}={value!r} is invalid: keys and values are strings of at most {_MAX_LABEL_CHARS} characters, keys non-empty")
+            raise InvalidArgument(f"label {clip_repr(key)}={clip_repr(value)} is invalid: keys and values are strings of at most {_MAX_LABEL_CHARS} characters, keys non-empty")
         out[key] = value
     return out

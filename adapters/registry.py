@@ -15,7 +15,8 @@ Semantics (the servicer and CLI rely on these):
   Rollback = `set_alias(name, "default", older)`. "latest" is reserved (always
   the highest version) and cannot be set. Alias names start with a letter, so
   they never look like a version number.
-- Registering the same files (same digest) again under the same name returns
+- Registering the same files (same digest: adapter_config.json and
+  adapter_model.safetensors, see `store.py`) again under the same name returns
   the existing record instead of a new version (safe client retries); its
   owner/labels are not changed. The same files under another name is a new
   record sharing the stored copy.
@@ -86,6 +87,7 @@ from qlora_serve.errors import (
     NotFound,
     QloraServeError,
     ResourceExhausted,
+    clip_repr,
 )
 
 log = logging.getLogger(__name__)
@@ -98,7 +100,7 @@ LATEST = "latest"
 # Key in adapter_config.json naming the base the adapter was trained on.
 FINGERPRINT_KEY = "qlora_serve_base_fingerprint"
 REQUIRED_FILES = (CONFIG_FILE, WEIGHTS_FILE)
-# Optional files copied with the adapter (and covered by its digest); anything
+# Optional files copied with the adapter (stored, but not part of its digest); anything
 # else in a source directory (checkpoints, tokenizer, training_args.bin) is ignored.
 METADATA_FILE = "qlora_serve_metadata.json"  # written by training/export.py
 OPTIONAL_FILES = ("README.md", METADATA_FILE)
@@ -148,6 +150,8 @@ class AdapterRegistry:
     allowed_roots: directories `register_path` may read from; empty = path registration off.
     allow_fingerprint_mismatch: accept adapters declaring another base.
     max_upload_bytes: total size limit of one `register_files` upload, bytes.
+    compute_dtype: the dtype the server computes in (torch dtype; None = float32): weights
+        and scaled deltas that overflow it are refused at registration.
     """
 
     def __init__(
@@ -160,6 +164,7 @@ class AdapterRegistry:
         allowed_roots: Sequence[str | os.PathLike] = (),
         allow_fingerprint_mismatch: bool = False,
         max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
+        compute_dtype=None,
     ):
         self.data_dir = Path(data_dir)
         self.base_fingerprint = base_fingerprint
@@ -168,6 +173,7 @@ class AdapterRegistry:
         self.allowed_roots = real_roots(allowed_roots)
         self.allow_fingerprint_mismatch = allow_fingerprint_mismatch
         self.max_upload_bytes = max_upload_bytes
+        self.compute_dtype = compute_dtype
         self._lock = threading.RLock()
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self._lock_fd = self._acquire_dir_lock()
@@ -178,6 +184,12 @@ class AdapterRegistry:
             # Nothing can be in flight yet, so every tmp entry and unreferenced
             # store dir is a leftover of a crash (or of a failed delete).
             self._store.gc(self._referenced_digests())
+        except sqlite3.DatabaseError as exc:  # e.g. "file is not a database": a corrupted catalogue
+            self.close()
+            raise FailedPrecondition(
+                f"{self.data_dir / DB_FILE} cannot be read as the adapter registry ({exc}); restore it from a "
+                "backup, or start with a new --data-dir and register the adapters again (keep this directory: "
+                "its store/ holds the adapter files)") from None
         except BaseException:
             self.close()
             raise
@@ -336,9 +348,9 @@ class AdapterRegistry:
                     f"PeftModel.from_pretrained(base, dir).save_pretrained(out_dir, safe_serialization=True) and upload {WEIGHTS_FILE}"
                 )
             if fname not in allowed:
-                raise InvalidArgument(f"uploaded file {fname!r} is not accepted; upload only {', '.join(allowed)}")
+                raise InvalidArgument(f"uploaded file {clip_repr(fname)} is not accepted; upload only {', '.join(allowed)}")
             if not isinstance(data, (bytes, bytearray, memoryview)):
-                raise InvalidArgument(f"uploaded file {fname!r} must be bytes")
+                raise InvalidArgument(f"uploaded file {clip_repr(fname)} must be bytes")
         total = sum(len(data) for data in files.values())
         if total > self.max_upload_bytes:
             raise ResourceExhausted(
@@ -412,7 +424,7 @@ class AdapterRegistry:
         """Validate exactly the bytes that will be stored (no check-then-copy race).
         Messages name `shown` (the caller's path), not the private temp dir."""
         try:
-            adapter = load_lora_adapter(staged.dir, max_rank=self.max_rank)
+            adapter = load_lora_adapter(staged.dir, max_rank=self.max_rank, dtype=self.compute_dtype)
             fingerprint = self._check_fingerprint(adapter.config, shown)
             check_fits_base(adapter, self.linear_shapes)
             if METADATA_FILE in staged.files:
@@ -420,6 +432,8 @@ class AdapterRegistry:
                     meta = json.loads((staged.dir / METADATA_FILE).read_text())
                 except (json.JSONDecodeError, UnicodeDecodeError) as exc:
                     raise InvalidArgument(f"{staged.dir / METADATA_FILE} is not valid JSON: {exc}") from None
+                except RecursionError:
+                    raise InvalidArgument(f"{staged.dir / METADATA_FILE}: the JSON is nested too deeply") from None
                 if not isinstance(meta, dict):
                     raise InvalidArgument(f"{staged.dir / METADATA_FILE} must hold a JSON object")
         except QloraServeError as exc:
@@ -514,6 +528,16 @@ class AdapterRegistry:
             rows = self._query(f"SELECT {_COLUMNS} FROM adapters WHERE name=? AND version=?", (name, version))
             return self._row_to_record(rows[0], self._alias_map(name).get((name, version), ()))
 
+    def owner_of(self, ref: str) -> str | None:
+        """The owner (None = public) of the name a ref names, read before anything
+        else about it, so access can be decided before versions or aliases are
+        revealed; NotFound (naming only the name) when it has no versions."""
+        name, _ = parse_ref(ref)
+        rows = self._query("SELECT owner FROM adapters WHERE name=? LIMIT 1", (name,))
+        if not rows:
+            raise self._not_found(name)
+        return rows[0][0]
+
     def get(self, name: str, version: int | None = None) -> AdapterRecord:
         """`name@version`, or what plain `name` resolves to when version is None."""
         validate_name(name)
@@ -547,7 +571,7 @@ class AdapterRegistry:
         record. "default" decides what plain `name` serves; "latest" is reserved."""
         validate_name(name)
         if not isinstance(alias, str) or not ALIAS_RE.match(alias):
-            raise InvalidArgument(f"alias {alias!r} is invalid: use 1-64 characters from letters, digits, '.', '_', '-', starting with a letter")
+            raise InvalidArgument(f"alias {clip_repr(alias)} is invalid: use 1-64 characters from letters, digits, '.', '_', '-', starting with a letter")
         if alias == LATEST:
             raise InvalidArgument(f"alias {LATEST!r} is reserved: it always means the highest version")
         with self._lock:
@@ -561,7 +585,7 @@ class AdapterRegistry:
         validate_name(name)
         with self._tx() as conn:
             if conn.execute("DELETE FROM aliases WHERE name=? AND alias=?", (name, alias)).rowcount == 0:
-                raise NotFound(f"adapter {name!r} has no alias {alias!r}; {LIST_HINT}")
+                raise NotFound(f"adapter {name!r} has no alias {clip_repr(alias)}; {LIST_HINT}")
 
     def aliases(self, name: str) -> dict[str, int]:
         """{alias: version} of `name` ({} if it has none); NotFound for an unknown name."""
@@ -606,6 +630,8 @@ class AdapterRegistry:
             )
         try:
             actual = self._store.digest_of(record.path)
+            if actual != record.digest and self._store.digest_of(record.path, every_file=True) == record.digest:
+                actual = record.digest  # registered when the digest covered every stored file
         except OSError as exc:
             raise FailedPrecondition(
                 f"adapter {record.ref}: its files in {record.path} cannot be read ({exc.strerror or exc}); "

@@ -13,8 +13,12 @@ point leaves a temp dir or an unreferenced store dir, never a row without
 files; `gc()` at open removes both.
 
 Digest definition (stable, documented so other tools can recompute it):
-sha256 over the UTF-8 lines `"{name}\\0{size}\\0{sha256(file) hex}\\n"` of every
-stored file, sorted by name.
+sha256 over the UTF-8 lines `"{name}\\0{size}\\0{sha256(file) hex}\\n"` of the
+files serving reads (`DIGESTED_FILES`: adapter_config.json and
+adapter_model.safetensors), sorted by name. A README.md or metadata file is stored
+beside them but is not part of the identity: registering the same served files
+with another README is the same content. Versions registered before this rule
+carry the digest over every stored file (`every_file=True`); both verify.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from qlora_serve.adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE
 from qlora_serve.errors import InvalidArgument
 
 log = logging.getLogger(__name__)
@@ -37,12 +42,17 @@ STORE_DIR = "store"
 TMP_DIR = "tmp"
 COPY_CHUNK_BYTES = 1 << 20  # 1 MiB: large enough for throughput, small enough to bound memory
 DIGEST_RE = re.compile(r"^[0-9a-f]{64}$")
+DIGESTED_FILES = (CONFIG_FILE, WEIGHTS_FILE)  # what serving reads: an adapter's identity
 
 
-def manifest_digest(files: dict[str, tuple[int, str]]) -> str:
-    """The adapter digest from {file name: (size in bytes, sha256 hex)}."""
+def manifest_digest(files: dict[str, tuple[int, str]], *, every_file: bool = False) -> str:
+    """The adapter digest from {file name: (size in bytes, sha256 hex)}: over the
+    `DIGESTED_FILES` among them, or over all of them with `every_file` (the rule
+    before the digest covered only served files)."""
     h = hashlib.sha256()
     for name in sorted(files):
+        if not every_file and name not in DIGESTED_FILES:
+            continue
         size, sha = files[name]
         h.update(f"{name}\0{size}\0{sha}\n".encode())
     return h.hexdigest()
@@ -154,15 +164,15 @@ class ContentStore:
         _fsync_dir(self.root)
         return final
 
-    def digest_of(self, directory: Path) -> str:
-        """Re-hash every file in `directory` (used by verify and commit)."""
+    def digest_of(self, directory: Path, *, every_file: bool = False) -> str:
+        """Re-hash the files in `directory` into its digest (used by verify and commit)."""
         files: dict[str, tuple[int, str]] = {}
         for path in sorted(directory.iterdir()):
             hasher = hashlib.sha256()
             with open(path, "rb") as f:
                 size = _copy_stream(f, _NullWriter(), hasher)
             files[path.name] = (size, hasher.hexdigest())
-        return manifest_digest(files)
+        return manifest_digest(files, every_file=every_file)
 
     def remove(self, digest: str) -> None:
         """Delete `store/<digest>`. Renamed into tmp/ first so a crash mid-delete

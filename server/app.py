@@ -49,6 +49,18 @@ SERVICE_NAMES = (
 )
 
 
+class HealthServicer(health.HealthServicer):
+    """grpcio-health-checking's servicer plus `List`, which its 1.85 release
+    leaves UNIMPLEMENTED although reflection advertises it."""
+
+    def List(self, request, context):
+        """Every registered service's status ("" is the server as a whole)."""
+        with self._lock:  # the parent's lock over _server_status
+            statuses = dict(self._server_status)
+        return health_pb2.HealthListResponse(
+            statuses={name: health_pb2.HealthCheckResponse(status=s) for name, s in statuses.items()})
+
+
 def default_data_dir() -> Path:
     """`$QLORA_SERVE_DATA`, else `$XDG_DATA_HOME/qlora-serve`, else `~/.local/share/qlora-serve`."""
     env = os.environ.get("QLORA_SERVE_DATA")
@@ -65,6 +77,8 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 50051
     metrics_port: int | None = 9090
+    # /metrics names adapters and tenants: loopback only unless the operator opens it.
+    metrics_address: str = "127.0.0.1"
     compute_dtype: str = "bfloat16"
     device: str = "auto"
     data_dir: Path = field(default_factory=default_data_dir)
@@ -113,9 +127,12 @@ class QloraServer:
             interceptors=[self.guard, AuthInterceptor(auth)],
             maximum_concurrent_rpcs=workers,
             options=[("grpc.max_receive_message_length", config.max_message_bytes),
-                     ("grpc.max_send_message_length", config.max_message_bytes)],
+                     ("grpc.max_send_message_length", config.max_message_bytes),
+                     # grpcio sets SO_REUSEPORT by default: a second server on a busy port
+                     # would start and split the traffic with the first one.
+                     ("grpc.so_reuseport", 0)],
         )
-        self.health = health.HealthServicer(experimental_non_blocking=True)
+        self.health = HealthServicer(experimental_non_blocking=True)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         inference_pb2_grpc.add_InferenceServicer_to_server(InferenceService(self.runtime), self.grpc)
         registry_pb2_grpc.add_AdapterRegistryServicer_to_server(RegistryService(self.runtime), self.grpc)
@@ -133,14 +150,24 @@ class QloraServer:
 
     def start(self) -> "QloraServer":
         """Bind and serve (health NOT_SERVING until `load` finishes)."""
-        address = f"{self.config.host}:{self.config.port}"
-        self.port = self.grpc.add_insecure_port(address)
+        cfg = self.config
+        address = f"{cfg.host}:{cfg.port}"
+        try:
+            self.port = self.grpc.add_insecure_port(address)
+        except RuntimeError:  # grpcio raises "Failed to bind" instead of returning 0
+            self.port = 0
         if self.port == 0:
-            raise OSError(f"could not bind gRPC port {address}; is another server running there?")
-        self.grpc.start()
-        if self.config.metrics_port is not None:
-            self._metrics_http, _ = self.metrics.serve_http(self.config.metrics_port, self.config.host)
+            raise OSError(f"could not bind the gRPC port {cfg.port} on {cfg.host} ({address}): it is in use or not "
+                          f"available; is another server running there? Choose another --port (0 = any free port)")
+        if cfg.metrics_port is not None:
+            try:
+                self._metrics_http, _ = self.metrics.serve_http(cfg.metrics_port, cfg.metrics_address)
+            except OSError as exc:
+                raise OSError(f"could not bind the metrics port {cfg.metrics_port} on {cfg.metrics_address} "
+                              f"({exc.strerror or exc}); choose another --metrics-port (0 = any free port) "
+                              f"or pass --no-metrics") from None
             self.metrics_port = self._metrics_http.server_port
+        self.grpc.start()
         return self
 
     def load(self) -> "QloraServer":
@@ -164,7 +191,7 @@ class QloraServer:
             cfg.data_dir, base_fingerprint=base_fingerprint(base_ref, base.model.config),
             linear_shapes=engine.lora.linear_shapes, max_rank=cfg.engine.max_lora_rank,
             allowed_roots=cfg.allowed_roots, allow_fingerprint_mismatch=cfg.allow_fingerprint_mismatch,
-            max_upload_bytes=cfg.max_upload_bytes)
+            max_upload_bytes=cfg.max_upload_bytes, compute_dtype=engine.lora.compute_dtype)
         engine.adapter_loader = self._verified_loader(registry, engine, self.runtime.unusable)
         for name, path in adapters:
             record = registry.register_path(name, path, source="startup", trusted=True)
@@ -173,7 +200,7 @@ class QloraServer:
         self.runtime.engine, self.runtime.registry = engine, registry
         self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info("serving on %s:%d (metrics: %s)", cfg.host, self.port,
-                 f"http://{cfg.host}:{self.metrics_port}/metrics" if self.metrics_port else "off")
+                 f"http://{cfg.metrics_address}:{self.metrics_port}/metrics" if self.metrics_port else "off")
         return self
 
     @staticmethod

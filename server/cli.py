@@ -6,12 +6,14 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import signal
 import sys
 import threading
 from pathlib import Path
 
 from qlora_serve import __version__
+from qlora_serve.server.cli_checks import CliError, check_utf8, local_adapter_dir
 from qlora_serve.server.client import DEFAULT_ADDRESS
 
 log = logging.getLogger("qlora_serve")
@@ -71,6 +73,9 @@ def _add_serve(sub) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to bind; 0.0.0.0 to accept remote clients")
     p.add_argument("--port", type=int, default=50051, help="gRPC port (0 = any free port)")
     p.add_argument("--metrics-port", type=int, default=9090, help="Prometheus /metrics port (0 = any free port)")
+    p.add_argument("--metrics-address", default="127.0.0.1",
+                   help="address /metrics binds to; it names adapters and tenants, so open it (0.0.0.0) "
+                        "only to trusted networks")
     p.add_argument("--no-metrics", action="store_true", help="do not serve /metrics")
     p.add_argument("--compute-dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"],
                    help="dtype the NF4 weights are dequantized to for matmuls")
@@ -107,7 +112,7 @@ def _serve(args) -> int:
     try:
         config = ServerConfig(
             base=args.base, host=args.host, port=args.port,
-            metrics_port=None if args.no_metrics else args.metrics_port,
+            metrics_port=None if args.no_metrics else args.metrics_port, metrics_address=args.metrics_address,
             compute_dtype=args.compute_dtype, device=args.device, data_dir=args.data_dir or default_data_dir(),
             adapters=args.adapter, allowed_roots=args.allowed_adapter_root,
             allow_fingerprint_mismatch=args.allow_fingerprint_mismatch, key_file=args.key_file, grace_s=args.grace,
@@ -130,12 +135,19 @@ def _serve(args) -> int:
     address = f"{'localhost' if args.host in ('127.0.0.1', '0.0.0.0', '::') else args.host}:{server.port}"
     adapters = sorted({r.name for r in server.runtime.registry.list()})
     print(f"qlora-serve {__version__} ready on {address}  (adapters: {', '.join(adapters) or 'none'})", flush=True)
-    example = f" --adapter {adapters[0]}" if adapters else ""
-    print(f"try:  qlora-serve generate --address {address}{example} \"hello\"", flush=True)
+    print(f"try:  {try_command(address, adapters)}", flush=True)
     stop.wait()
     log.info("shutting down: finishing in-flight requests (up to %.0f s)", args.grace)
     server.stop()
     return 0
+
+
+def try_command(address: str, adapters: list[str]) -> str:
+    """The command the start-up message offers; `--address` only where the client's
+    default would not reach this server (the README shows it for the default)."""
+    where = "" if address == DEFAULT_ADDRESS else f" --address {address}"
+    example = f" --adapter {adapters[0]}" if adapters else ""
+    return f'qlora-serve generate{where}{example} "hello"'
 
 
 # --------------------------------------------------------------- clients
@@ -163,25 +175,66 @@ def _add_generate(sub) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--json", action="store_true", help="print the whole response as JSON")
+    g = p.add_argument_group("more sampling controls (ranges: README, Request fields)")
+    g.add_argument("--presence-penalty", type=float, default=0.0, help="[-2, 2], 0 = off")
+    g.add_argument("--frequency-penalty", type=float, default=0.0, help="[-2, 2], 0 = off")
+    g.add_argument("--repetition-penalty", type=float, default=None, help="> 0, 1 = off")
+    g.add_argument("--min-p", type=float, default=0.0, help="[0, 1], 0 = off")
+    g.add_argument("--stop-token-id", type=int, action="append", default=[], help="stop token id (repeatable)")
+    g.add_argument("--ignore-eos", action="store_true", help="keep generating after the eos token")
+    g.add_argument("--min-tokens", type=int, default=0, help="no eos / stop token before this many tokens")
+    g.add_argument("--logprobs", action="store_true", help="print each token's log-probability")
+    g.add_argument("--top-logprobs", type=int, default=0, help="and this many alternatives (0..20; implies --logprobs)")
+    g.add_argument("--chat", action="store_true", help="send PROMPT as a user chat message (chat template)")
+    g.add_argument("--system", default=None, help="a system message before it (implies --chat)")
     _add_client_flags(p)
     p.set_defaults(func=_generate)
+    p = sub.add_parser("model-info", help="the served base: name, context length, vocabulary, dtype, memory")
+    p.add_argument("--json", action="store_true", help="print as JSON")
+    _add_client_flags(p)
+    p.set_defaults(func=_model_info)
 
 
 def _generate(args) -> int:
     from google.protobuf.json_format import MessageToDict
 
     kw = dict(adapter=args.adapter, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-              top_p=args.top_p, top_k=args.top_k, seed=args.seed, stop=args.stop)
+              top_p=args.top_p, top_k=args.top_k, seed=args.seed, stop=args.stop,
+              presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
+              repetition_penalty=args.repetition_penalty, min_p=args.min_p, stop_token_ids=args.stop_token_id,
+              ignore_eos=args.ignore_eos, min_tokens=args.min_tokens,
+              logprobs=args.logprobs or args.top_logprobs > 0, top_logprobs=args.top_logprobs)
+    prompt = args.prompt
+    if args.chat or args.system is not None:
+        kw["messages"] = ([("system", args.system)] if args.system is not None else []) + [("user", prompt)]
+        prompt = ""
+    logprobs = []
     with _client(args) as client:
         if args.stream:
-            for chunk in client.stream(args.prompt, **kw):
+            for chunk in client.stream(prompt, **kw):
                 print(json.dumps(MessageToDict(chunk)) if args.json else chunk.text, end="\n" if args.json else "",
                       flush=True)
+                logprobs += chunk.logprobs
             if not args.json:
                 print()
         else:
-            resp = client.generate(args.prompt, **kw)
+            resp = client.generate(prompt, **kw)
             print(json.dumps(MessageToDict(resp), indent=2) if args.json else resp.text)
+            logprobs = resp.logprobs
+    if not args.json:
+        for lp in logprobs:  # token text as JSON strings: no raw control characters reach the terminal
+            alts = "  ".join(f"{json.dumps(t.token)}={t.logprob:.4f}" for t in lp.top_logprobs)
+            print(f"{lp.logprob:9.4f}  {lp.token_id:>6}  {json.dumps(lp.token)}" + (f"  | {alts}" if alts else ""))
+    return 0
+
+
+def _model_info(args) -> int:
+    from google.protobuf.json_format import MessageToDict
+
+    with _client(args) as client:
+        info = MessageToDict(client.model_info(), preserving_proto_field_name=True,
+                             always_print_fields_with_no_presence=True)
+    print(json.dumps(info, indent=2) if args.json else "\n".join(f"{k}: {v}" for k, v in info.items()))
     return 0
 
 
@@ -228,8 +281,11 @@ def _adapters(args) -> int:
             infos = [c.get_adapter(args.ref)]
         elif args.verb == "register":
             labels = dict(args.label)
-            fn = c.register_path if args.server_path else c.upload
-            infos = [fn(args.name, args.path, owner=args.owner, labels=labels, set_default=args.set_default,
+            if args.server_path:  # the server refuses relative paths; resolve against our working dir
+                fn, path = c.register_path, os.path.abspath(args.path)
+            else:
+                fn, path = c.upload, local_adapter_dir(args.path)
+            infos = [fn(args.name, path, owner=args.owner, labels=labels, set_default=args.set_default,
                         public=args.public)]
         elif args.verb == "alias":
             infos = [c.set_alias(args.name, args.alias, args.version)]
@@ -430,10 +486,20 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(args.log_level, getattr(args, "log_format", "text"))
     try:
+        if hasattr(args, "address"):  # a client verb: what it sends must be UTF-8
+            check_utf8(args)
         return int(args.func(args) or 0)
     except grpc.RpcError as exc:  # a client verb's server answered with an error status
         print(f"qlora-serve: {exc.code().name}: {exc.details()}", file=sys.stderr)
         return 1
+    except CliError as exc:
+        print(f"qlora-serve: error: {exc}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:
+        # The reader went away (`... | head -1`): stop quietly, as cat does. Point stdout
+        # at /dev/null so the interpreter's final flush does not complain again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell reports for a writer killed by the broken pipe
     except KeyboardInterrupt:
         return 130
 

@@ -5,6 +5,8 @@
         print(c.generate("hello", adapter="pirate", max_new_tokens=16).text)
         for chunk in c.stream("hello"):
             print(chunk.text, end="", flush=True)
+        r = c.chat([("user", "hello")], adapter="poet", logprobs=True, top_logprobs=3)
+        print(c.model_info().context_length)
 """
 
 from __future__ import annotations
@@ -49,19 +51,31 @@ class Client:
         return {"metadata": self._metadata, "timeout": self.timeout}
 
     @staticmethod
-    def request(prompt: str = "", *, adapter: str = "", prompt_token_ids=None, max_new_tokens: int | None = None,
-                temperature: float = 0.0, top_p: float | None = None, top_k: int = 0, seed: int | None = None,
-                stop=(), request_id: str = "") -> inference_pb2.GenerateRequest:
-        """Build a GenerateRequest; None leaves optional fields unset (server defaults)."""
+    def request(prompt: str = "", *, adapter: str = "", prompt_token_ids=None, messages=None,
+                max_new_tokens: int | None = None, temperature: float = 0.0, top_p: float | None = None,
+                top_k: int = 0, seed: int | None = None, stop=(), request_id: str = "",
+                presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
+                repetition_penalty: float | None = None, min_p: float = 0.0, stop_token_ids=(),
+                ignore_eos: bool = False, min_tokens: int = 0, logprobs: bool = False,
+                top_logprobs: int = 0) -> inference_pb2.GenerateRequest:
+        """Build a GenerateRequest; None leaves optional fields unset (server defaults).
+        `messages`: [(role, content)] or [{"role": ..., "content": ...}] (chat, instead of prompt)."""
+        chat = [inference_pb2.ChatMessage(role=m[0], content=m[1]) if isinstance(m, (tuple, list))
+                else inference_pb2.ChatMessage(role=m["role"], content=m["content"]) for m in messages or ()]
         msg = inference_pb2.GenerateRequest(adapter=adapter, prompt=prompt, prompt_token_ids=prompt_token_ids or [],
-                                            temperature=temperature, top_k=top_k, stop=list(stop),
-                                            request_id=request_id)
+                                            messages=chat, temperature=temperature, top_k=top_k, stop=list(stop),
+                                            request_id=request_id, presence_penalty=presence_penalty,
+                                            frequency_penalty=frequency_penalty, min_p=min_p,
+                                            stop_token_ids=list(stop_token_ids), ignore_eos=ignore_eos,
+                                            min_tokens=min_tokens, logprobs=logprobs, top_logprobs=top_logprobs)
         if max_new_tokens is not None:
             msg.max_new_tokens = max_new_tokens
         if top_p is not None:
             msg.top_p = top_p
         if seed is not None:
             msg.seed = seed
+        if repetition_penalty is not None:
+            msg.repetition_penalty = repetition_penalty
         return msg
 
     def generate(self, prompt: str = "", **kw) -> inference_pb2.GenerateResponse:
@@ -71,6 +85,14 @@ class Client:
     def stream(self, prompt: str = "", **kw) -> Iterator[inference_pb2.GenerateStreamResponse]:
         """Streaming generation: token deltas, then a final message with finish_reason and usage."""
         return self.inference.GenerateStream(self.request(prompt, **kw), **self._kw())
+
+    def chat(self, messages, **kw) -> inference_pb2.GenerateResponse:
+        """Unary generation of the assistant's reply to `messages` ([(role, content)] or dicts)."""
+        return self.generate(messages=messages, **kw)
+
+    def model_info(self) -> inference_pb2.ModelInfo:
+        """The served base: name, context length, vocabulary size, compute dtype, resident bytes."""
+        return self.inference.GetModelInfo(inference_pb2.GetModelInfoRequest(), **self._kw())
 
     # ------------------------------------------------------------ registry
     def list_adapters(self, name: str = "") -> list[registry_pb2.AdapterInfo]:

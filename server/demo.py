@@ -17,7 +17,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 # Bump when the recipe changes so stale caches are rebuilt, never reused.
-DEMO_RECIPE_VERSION = 1
+DEMO_RECIPE_VERSION = 2
+
+# "role: content" lines, then "assistant: " to prompt a reply: the layout the trainer
+# uses for `messages` data when a tokenizer has no template (training/data.py).
+DEMO_CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant: {% endif %}"
+)
 
 _CORPUS = [
     "hello world, this is qlora-serve, a server for many LoRA adapters on one quantized base.",
@@ -95,6 +102,7 @@ def build_tokenizer(out_dir: Path, vocab_size: int):
     )
     tok.train_from_iterator(_CORPUS * 4, trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    fast.chat_template = DEMO_CHAT_TEMPLATE  # so chat `messages` requests work on the demo
     fast.save_pretrained(out_dir)
     return fast
 

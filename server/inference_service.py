@@ -10,6 +10,7 @@ from dataclasses import dataclass, fields
 
 import grpc
 
+from qlora_serve.server.engine.chat import render_chat
 from qlora_serve.server.engine.config import option
 from qlora_serve.server.engine.request import (
     AdapterHandle,
@@ -19,9 +20,10 @@ from qlora_serve.server.engine.request import (
     Request,
     SamplingParams,
     TokenEvent,
+    TokenLogprob,
 )
 from qlora_serve.errors import Cancelled, DeadlineExceeded, InvalidArgument
-from qlora_serve.server.interceptors import report_usage
+from qlora_serve.server.interceptors import note_outcome, report_usage
 from qlora_serve.server.status import abort, code_for, deadline_passed
 from qlora_serve.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 
@@ -31,6 +33,9 @@ _FINISH = {
     FinishReason.EOS: common_pb2.FINISH_REASON_EOS,
 }
 _POLL_S = 0.5  # how often a waiting handler re-checks that its client is still there
+# Default prompt bound in UTF-8 bytes per --max-prompt-tokens token: natural text
+# averages about 4 bytes a token, so only pathological prompts reach 16.
+PROMPT_BYTES_PER_TOKEN = 16
 
 
 @dataclass(frozen=True)
@@ -38,11 +43,15 @@ class RequestLimits:
     """Per-request input limits (INVALID_ARGUMENT beyond them)."""
 
     max_prompt_tokens: int = option(8192, "longest prompt accepted, in tokens")
+    max_prompt_bytes: int = option(0, f"longest text prompt accepted, in UTF-8 bytes, checked before tokenizing "
+                                      f"(tokenizing costs CPU); 0 = {PROMPT_BYTES_PER_TOKEN} x max-prompt-tokens")
     max_stop_strings: int = option(16, "most stop strings one request may send")
     max_stop_chars: int = option(256, "longest stop string, in characters")
     request_timeout_s: float = option(300.0, "server-side deadline per request, seconds; a client deadline may only shorten it")
 
     def __post_init__(self) -> None:
+        if self.max_prompt_bytes == 0:
+            object.__setattr__(self, "max_prompt_bytes", PROMPT_BYTES_PER_TOKEN * self.max_prompt_tokens)
         for f in fields(self):
             if getattr(self, f.name) <= 0:
                 raise ValueError(f"{f.name} must be > 0, got {getattr(self, f.name)}")
@@ -58,11 +67,21 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
     def _validate(self, msg: inference_pb2.GenerateRequest) -> tuple[list[int], SamplingParams]:
         limits: RequestLimits = self._rt.limits
         engine = self._rt.engine
-        if msg.prompt and len(msg.prompt_token_ids):
-            raise InvalidArgument("set either prompt or prompt_token_ids, not both")
-        if msg.prompt:
+        if sum(map(bool, (msg.prompt, len(msg.prompt_token_ids), len(msg.messages)))) > 1:
+            raise InvalidArgument("set one of prompt, prompt_token_ids or messages, not several")
+        if msg.prompt or msg.messages:
+            size = len(msg.prompt.encode("utf-8")) + sum(len(m.content.encode("utf-8")) for m in msg.messages)
+            if size > limits.max_prompt_bytes:  # before tokenizing: a 7 MiB prompt costs seconds of CPU
+                raise InvalidArgument(f"prompt has {size} bytes; the limit is {limits.max_prompt_bytes} "
+                                      f"(--max-prompt-bytes; --max-prompt-tokens is {limits.max_prompt_tokens})")
+        if msg.messages:
+            ids = render_chat(self._rt.tokenizer, [(m.role, m.content) for m in msg.messages])
+        elif msg.prompt:
             ids = list(self._rt.tokenizer(msg.prompt).input_ids)
         else:
+            if len(msg.prompt_token_ids) > limits.max_prompt_tokens:  # before scanning them all
+                raise InvalidArgument(f"prompt_token_ids has {len(msg.prompt_token_ids)} tokens; the limit is "
+                                      f"{limits.max_prompt_tokens} (--max-prompt-tokens)")
             ids = list(msg.prompt_token_ids)
             vocab = self._rt.vocab_size
             bad = next((t for t in ids if t >= vocab), None)
@@ -83,7 +102,7 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
             raise InvalidArgument(f"stop has {len(msg.stop)} strings; the limit is {limits.max_stop_strings}")
         if any(len(s) > limits.max_stop_chars for s in msg.stop):
             raise InvalidArgument(f"a stop string is longer than {limits.max_stop_chars} characters")
-        for field in ("temperature", "top_p"):
+        for field in ("temperature", "top_p", "presence_penalty", "frequency_penalty", "min_p"):
             if not math.isfinite(getattr(msg, field)):
                 raise InvalidArgument(f"{field} must be a finite number, got {getattr(msg, field)}")
         params = SamplingParams(
@@ -93,7 +112,9 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
             top_k=int(msg.top_k),
             seed=int(msg.seed) if msg.HasField("seed") else None,
             stop=tuple(msg.stop),
+            **sampling_controls(msg),
         )
+        params.check_vocab(self._rt.vocab_size)
         engine.validate_lengths(len(ids), max_new)
         return ids, params
 
@@ -103,6 +124,11 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         principal = rt.authenticate(context)
         ids, params = self._validate(msg)
         adapter: AdapterHandle | None = rt.resolve_adapter(msg.adapter, principal) if msg.adapter else None
+        if not context.is_active():  # gone while its prompt was tokenized: queue nothing for it
+            remaining = context.time_remaining()
+            if remaining is not None and remaining <= 0:
+                raise DeadlineExceeded(f"request {msg.request_id or '-'}: the client deadline passed before it was queued")
+            raise Cancelled(f"request {msg.request_id or '-'}: the client went away before it was queued")
         deadline = time.monotonic() + rt.limits.request_timeout_s
         remaining = context.time_remaining()
         if remaining is not None:
@@ -117,8 +143,10 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
             arrival=time.monotonic(),
         )
         rt.admit(req, principal)
-        # A client that goes away frees its row within one engine step.
-        context.add_callback(lambda: rt.engine.cancel(req))
+        # A client that goes away frees its row within one engine step; add_callback
+        # returns False (and never calls it) when the client left after the check above.
+        if not context.add_callback(lambda: rt.engine.cancel(req)):
+            rt.engine.cancel(req)
         return req
 
     def _events(self, req: Request, context):
@@ -142,7 +170,8 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
                 if not isinstance(nxt, TokenEvent):
                     pending = nxt
                     break
-                ev = TokenEvent(ev.token_ids + nxt.token_ids, ev.text + nxt.text)
+                ev = TokenEvent(ev.token_ids + nxt.token_ids, ev.text + nxt.text,
+                                None if ev.logprobs is None else ev.logprobs + nxt.logprobs)
             for item in (ev, pending):
                 if isinstance(item, ErrorEvent):
                     raise item.error
@@ -182,7 +211,7 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         rt = self._rt
         adapter = req.adapter.name if req and req.adapter else ""
         tenant = req.tenant if req else self._tenant_of(context)
-        rt.metrics.requests.labels(method, adapter, tenant, code.name).inc()
+        note_outcome(adapter, code)  # the guard counts the RPC (qlora_requests_total) with these
         if final is not None:
             rt.metrics.latency.labels(adapter).observe(time.monotonic() - started)
         # One count of the tokens (the quota's charge) for metrics and the access log, on
@@ -206,7 +235,8 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
             return inference_pb2.GenerateResponse(
                 text=final.text, token_ids=final.token_ids, finish_reason=_FINISH[final.finish_reason],
                 prompt_tokens=final.prompt_tokens, completion_tokens=len(final.token_ids),
-                adapter=self._adapter_ref(req), request_id=req.request_id)
+                adapter=self._adapter_ref(req), request_id=req.request_id,
+                logprobs=logprobs_pb(self._rt.tokenizer, final.logprobs))
         except Exception as exc:
             exc = self._outcome(exc, req, context)
             self._record("Generate", req, code_for(exc), started, context=context)
@@ -219,8 +249,9 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
             ref = self._adapter_ref(req)
             for ev in self._events(req, context):
                 if isinstance(ev, TokenEvent):
-                    yield inference_pb2.GenerateStreamResponse(text=ev.text, token_ids=ev.token_ids, adapter=ref,
-                                                               request_id=req.request_id)
+                    yield inference_pb2.GenerateStreamResponse(
+                        text=ev.text, token_ids=ev.token_ids, adapter=ref, request_id=req.request_id,
+                        logprobs=logprobs_pb(self._rt.tokenizer, ev.logprobs))
                 else:
                     recorded = True
                     self._record("GenerateStream", req, grpc.StatusCode.OK, started, ev, context)
@@ -239,3 +270,34 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
                 # release the quota lease; the engine frees the row via the done callback.
                 code = code_for(self._outcome(Cancelled("client went away"), req, context))
                 self._record("GenerateStream", req, code, started, context=context)
+
+    def GetModelInfo(self, request, context):
+        try:
+            self._rt.require_ready()
+            self._rt.authenticate(context)
+            cfg = self._rt.engine.config
+            return inference_pb2.ModelInfo(**self._rt.engine.base.info(), max_new_tokens=cfg.max_new_tokens,
+                                           max_prompt_tokens=self._rt.limits.max_prompt_tokens)
+        except Exception as exc:
+            abort(context, exc)
+
+
+def sampling_controls(msg: inference_pb2.GenerateRequest) -> dict:
+    """The GenerateRequest's sampling controls as SamplingParams keyword arguments
+    (SamplingParams validates their ranges)."""
+    return dict(
+        presence_penalty=float(msg.presence_penalty), frequency_penalty=float(msg.frequency_penalty),
+        repetition_penalty=float(msg.repetition_penalty) if msg.HasField("repetition_penalty") else 1.0,
+        min_p=float(msg.min_p), stop_token_ids=frozenset(msg.stop_token_ids), ignore_eos=msg.ignore_eos,
+        min_tokens=int(msg.min_tokens), logprobs=msg.logprobs, top_logprobs=int(msg.top_logprobs))
+
+
+def logprobs_pb(tokenizer, logprobs: list[TokenLogprob] | None) -> list[inference_pb2.TokenLogprob]:
+    """Engine logprobs -> proto messages, each token with its own text."""
+    def text(t: int) -> str:
+        return tokenizer.decode([t], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+    return [inference_pb2.TokenLogprob(
+        token_id=lp.token_id, token=text(lp.token_id), logprob=lp.logprob,
+        top_logprobs=[inference_pb2.TopLogprob(token_id=t, token=text(t), logprob=v) for t, v in lp.top])
+        for lp in logprobs or ()]

@@ -1,6 +1,6 @@
 """The request guard: one server interceptor around every ``qlora_serve.v1`` RPC.
 
-It does three things the servicers would otherwise each repeat:
+It does four things the servicers would otherwise each repeat:
 
 * **Parsing.** gRPC's own deserializer turns a malformed request (bad wire
   format, or a ``string`` field that is not valid UTF-8) into INTERNAL
@@ -14,9 +14,14 @@ It does three things the servicers would otherwise each repeat:
 * **Access log.** One line per finished RPC on the ``qlora_serve.requests``
   logger: method, request id, tenant, adapter, status code, tokens, latency.
   Prompt text is logged only when that logger is at DEBUG.
+* **Request metric.** ``qlora_requests_total{method,adapter,tenant,code}``
+  counts every finished RPC of every service, health and reflection included
+  (those are counted only: not parsed, not logged). A servicer that knows more
+  than the status (which adapter served, why a stream ended) says so with
+  `note_outcome`.
 
 Install it OUTSIDE the `AuthInterceptor` (first in the list) so it also counts
-and logs the calls authentication refuses. Health and reflection pass through.
+and logs the calls authentication refuses.
 """
 
 from __future__ import annotations
@@ -47,6 +52,19 @@ REFUSAL_CODES = frozenset({
     grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION,
     grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ALREADY_EXISTS,
 })
+
+
+_END = object()  # end of a response iterator
+_current = threading.local()  # .call: the _Call whose handler code runs on this thread
+
+
+def note_outcome(adapter: str, code: grpc.StatusCode | None = None) -> None:
+    """Called by a servicer while it handles an RPC: the adapter name that served
+    it (the metric's ``adapter`` label) and, when the servicer knows better than the
+    status the guard sees (a stream the client left), the code it ended with."""
+    call = getattr(_current, "call", None)
+    if call is not None:
+        call.noted_adapter, call.noted_code = adapter, code
 
 
 def _domain_error(exc: BaseException | None) -> QloraServeError | None:
@@ -81,7 +99,19 @@ class _Call:
         self.prompt = ""
         self.prompt_tokens = 0
         self.completion_tokens = 0
+        self.served = False  # a response named the adapter that served (else the label is "")
+        self.noted_adapter: str | None = None
+        self.noted_code: grpc.StatusCode | None = None
         self.usage_reported = False  # set by report_usage: the servicer's count wins
+
+    @contextlib.contextmanager
+    def current(self):
+        """Run handler code with this call as the thread's current call (for `note_outcome`)."""
+        _current.call = self
+        try:
+            yield
+        finally:
+            _current.call = None
 
     def saw_request(self, request: Any) -> None:
         self.request_id = getattr(request, "request_id", "") or ""
@@ -94,12 +124,22 @@ class _Call:
         self.request_id = getattr(response, "request_id", "") or self.request_id
         ref = getattr(response, "adapter", None)
         if ref is not None and getattr(ref, "name", ""):
-            self.adapter = f"{ref.name}@{ref.version}"
+            self.adapter, self.served = f"{ref.name}@{ref.version}", True
         if not self.usage_reported:
             self.prompt_tokens = getattr(response, "prompt_tokens", 0) or self.prompt_tokens
             self.completion_tokens = getattr(response, "completion_tokens", 0) or self.completion_tokens
 
+    def count(self, code: grpc.StatusCode) -> grpc.StatusCode:
+        """Count the RPC in qlora_requests_total; returns the code it was counted under."""
+        code = self.noted_code or code
+        adapter = self.noted_adapter
+        if adapter is None:
+            adapter = self.adapter.split("@", 1)[0] if self.served else ""
+        self.metrics.requests.labels(self.method, adapter, self.tenant, code.name).inc()
+        return code
+
     def finish(self, code: grpc.StatusCode, exc: BaseException | None = None) -> None:
+        code = self.count(code)
         reason = rejection_reason(code, exc)
         if reason is not None:
             self.metrics.rejected(reason, self.tenant)
@@ -165,15 +205,22 @@ class RequestGuard(grpc.ServerInterceptor):
         with self._idle:
             return self._idle.wait_for(lambda: self._active == 0, timeout=max(timeout_s, 0.0))
 
-    def _begin(self) -> None:
+    @contextlib.contextmanager
+    def _in_flight(self, counted: bool):
+        """Count a call as in flight while its handler runs. Only qlora_serve.v1 calls:
+        a health Watch stays open until the port closes and would hold every drain."""
+        if not counted:
+            yield
+            return
         with self._idle:
             self._active += 1
-
-    def _end(self) -> None:
-        with self._idle:
-            self._active -= 1
-            if self._active == 0:
-                self._idle.notify_all()
+        try:
+            yield
+        finally:
+            with self._idle:
+                self._active -= 1
+                if self._active == 0:
+                    self._idle.notify_all()
 
     def _tenant(self, metadata) -> tuple[str, bool]:
         try:
@@ -184,10 +231,12 @@ class RequestGuard(grpc.ServerInterceptor):
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
         method = handler_call_details.method
-        if handler is None or not method.startswith(GUARDED_PREFIX):
+        if handler is None:
             return handler
         tenant, authed = self._tenant(handler_call_details.invocation_metadata)
         metrics, deserialize = self._metrics, handler.request_deserializer
+        # Health and reflection are counted (qlora_requests_total) but not parsed or logged.
+        guarded = method.startswith(GUARDED_PREFIX)
 
         def parsed(raw: bytes, context, call: _Call) -> Any:
             # An unauthenticated call gets UNAUTHENTICATED from the handler, not a parse error.
@@ -204,54 +253,64 @@ class RequestGuard(grpc.ServerInterceptor):
             for raw in raw_iter:  # the servicer maps InvalidArgument to INVALID_ARGUMENT
                 yield raw if not authed or deserialize is None else _parse(deserialize, raw, method)
 
+        def finish(call: _Call, code: grpc.StatusCode, exc: BaseException | None = None) -> None:
+            call.finish(code, exc) if guarded else call.count(code)
+
+        streaming_request = bool(handler.stream_unary or handler.stream_stream)
+        if not guarded:
+            read = lambda request_or_iter, context, call: request_or_iter  # noqa: E731
+        else:
+            read = parsed_stream if streaming_request else parsed
+
         if handler.unary_unary or handler.stream_unary:
             inner = handler.unary_unary or handler.stream_unary
-            read = parsed if handler.unary_unary else parsed_stream
 
             def unary_response(request_or_iter, context):
                 call, response = _Call(method, tenant, metrics), None
                 setattr(context, _CALL_ATTR, call)
-                self._begin()
                 try:
-                    response = inner(read(request_or_iter, context, call), context)
+                    with self._in_flight(guarded), call.current():
+                        response = inner(read(request_or_iter, context, call), context)
                 except BaseException as exc:
-                    call.finish(_code_after(context, True), exc)
+                    finish(call, _code_after(context, True), exc)
                     raise
-                finally:
-                    self._end()
                 call.saw_response(response)
-                call.finish(_code_after(context, False))
+                finish(call, _code_after(context, False))
                 return response
 
             key = "unary_unary" if handler.unary_unary else "stream_unary"
-            return handler._replace(request_deserializer=None, **{key: unary_response})
+            wrapped = {key: unary_response}
+        else:
+            inner = handler.unary_stream or handler.stream_stream
 
-        inner = handler.unary_stream or handler.stream_stream
-        read = parsed if handler.unary_stream else parsed_stream
+            def stream_response(request_or_iter, context):
+                with self._in_flight(guarded):
+                    yield from stream_body(request_or_iter, context)
 
-        def stream_response(request_or_iter, context):
-            call = _Call(method, tenant, metrics)
-            setattr(context, _CALL_ATTR, call)
-            responses = None
-            self._begin()
-            try:
-                responses = inner(read(request_or_iter, context, call), context)
-                for response in responses:
-                    call.saw_response(response)
-                    yield response
-            except BaseException as exc:
-                # A client that left closes this generator at its yield: close the
-                # servicer's too, now, so its own accounting (tokens streamed, quota)
-                # lands before this call's log line, not whenever it is collected.
-                close = getattr(responses, "close", None)
-                if close is not None:
-                    with contextlib.suppress(Exception):  # its own errors are its to log
-                        close()
-                call.finish(_code_after(context, True), exc)
-                raise
-            finally:
-                self._end()
-            call.finish(_code_after(context, False))
+            def stream_body(request_or_iter, context):
+                call, responses = _Call(method, tenant, metrics), None
+                setattr(context, _CALL_ATTR, call)
+                try:
+                    with call.current():
+                        responses = iter(inner(read(request_or_iter, context, call), context))
+                    while True:
+                        with call.current():
+                            response = next(responses, _END)
+                        if response is _END:
+                            break
+                        call.saw_response(response)
+                        yield response
+                except BaseException as exc:
+                    # The client left (GeneratorExit) or the handler raised: close the handler's
+                    # generator first, so its cleanup (and its note_outcome) runs before the count.
+                    with call.current(), contextlib.suppress(Exception):
+                        getattr(responses, "close", lambda: None)()
+                    finish(call, _code_after(context, True), exc)
+                    raise
+                finish(call, _code_after(context, False))
 
-        key = "unary_stream" if handler.unary_stream else "stream_stream"
-        return handler._replace(request_deserializer=None, **{key: stream_response})
+            key = "unary_stream" if handler.unary_stream else "stream_stream"
+            wrapped = {key: stream_response}
+        if guarded:
+            return handler._replace(request_deserializer=None, **wrapped)
+        return handler._replace(**wrapped)

@@ -14,6 +14,7 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+        # Counted by the request guard (server/interceptors.py), the one place that sees every RPC.
         self.requests = Counter("qlora_requests", "Finished RPCs by method, adapter, tenant and gRPC status code.",
                                 ["method", "adapter", "tenant", "code"], registry=r)
         self.latency = Histogram("qlora_request_latency_seconds", "End-to-end generation latency (s).",
@@ -62,6 +63,7 @@ class Metrics:
     def rejected(self, reason: str, tenant: str = "") -> None:
         self.rejections.labels(reason, tenant).inc()
 
-    def serve_http(self, port: int, host: str = "0.0.0.0"):
-        """Expose /metrics on host:port; returns the (server, thread) pair."""
+    def serve_http(self, port: int, host: str = "127.0.0.1"):
+        """Expose /metrics on host:port (loopback unless told otherwise: the labels name
+        adapters and tenants); returns the (server, thread) pair."""
         return start_http_server(port, addr=host, registry=self.registry)

@@ -92,9 +92,14 @@ class Runtime:
 
     def resolve_record(self, ref: str, principal: Principal) -> AdapterRecord:
         """name | name@N | name@alias -> the record, if the caller may use it
-        (NOT_FOUND when unknown, PERMISSION_DENIED when another tenant's)."""
+        (NOT_FOUND when unknown, PERMISSION_DENIED when another tenant's).
+        Access is decided on the name alone, before the version or alias is looked
+        up: NOT_FOUND for `name@99` would list another tenant's versions and aliases."""
+        name = ref.partition("@")[0]
+        check_adapter_access(principal, self.registry.owner_of(ref), adapter=f"adapter {name!r}")
         record = self.registry.resolve(ref)
-        check_adapter_access(principal, record.owner, adapter=f"adapter {ref!r}")
+        # Again on the record: the name may have changed hands in between (deleted, re-registered).
+        check_adapter_access(principal, record.owner, adapter=f"adapter {name!r}")
         return record
 
     def resolve_adapter(self, ref: str, principal: Principal) -> AdapterHandle:

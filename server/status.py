@@ -49,7 +49,8 @@ def abort(context: grpc.ServicerContext, exc: BaseException, request_id: str = "
     """End the RPC with the status for `exc` (raises, as context.abort does)."""
     code = code_for(exc)
     if isinstance(exc, errors.QloraServeError):
-        message = str(exc)
+        # The net under errors.clip: a message past 8 KiB would be refused by gRPC itself.
+        message = errors.clip(str(exc), errors.MAX_MESSAGE_CHARS)
     else:
         log.error("unexpected error in request %s", request_id or "-", exc_info=exc)
         message = f"internal error ({type(exc).__name__}); report request id {request_id or '-'}"

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from qlora_serve.server.auth import Principal, check_adapter_access
-from qlora_serve.errors import InvalidArgument, NotFound, PermissionDenied, ResourceExhausted, Unavailable
+from qlora_serve.errors import InvalidArgument, NotFound, PermissionDenied, ResourceExhausted, Unavailable, clip_repr
 from qlora_serve.server.runtime import streaming_rpc, unary_rpc
 from qlora_serve.v1 import common_pb2, training_pb2, training_pb2_grpc
 
@@ -88,7 +88,7 @@ class JobManager:
         with self._cv:
             job = self._jobs.get(job_id)
         if job is None:
-            raise NotFound(f"training job {job_id!r} does not exist; list jobs with ListJobs")
+            raise NotFound(f"training job {clip_repr(job_id)} does not exist; list jobs with ListJobs")
         return job
 
     def all(self) -> list[Job]:
@@ -244,15 +244,20 @@ class TrainingService(training_pb2_grpc.TrainingServicer):
         return job
 
     def _config(self, request) -> dict:
+        from qlora_serve.training.config import TrainConfig, train_table
+
         try:
             params = tomllib.loads(request.config_toml) if request.config_toml else {}
         except tomllib.TOMLDecodeError as exc:
             raise InvalidArgument(f"config_toml is not valid TOML: {exc}") from None
-        if isinstance(params.get("train"), dict) and len(params) == 1:
-            params = params["train"]
+        except RecursionError:  # tomllib recurses per nesting level
+            raise InvalidArgument("config_toml is nested too deeply; it holds flat `key = value` lines") from None
+        params = train_table(params, "config_toml")
         fixed = sorted(set(k.replace("-", "_") for k in params) & set(_SERVER_SET))
         if fixed:
             raise InvalidArgument(f"config_toml may not set {fixed}: the server sets them for every job")
+        TrainConfig.check_keys(params, source="config_toml",
+                               settable=[f for f in TrainConfig.field_names() if f not in _SERVER_SET])
         return params
 
     @unary_rpc
@@ -280,6 +285,10 @@ class TrainingService(training_pb2_grpc.TrainingServicer):
         if request.eval_jsonl:
             config["eval_data"] = str(workdir / "eval.jsonl")
         cfg = TrainConfig.from_dict(config, source="config_toml")  # refuse bad keys now, not in the job
+        max_rank = self._rt.engine.config.max_lora_rank
+        if cfg.lora_r > max_rank:  # it would train, then fail at registration
+            raise InvalidArgument(f"config_toml: lora_r = {cfg.lora_r} is above this server's --max-lora-rank "
+                                  f"{max_rank}, so the adapter could not be served; use lora_r <= {max_rank}")
         if cfg.modules_to_save:
             raise InvalidArgument(f"config_toml sets modules_to_save={cfg.modules_to_save}: the server cannot serve "
                                   "such an adapter per request; train it locally (qlora-serve train) and merge it")

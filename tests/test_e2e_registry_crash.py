@@ -8,13 +8,14 @@ left in tmp/, and the store holds exactly the listed digests.
 "In the middle" is made certain, not hoped for: a watcher polls the server's
 data_dir/tmp/ and kills the process the moment a `stage-*` directory (a
 registration being written) appears, after at least two registrations landed.
-Each registration carries a large README.md (covered by the digest) so the
-staging window is wide. Round 1 uploads over gRPC (client-streamed);
+Each registration carries a large README.md so the staging window is wide
+(and its own config key, so its own digest). Round 1 uploads over gRPC (client-streamed);
 round 2 registers from a server-side path (the server copies the files).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import queue
 import signal
@@ -84,7 +85,11 @@ def big_adapter(demo, tmp_path_factory):
 
 def padded_files(big: Path, i: int) -> dict[str, bytes]:
     readme = f"registration {i}\n".encode()
-    return {"adapter_config.json": (big / "adapter_config.json").read_bytes(),
+    # The digest covers only what serving reads, so registration i differs in its config
+    # (an extra key, ignored when serving); the README only widens the staging window.
+    config = json.loads((big / "adapter_config.json").read_text())
+    config["qlora_test_registration"] = i
+    return {"adapter_config.json": json.dumps(config).encode(),
             "adapter_model.safetensors": (big / "adapter_model.safetensors").read_bytes(),
             "README.md": readme + b"\0" * (PAD_BYTES - len(readme))}
 

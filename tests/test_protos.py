@@ -25,7 +25,7 @@ def test_public_contract_names():
 
     assert inference_pb2.DESCRIPTOR.package == "qlora_serve.v1"
     inference = inference_pb2.DESCRIPTOR.services_by_name["Inference"]
-    assert {m.name for m in inference.methods} == {"Generate", "GenerateStream"}
+    assert {m.name for m in inference.methods} == {"Generate", "GenerateStream", "GetModelInfo"}
     registry = registry_pb2.DESCRIPTOR.services_by_name["AdapterRegistry"]
     assert {m.name for m in registry.methods} >= {
         "RegisterAdapter", "UploadAdapter", "ListAdapters", "GetAdapter", "SetAlias", "DeleteAdapter",
@@ -34,7 +34,16 @@ def test_public_contract_names():
     assert {m.name for m in training.methods} == {"SubmitJob", "WatchJob", "ListJobs", "GetJob", "CancelJob"}
     req = inference_pb2.GenerateRequest.DESCRIPTOR.fields_by_name
     assert {"adapter", "prompt", "prompt_token_ids", "max_new_tokens", "temperature", "top_p", "top_k", "seed",
-            "stop", "request_id"} <= set(req)
+            "stop", "request_id", "messages", "presence_penalty", "frequency_penalty", "repetition_penalty", "min_p",
+            "stop_token_ids", "ignore_eos", "min_tokens", "logprobs", "top_logprobs"} <= set(req)
+    # Numbers are the wire contract: an old client's fields must keep meaning what they meant.
+    assert {f.name: f.number for f in inference_pb2.GenerateRequest.DESCRIPTOR.fields if f.number > 10} == {
+        "presence_penalty": 11, "frequency_penalty": 12, "repetition_penalty": 13, "min_p": 14,
+        "stop_token_ids": 15, "ignore_eos": 16, "min_tokens": 17, "logprobs": 18, "top_logprobs": 19,
+        "messages": 20}
     resp = inference_pb2.GenerateResponse.DESCRIPTOR.fields_by_name
     assert {"text", "token_ids", "finish_reason", "prompt_tokens", "completion_tokens", "adapter",
-            "request_id"} <= set(resp)
+            "request_id", "logprobs"} <= set(resp)
+    assert "logprobs" in inference_pb2.GenerateStreamResponse.DESCRIPTOR.fields_by_name
+    assert {"base_name", "context_length", "vocab_size", "compute_dtype", "resident_bytes"} <= set(
+        inference_pb2.ModelInfo.DESCRIPTOR.fields_by_name)

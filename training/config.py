@@ -9,6 +9,7 @@ Each field's `metadata["help"]` is the one description used by `--help` and the 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import functools
 import os
 import tomllib
@@ -23,6 +24,10 @@ from qlora_serve.errors import InvalidArgument
 COMPUTE_DTYPES = ("bfloat16", "float32")
 OPTIMIZERS = ("paged_adamw_8bit", "paged_adamw_32bit")
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial")
+# Upper bounds that no real run reaches: a value past them is a typo (lora_r = 1e9,
+# batch_size = 1e12) that would otherwise be accepted and fail or hang later.
+UPPER_BOUNDS = {"lora_r": 4096, "batch_size": 65536, "grad_accum": 65536, "max_seq_len": 1 << 20,
+                "max_steps": 100_000_000, "epochs": 100_000.0}
 
 
 def _f(default: Any, help: str, **kw) -> Any:
@@ -103,6 +108,9 @@ class TrainConfig:
             v = getattr(self, key)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{key} must be an integer >= 1, got {v!r}")
+        for key, bound in UPPER_BOUNDS.items():
+            if getattr(self, key) > bound:
+                raise ValueError(f"{key} must be <= {bound}, got {getattr(self, key)!r}")
         if self.max_seq_len < 2:
             raise ValueError(f"max_seq_len must be >= 2 (a prompt token and a label), got {self.max_seq_len}")
         if isinstance(self.max_steps, bool) or not isinstance(self.max_steps, int) or (self.max_steps < 1 and self.max_steps != -1):
@@ -157,19 +165,23 @@ class TrainConfig:
         return [f.name for f in dataclasses.fields(cls)]
 
     @classmethod
+    def check_keys(cls, keys, *, source: str = "config", settable=None) -> None:
+        """Refuse a key that is not a field (`-` accepted for `_`), naming the closest
+        settable one. `settable`: the fields this source may set (default: all)."""
+        valid = sorted(settable if settable is not None else cls.field_names())
+        for key in keys:
+            if key.replace("-", "_") in valid:
+                continue
+            close = difflib.get_close_matches(key.replace("-", "_"), valid, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise InvalidArgument(f"{source}: unknown key {_shown(key)}; {hint}valid keys are: {', '.join(valid)}")
+
+    @classmethod
     def from_dict(cls, values: dict[str, Any], *, source: str = "config") -> "TrainConfig":
         """Build from a dict whose keys are field names (`-` accepted for `_`); unknown keys are an error."""
-        known = set(cls.field_names())
-        normalised = {}
-        for key, value in values.items():
-            k = key.replace("-", "_")
-            if k not in known:
-                raise InvalidArgument(
-                    f"{source}: unknown key {key!r}; valid keys are: {', '.join(sorted(known))}"
-                )
-            normalised[k] = value
+        cls.check_keys(values, source=source)
         try:
-            return cls(**normalised)
+            return cls(**{key.replace("-", "_"): value for key, value in values.items()})
         except (ValueError, TypeError) as exc:
             raise InvalidArgument(f"{source}: {exc}") from None
 
@@ -183,10 +195,29 @@ class TrainConfig:
             data = tomllib.loads(path.read_text())
         except tomllib.TOMLDecodeError as exc:
             raise InvalidArgument(f"{path} is not valid TOML: {exc}") from None
-        if set(data) == {"train"} and isinstance(data["train"], dict):
-            data = data["train"]
+        except RecursionError:  # tomllib recurses per nesting level
+            raise InvalidArgument(f"{path} is nested too deeply; it holds flat `key = value` lines") from None
+        data = train_table(data, str(path))
         data.update({k: v for k, v in overrides.items() if v is not None})
         return cls.from_dict(data, source=str(path))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def _shown(key: str, limit: int = 64) -> str:
+    """A caller's key for a message, bounded (a key can be any length)."""
+    return repr(key if len(key) <= limit else key[:limit] + "...")
+
+
+def train_table(data: dict[str, Any], source: str) -> dict[str, Any]:
+    """The keys of a parsed TOML config: the `[train]` table if there is one, else the
+    top-level keys. A `[train]` table beside other tables or keys is refused naming them."""
+    if not isinstance(data.get("train"), dict):
+        return data
+    extra = [k for k in data if k != "train"]
+    if extra:
+        shown = ", ".join(f"[{_shown(k)[1:-1]}]" if isinstance(data[k], dict) else f"key {_shown(k)}" for k in extra[:5])
+        raise InvalidArgument(f"{source}: has {shown} beside the [train] table; put every setting under [train] "
+                              "(or use flat keys and no table at all)")
+    return data["train"]

@@ -24,7 +24,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from qlora_serve.errors import InvalidArgument
+from qlora_serve.errors import InvalidArgument, clip
 
 IGNORE_INDEX = -100  # the label value torch's cross-entropy skips
 _FORMATS = {"text": ("text",), "prompt_completion": ("prompt", "completion"), "messages": ("messages",)}
@@ -89,6 +89,9 @@ def read_jsonl(path: str | Path) -> tuple[str, list[tuple[int, dict]]]:
                 obj = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise InvalidArgument(f"{path}:{lineno}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+            except RecursionError:  # json recurses per nesting level: deep nesting is bad input, not a crash
+                raise InvalidArgument(f"{path}:{lineno}: the JSON is nested too deeply; a record is one flat "
+                                      "object of strings (or a messages list)") from None
             if not isinstance(obj, dict):
                 raise InvalidArgument(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
             line_fmt = _detect_format(obj, path, lineno)
@@ -125,7 +128,7 @@ def _detect_format(obj: dict, path: Path, lineno: int) -> str:
             raise InvalidArgument(f"{path}:{lineno}: 'text' must be a non-empty string")
         return "text"
     raise InvalidArgument(
-        f"{path}:{lineno}: unknown record with keys {sorted(obj)}; expected {{\"text\"}}, "
+        f"{path}:{lineno}: unknown record with keys {clip(sorted(obj))}; expected {{\"text\"}}, "
         f"{{\"prompt\", \"completion\"}} or {{\"messages\"}}"
     )
 

@@ -59,3 +59,27 @@ class Cancelled(QloraServeError):
 
 class Internal(QloraServeError):
     """A bug or fault inside the server; the message carries a request id to report. -> INTERNAL"""
+
+
+# Longest caller input a message repeats (characters). gRPC carries the message in
+# a header, and headers over 8 KiB are refused ("metadata size exceeds soft limit")
+# instead of reporting the real error; 200 characters still identify the input.
+CLIP_CHARS = 200
+# Bound on a whole status message (characters), the net under CLIP_CHARS.
+MAX_MESSAGE_CHARS = 2000
+
+
+def clip(text: object, limit: int = CLIP_CHARS) -> str:
+    """`text` (str() of it) cut to at most `limit` characters plus a marker saying how
+    many were left out: for caller input echoed in an error message."""
+    text = text if isinstance(text, str) else str(text)
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}...[{len(text) - limit} more characters]"
+
+
+def clip_repr(value: object, limit: int = CLIP_CHARS) -> str:
+    """repr(value) for an error message, cut like `clip` (the repr of a 10 KiB string stays short)."""
+    if isinstance(value, str) and len(value) > limit:
+        return f"{value[:limit]!r}...[{len(value) - limit} more characters]"
+    return clip(repr(value), limit)

@@ -65,6 +65,7 @@ class _Row:
     detok: IncrementalDetokenizer
     slot: int  # adapter slot, -1 = base
     generated: list[int] = field(default_factory=list)
+    logprobs: list = field(default_factory=list)  # TokenLogprob per generated token, when asked for
     first_token_at: float | None = None
     done: bool = False  # answered (finished, failed or cancelled); leaves the batch at the next retire
 
@@ -374,7 +375,7 @@ class Engine:
                     continue
                 if slot == _REPARKED:
                     continue
-                row = _Row(req, RowSampler(req.params, self.base.device),
+                row = _Row(req, RowSampler(req.params, self.base.device, req.prompt_ids, self.base.eos_token_ids),
                            IncrementalDetokenizer(self.base.tokenizer, req.params.stop), slot)
             except Exception as exc:  # e.g. its weights cannot be installed: only this request fails
                 log.warning("request %s could not be admitted: %s", req.request_id, exc)
@@ -445,9 +446,9 @@ class Engine:
         self._kv.advance(mask)
         self._emit(rows, sample_rows([r.sampler for r in rows], out.logits[:, -1, :]))
 
-    def _emit(self, rows: list[_Row], tokens: list[int | Exception]) -> None:
+    def _emit(self, rows: list[_Row], picked: tuple[list[int | Exception], list]) -> None:
         now = time.monotonic()
-        for row, tok in zip(rows, tokens):
+        for row, tok, lp in zip(rows, *picked):
             if row.done:
                 continue
             if isinstance(tok, Exception):  # this row's sampling failed; the others go on
@@ -456,12 +457,15 @@ class Engine:
                 row.done = True
                 continue
             row.generated.append(tok)
-            text = row.detok.add(tok)
+            # A stop token ends the text as a stop string does: its own text is not returned.
+            text = "" if tok in row.request.params.stop_token_ids else row.detok.add(tok)
             if row.first_token_at is None:
                 row.first_token_at = now
                 if self.metrics:
                     self.metrics.observe_ttft(now - row.request.arrival)
-            row.request.events.put(TokenEvent([tok], text))
+            if lp is not None:
+                row.logprobs.append(lp)
+            row.request.events.put(TokenEvent([tok], text, None if lp is None else [lp]))
             self._waiting.charge(row.request.tenant, output_tokens=1)
             reason = self._finish_reason(row, tok)
             if reason is not None:
@@ -469,11 +473,13 @@ class Engine:
                 if row.detok.stopped:
                     reason = FinishReason.STOP
                 row.request.events.put(FinalEvent(reason, list(row.generated), row.detok.text, tail,
-                                                  len(row.request.prompt_ids)))
+                                                  len(row.request.prompt_ids), row.logprobs or None))
                 row.done = True
 
     def _finish_reason(self, row: _Row, tok: int) -> FinishReason | None:
-        if tok in self.base.eos_token_ids:
+        if tok in row.request.params.stop_token_ids:
+            return FinishReason.STOP
+        if tok in self.base.eos_token_ids and not row.request.params.ignore_eos:
             return FinishReason.EOS
         if row.detok.stopped:
             return FinishReason.STOP

@@ -42,6 +42,17 @@ class LoadedBase:
     eos_token_ids: frozenset[int]
     max_context: int
 
+    def info(self) -> dict:
+        """Facts for clients (GetModelInfo): base_name, context_length and vocab_size
+        (tokens), compute_dtype, resident_bytes and quantized_bytes (bytes),
+        bits_per_param, chat_template (bool), device."""
+        return {"base_name": self.name, "context_length": self.max_context,
+                "vocab_size": int(self.model.config.vocab_size),
+                "compute_dtype": str(self.compute_dtype).removeprefix("torch."),
+                "resident_bytes": self.footprint.model_bytes, "quantized_bytes": self.footprint.quantized_bytes,
+                "bits_per_param": self.footprint.bits_per_param,
+                "chat_template": bool(getattr(self.tokenizer, "chat_template", None)), "device": str(self.device)}
+
 
 def resolve_dtype(name: str) -> torch.dtype:
     """'bfloat16' | 'float32' | 'float16' -> torch dtype; anything else is refused."""

@@ -25,19 +25,29 @@ _sym_db = _symbol_database.Default()
 from qlora_serve.v1 import common_pb2 as qlora__serve_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eqlora_serve/v1/inference.proto\x12\x0eqlora_serve.v1\x1a\x1bqlora_serve/v1/common.proto\"\xfc\x01\n\x0fGenerateRequest\x12\x0f\n\x07\x61\x64\x61pter\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\r\x12\x1b\n\x0emax_new_tokens\x18\x04 \x01(\x05H\x00\x88\x01\x01\x12\x13\n\x0btemperature\x18\x05 \x01(\x02\x12\x12\n\x05top_p\x18\x06 \x01(\x02H\x01\x88\x01\x01\x12\r\n\x05top_k\x18\x07 \x01(\x05\x12\x11\n\x04seed\x18\x08 \x01(\x04H\x02\x88\x01\x01\x12\x0c\n\x04stop\x18\t \x03(\t\x12\x12\n\nrequest_id\x18\n \x01(\tB\x11\n\x0f_max_new_tokensB\x08\n\x06_top_pB\x07\n\x05_seed\"\xdb\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x33\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x1c.qlora_serve.v1.FinishReason\x12\x15\n\rprompt_tokens\x18\x04 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x05 \x01(\r\x12+\n\x07\x61\x64\x61pter\x18\x06 \x01(\x0b\x32\x1a.qlora_serve.v1.AdapterRef\x12\x12\n\nrequest_id\x18\x07 \x01(\t\"\xe1\x01\n\x16GenerateStreamResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x33\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x1c.qlora_serve.v1.FinishReason\x12\x15\n\rprompt_tokens\x18\x04 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x05 \x01(\r\x12+\n\x07\x61\x64\x61pter\x18\x06 \x01(\x0b\x32\x1a.qlora_serve.v1.AdapterRef\x12\x12\n\nrequest_id\x18\x07 \x01(\t2\xb7\x01\n\tInference\x12M\n\x08Generate\x12\x1f.qlora_serve.v1.GenerateRequest\x1a .qlora_serve.v1.GenerateResponse\x12[\n\x0eGenerateStream\x12\x1f.qlora_serve.v1.GenerateRequest\x1a&.qlora_serve.v1.GenerateStreamResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eqlora_serve/v1/inference.proto\x12\x0eqlora_serve.v1\x1a\x1bqlora_serve/v1/common.proto\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\x8f\x04\n\x0fGenerateRequest\x12\x0f\n\x07\x61\x64\x61pter\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\r\x12\x1b\n\x0emax_new_tokens\x18\x04 \x01(\x05H\x00\x88\x01\x01\x12\x13\n\x0btemperature\x18\x05 \x01(\x02\x12\x12\n\x05top_p\x18\x06 \x01(\x02H\x01\x88\x01\x01\x12\r\n\x05top_k\x18\x07 \x01(\x05\x12\x11\n\x04seed\x18\x08 \x01(\x04H\x02\x88\x01\x01\x12\x0c\n\x04stop\x18\t \x03(\t\x12\x12\n\nrequest_id\x18\n \x01(\t\x12-\n\x08messages\x18\x14 \x03(\x0b\x32\x1b.qlora_serve.v1.ChatMessage\x12\x18\n\x10presence_penalty\x18\x0b \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x0c \x01(\x02\x12\x1f\n\x12repetition_penalty\x18\r \x01(\x02H\x03\x88\x01\x01\x12\r\n\x05min_p\x18\x0e \x01(\x02\x12\x16\n\x0estop_token_ids\x18\x0f \x03(\r\x12\x12\n\nignore_eos\x18\x10 \x01(\x08\x12\x12\n\nmin_tokens\x18\x11 \x01(\x05\x12\x10\n\x08logprobs\x18\x12 \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\x13 \x01(\x05\x42\x11\n\x0f_max_new_tokensB\x08\n\x06_top_pB\x07\n\x05_seedB\x15\n\x13_repetition_penalty\">\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\"r\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\x12\x30\n\x0ctop_logprobs\x18\x04 \x03(\x0b\x32\x1a.qlora_serve.v1.TopLogprob\"\x8b\x02\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x33\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x1c.qlora_serve.v1.FinishReason\x12\x15\n\rprompt_tokens\x18\x04 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x05 \x01(\r\x12+\n\x07\x61\x64\x61pter\x18\x06 \x01(\x0b\x32\x1a.qlora_serve.v1.AdapterRef\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x12.\n\x08logprobs\x18\x08 \x03(\x0b\x32\x1c.qlora_serve.v1.TokenLogprob\"\x91\x02\n\x16GenerateStreamResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x33\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x1c.qlora_serve.v1.FinishReason\x12\x15\n\rprompt_tokens\x18\x04 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x05 \x01(\r\x12+\n\x07\x61\x64\x61pter\x18\x06 \x01(\x0b\x32\x1a.qlora_serve.v1.AdapterRef\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x12.\n\x08logprobs\x18\x08 \x03(\x0b\x32\x1c.qlora_serve.v1.TokenLogprob\"\x15\n\x13GetModelInfoRequest\"\x84\x02\n\tModelInfo\x12\x11\n\tbase_name\x18\x01 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x02 \x01(\r\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x15\n\rcompute_dtype\x18\x04 \x01(\t\x12\x16\n\x0eresident_bytes\x18\x05 \x01(\x04\x12\x17\n\x0fquantized_bytes\x18\x06 \x01(\x04\x12\x16\n\x0e\x62its_per_param\x18\x07 \x01(\x01\x12\x15\n\rchat_template\x18\x08 \x01(\x08\x12\x0e\n\x06\x64\x65vice\x18\t \x01(\t\x12\x16\n\x0emax_new_tokens\x18\n \x01(\r\x12\x19\n\x11max_prompt_tokens\x18\x0b \x01(\r2\x87\x02\n\tInference\x12M\n\x08Generate\x12\x1f.qlora_serve.v1.GenerateRequest\x1a .qlora_serve.v1.GenerateResponse\x12[\n\x0eGenerateStream\x12\x1f.qlora_serve.v1.GenerateRequest\x1a&.qlora_serve.v1.GenerateStreamResponse0\x01\x12N\n\x0cGetModelInfo\x12#.qlora_serve.v1.GetModelInfoRequest\x1a\x19.qlora_serve.v1.ModelInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'qlora_serve.v1.inference_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_GENERATEREQUEST']._serialized_start=80
-  _globals['_GENERATEREQUEST']._serialized_end=332
-  _globals['_GENERATERESPONSE']._serialized_start=335
-  _globals['_GENERATERESPONSE']._serialized_end=554
-  _globals['_GENERATESTREAMRESPONSE']._serialized_start=557
-  _globals['_GENERATESTREAMRESPONSE']._serialized_end=782
-  _globals['_INFERENCE']._serialized_start=785
-  _globals['_INFERENCE']._serialized_end=968
+  _globals['_CHATMESSAGE']._serialized_start=79
+  _globals['_CHATMESSAGE']._serialized_end=123
+  _globals['_GENERATEREQUEST']._serialized_start=126
+  _globals['_GENERATEREQUEST']._serialized_end=653
+  _globals['_TOPLOGPROB']._serialized_start=655
+  _globals['_TOPLOGPROB']._serialized_end=717
+  _globals['_TOKENLOGPROB']._serialized_start=719
+  _globals['_TOKENLOGPROB']._serialized_end=833
+  _globals['_GENERATERESPONSE']._serialized_start=836
+  _globals['_GENERATERESPONSE']._serialized_end=1103
+  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1106
+  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1379
+  _globals['_GETMODELINFOREQUEST']._serialized_start=1381
+  _globals['_GETMODELINFOREQUEST']._serialized_end=1402
+  _globals['_MODELINFO']._serialized_start=1405
+  _globals['_MODELINFO']._serialized_end=1665
+  _globals['_INFERENCE']._serialized_start=1668
+  _globals['_INFERENCE']._serialized_end=1931
 # @@protoc_insertion_point(module_scope)

@@ -44,6 +44,11 @@ class InferenceStub:
                 request_serializer=qlora__serve_dot_v1_dot_inference__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=qlora__serve_dot_v1_dot_inference__pb2.GenerateStreamResponse.FromString,
                 _registered_method=True)
+        self.GetModelInfo = channel.unary_unary(
+                '/qlora_serve.v1.Inference/GetModelInfo',
+                request_serializer=qlora__serve_dot_v1_dot_inference__pb2.GetModelInfoRequest.SerializeToString,
+                response_deserializer=qlora__serve_dot_v1_dot_inference__pb2.ModelInfo.FromString,
+                _registered_method=True)
 
 
 class InferenceServicer:
@@ -64,6 +69,13 @@ class InferenceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetModelInfo(self, request, context):
+        """Facts about the served base model (name, context length, vocabulary, dtype, memory).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_InferenceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -76,6 +88,11 @@ def add_InferenceServicer_to_server(servicer, server):
                     servicer.GenerateStream,
                     request_deserializer=qlora__serve_dot_v1_dot_inference__pb2.GenerateRequest.FromString,
                     response_serializer=qlora__serve_dot_v1_dot_inference__pb2.GenerateStreamResponse.SerializeToString,
+            ),
+            'GetModelInfo': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetModelInfo,
+                    request_deserializer=qlora__serve_dot_v1_dot_inference__pb2.GetModelInfoRequest.FromString,
+                    response_serializer=qlora__serve_dot_v1_dot_inference__pb2.ModelInfo.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -132,6 +149,33 @@ class Inference:
             '/qlora_serve.v1.Inference/GenerateStream',
             qlora__serve_dot_v1_dot_inference__pb2.GenerateRequest.SerializeToString,
             qlora__serve_dot_v1_dot_inference__pb2.GenerateStreamResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetModelInfo(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/qlora_serve.v1.Inference/GetModelInfo',
+            qlora__serve_dot_v1_dot_inference__pb2.GetModelInfoRequest.SerializeToString,
+            qlora__serve_dot_v1_dot_inference__pb2.ModelInfo.FromString,
             options,
             channel_credentials,
             insecure,
