@@ -51,6 +51,17 @@ def default_data_dir() -> Path:
     return Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share") / "qlora-serve"
 
 
+DEMO_BASE_NAME = "qlora-serve-demo"
+
+
+def served_name(base: str | None) -> str:
+    """The base model's name in the HTTP API (`model`): a hub id as given, a local
+    directory's last component, or DEMO_BASE_NAME for the embedded demo."""
+    if base is None:
+        return DEMO_BASE_NAME
+    return Path(base).name if Path(base).is_dir() else base
+
+
 @dataclass
 class ServerConfig:
     """Everything `qlora-serve serve` can set. `base=None` = the embedded demo model."""
@@ -59,6 +70,7 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 50051
     metrics_port: int | None = 9090
+    http_port: int | None = 8000  # the OpenAI-compatible HTTP API; None = off
     compute_dtype: str = "bfloat16"
     device: str = "auto"
     data_dir: Path = field(default_factory=default_data_dir)
@@ -78,6 +90,8 @@ class ServerConfig:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             raise ValueError(f"metrics_port must be in [0, 65535], got {self.metrics_port}")
+        if self.http_port is not None and not 0 <= self.http_port <= 65535:
+            raise ValueError(f"http_port must be in [0, 65535], got {self.http_port}")
         if self.grace_s < 0:
             raise ValueError(f"grace_s must be >= 0, got {self.grace_s}")
         if self.max_concurrent_rpcs is not None and self.max_concurrent_rpcs < 1:
@@ -100,6 +114,7 @@ class QloraServer:
         # One handler thread per in-flight RPC: enough for every running and queued
         # request plus registry/health calls; beyond that gRPC answers RESOURCE_EXHAUSTED.
         workers = config.max_concurrent_rpcs or config.engine.max_running + config.engine.max_waiting + 16
+        self._workers = workers
         self.grpc = grpc.server(
             futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc"),
             # The guard is outermost so it parses, counts and logs what auth refuses too.
@@ -119,6 +134,8 @@ class QloraServer:
         self.port = 0
         self.metrics_port: int | None = None
         self._metrics_http = None
+        self.http_port: int | None = None
+        self._http = None
 
     def _set_health(self, status) -> None:
         for name in ("",) + SERVICE_NAMES:
@@ -134,6 +151,11 @@ class QloraServer:
         if self.config.metrics_port is not None:
             self._metrics_http, _ = self.metrics.serve_http(self.config.metrics_port, self.config.host)
             self.metrics_port = self._metrics_http.server_port
+        if self.config.http_port is not None:
+            from qlora_serve.server.http_api import HttpFrontEnd  # ASGI stack only when HTTP is on
+
+            self._http = HttpFrontEnd(self.runtime, self.config.host, self.config.http_port, self._workers).start()
+            self.http_port = self._http.port
         return self
 
     def load(self) -> "QloraServer":
@@ -147,6 +169,7 @@ class QloraServer:
             base_ref = str(demo.base)
             adapters = adapters or sorted((n, str(p)) for n, p in demo.adapters.items())
             log.info("no --base given: serving the embedded demo model from %s", base_ref)
+        self.runtime.base_name = served_name(cfg.base)
         base = load_base(base_ref, compute_dtype=cfg.compute_dtype, device=cfg.device)
         fp = base.footprint
         log.info("base %s resident on %s: %d quantized params in %.2f MiB (%.2f bits/param, NF4 + double quant); "
@@ -165,8 +188,9 @@ class QloraServer:
         engine.start()
         self.runtime.engine, self.runtime.registry = engine, registry
         self._set_health(health_pb2.HealthCheckResponse.SERVING)
-        log.info("serving on %s:%d (metrics: %s)", cfg.host, self.port,
-                 f"http://{cfg.host}:{self.metrics_port}/metrics" if self.metrics_port else "off")
+        log.info("serving on %s:%d (metrics: %s, OpenAI HTTP API: %s)", cfg.host, self.port,
+                 f"http://{cfg.host}:{self.metrics_port}/metrics" if self.metrics_port else "off",
+                 f"http://{cfg.host}:{self.http_port}/v1" if self.http_port else "off")
         return self
 
     @staticmethod
@@ -195,6 +219,8 @@ class QloraServer:
         if self.runtime.engine is not None:
             self.runtime.engine.shutdown(grace)
         self.grpc.stop(grace=1.0).wait()
+        if self._http is not None:
+            self._http.stop()
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
         if self.runtime.registry is not None:

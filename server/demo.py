@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 # Bump when the recipe changes so stale caches are rebuilt, never reused.
-DEMO_RECIPE_VERSION = 1
+DEMO_RECIPE_VERSION = 2  # 2: the tokenizer has a chat template
 
 _CORPUS = [
     "hello world, this is qlora-serve, a server for many LoRA adapters on one quantized base.",
@@ -79,6 +79,13 @@ def default_cache_dir() -> Path:
     return Path(xdg or Path.home() / ".cache") / "qlora-serve"
 
 
+# A minimal role-tagged template: "<s>user: hi\nassistant: " for one user message.
+DEMO_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant: {% endif %}"
+)
+
+
 def build_tokenizer(out_dir: Path, vocab_size: int):
     """Train a byte-level BPE tokenizer on the embedded corpus and save it to `out_dir`."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -95,6 +102,7 @@ def build_tokenizer(out_dir: Path, vocab_size: int):
     )
     tok.train_from_iterator(_CORPUS * 4, trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    fast.chat_template = DEMO_CHAT_TEMPLATE  # so chat messages work on the demo (HTTP /v1/chat/completions)
     fast.save_pretrained(out_dir)
     return fast
 

@@ -2,25 +2,10 @@
 
 from __future__ import annotations
 
-import math
-import queue
-import time
-import uuid
-from dataclasses import dataclass, fields
-
 import grpc
 
-from qlora_serve.server.engine.config import option
-from qlora_serve.server.engine.request import (
-    AdapterHandle,
-    ErrorEvent,
-    FinalEvent,
-    FinishReason,
-    Request,
-    SamplingParams,
-    TokenEvent,
-)
-from qlora_serve.errors import Cancelled, InvalidArgument
+from qlora_serve.server.engine.request import FinalEvent, FinishReason, Request, TokenEvent
+from qlora_serve.server.requests import GenerateInput, InferenceCore, RequestLimits  # noqa: F401 (re-export)
 from qlora_serve.server.status import abort, code_for
 from qlora_serve.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 
@@ -29,129 +14,39 @@ _FINISH = {
     FinishReason.STOP: common_pb2.FINISH_REASON_STOP,
     FinishReason.EOS: common_pb2.FINISH_REASON_EOS,
 }
-_POLL_S = 0.5  # how often a waiting handler re-checks that its client is still there
 
 
-@dataclass(frozen=True)
-class RequestLimits:
-    """Per-request input limits (INVALID_ARGUMENT beyond them)."""
-
-    max_prompt_tokens: int = option(8192, "longest prompt accepted, in tokens")
-    max_stop_strings: int = option(16, "most stop strings one request may send")
-    max_stop_chars: int = option(256, "longest stop string, in characters")
-    request_timeout_s: float = option(300.0, "server-side deadline per request, seconds; a client deadline may only shorten it")
-
-    def __post_init__(self) -> None:
-        for f in fields(self):
-            if getattr(self, f.name) <= 0:
-                raise ValueError(f"{f.name} must be > 0, got {getattr(self, f.name)}")
+def input_of(msg: inference_pb2.GenerateRequest) -> GenerateInput:
+    """The transport-neutral request of a GenerateRequest (unset optionals stay None)."""
+    return GenerateInput(
+        adapter=msg.adapter, prompt=msg.prompt, prompt_token_ids=list(msg.prompt_token_ids),
+        max_new_tokens=msg.max_new_tokens if msg.HasField("max_new_tokens") else None,
+        temperature=float(msg.temperature), top_p=float(msg.top_p) if msg.HasField("top_p") else None,
+        top_k=int(msg.top_k), seed=int(msg.seed) if msg.HasField("seed") else None,
+        stop=tuple(msg.stop), request_id=msg.request_id)
 
 
 class InferenceService(inference_pb2_grpc.InferenceServicer):
-    """Implements qlora_serve.v1.Inference on top of a loaded `Runtime` (see server/app.py)."""
+    """Implements qlora_serve.v1.Inference: a gRPC adapter over `InferenceCore`
+    (server/requests.py) on a loaded `Runtime` (see server/app.py)."""
 
     def __init__(self, runtime) -> None:
         self._rt = runtime
+        self._core = InferenceCore(runtime)
 
     # ------------------------------------------------------------ helpers
-    def _validate(self, msg: inference_pb2.GenerateRequest) -> tuple[list[int], SamplingParams]:
-        limits: RequestLimits = self._rt.limits
-        engine = self._rt.engine
-        if msg.prompt and len(msg.prompt_token_ids):
-            raise InvalidArgument("set either prompt or prompt_token_ids, not both")
-        if msg.prompt:
-            ids = list(self._rt.tokenizer(msg.prompt).input_ids)
-        else:
-            ids = list(msg.prompt_token_ids)
-            vocab = self._rt.vocab_size
-            bad = next((t for t in ids if t >= vocab), None)
-            if bad is not None:
-                raise InvalidArgument(f"prompt_token_ids contains {bad}, outside the vocabulary (size {vocab})")
-        if not ids:
-            raise InvalidArgument("prompt is empty: set prompt (text) or prompt_token_ids")
-        if len(ids) > limits.max_prompt_tokens:
-            raise InvalidArgument(f"prompt has {len(ids)} tokens; the limit is {limits.max_prompt_tokens} (--max-prompt-tokens)")
-        cfg = engine.config
-        if msg.HasField("max_new_tokens"):
-            max_new = msg.max_new_tokens
-            if max_new < 1 or max_new > cfg.max_new_tokens:
-                raise InvalidArgument(f"max_new_tokens must be in [1, {cfg.max_new_tokens}], got {max_new}")
-        else:
-            max_new = min(cfg.default_max_new_tokens, max(1, self._rt.max_context - len(ids)))
-        if len(msg.stop) > limits.max_stop_strings:
-            raise InvalidArgument(f"stop has {len(msg.stop)} strings; the limit is {limits.max_stop_strings}")
-        if any(len(s) > limits.max_stop_chars for s in msg.stop):
-            raise InvalidArgument(f"a stop string is longer than {limits.max_stop_chars} characters")
-        for field in ("temperature", "top_p"):
-            if not math.isfinite(getattr(msg, field)):
-                raise InvalidArgument(f"{field} must be a finite number, got {getattr(msg, field)}")
-        params = SamplingParams(
-            max_new_tokens=max_new,
-            temperature=float(msg.temperature),
-            top_p=float(msg.top_p) if msg.HasField("top_p") else 1.0,
-            top_k=int(msg.top_k),
-            seed=int(msg.seed) if msg.HasField("seed") else None,
-            stop=tuple(msg.stop),
-        )
-        engine.validate_lengths(len(ids), max_new)
-        return ids, params
-
     def _start(self, msg, context) -> Request:
         rt = self._rt
         rt.require_ready()
         principal = rt.authenticate(context)
-        ids, params = self._validate(msg)
-        adapter: AdapterHandle | None = rt.resolve_adapter(msg.adapter, principal) if msg.adapter else None
-        deadline = time.monotonic() + rt.limits.request_timeout_s
-        remaining = context.time_remaining()
-        if remaining is not None:
-            deadline = min(deadline, time.monotonic() + remaining)
-        req = Request(
-            request_id=msg.request_id or uuid.uuid4().hex,
-            prompt_ids=ids,
-            params=params,
-            adapter=adapter,
-            tenant=principal.tenant,
-            deadline=deadline,
-            arrival=time.monotonic(),
-        )
-        rt.admit(req, principal)
+        req = self._core.start(input_of(msg), principal, timeout_s=context.time_remaining())
         # A client that goes away frees its row within one engine step.
-        context.add_callback(lambda: rt.engine.cancel(req))
+        context.add_callback(lambda: self._core.cancel(req))
         return req
 
     def _events(self, req: Request, context):
-        """Yield engine events until the final one; raise the domain error of an ErrorEvent."""
-        while True:
-            try:
-                ev = req.events.get(timeout=_POLL_S)
-            except queue.Empty:
-                if not context.is_active():
-                    self._rt.engine.cancel(req)
-                    raise Cancelled(f"request {req.request_id}: the client went away")
-                continue
-            # Tokens that queued up while this thread was busy go out as one message:
-            # no added latency, and far fewer messages when the handler lags the engine.
-            pending = None
-            while isinstance(ev, TokenEvent):
-                try:
-                    nxt = req.events.get_nowait()
-                except queue.Empty:
-                    break
-                if not isinstance(nxt, TokenEvent):
-                    pending = nxt
-                    break
-                ev = TokenEvent(ev.token_ids + nxt.token_ids, ev.text + nxt.text)
-            for item in (ev, pending):
-                if isinstance(item, ErrorEvent):
-                    raise item.error
-                if isinstance(item, TokenEvent):
-                    # Charged to the tenant's quota on every exit path (see Runtime.finished).
-                    self._rt.relayed(req, len(item.token_ids))
-                if item is not None:
-                    yield item
-                if isinstance(item, FinalEvent):
-                    return
+        """Engine events until the final one (see InferenceCore.events)."""
+        return self._core.events(req, context.is_active)
 
     def _adapter_ref(self, req: Request) -> common_pb2.AdapterRef:
         a = req.adapter
@@ -166,15 +61,8 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
 
     def _record(self, method: str, req: Request | None, code: grpc.StatusCode, started: float,
                 final: FinalEvent | None = None, context=None) -> None:
-        rt = self._rt
-        adapter = req.adapter.name if req and req.adapter else ""
-        tenant = req.tenant if req else self._tenant_of(context)
-        rt.metrics.requests.labels(method, adapter, tenant, code.name).inc()
-        if final is not None:
-            rt.metrics.latency.labels(adapter).observe(time.monotonic() - started)
-            rt.metrics.tokens.labels(adapter, tenant).inc(len(final.token_ids))
-            rt.metrics.prompt_tokens.labels(adapter, tenant).inc(final.prompt_tokens)
-        rt.finished(req, final)
+        tenant = "" if req else self._tenant_of(context)
+        self._core.record(method, req, code.name, started, final, tenant=tenant)
 
     # --------------------------------------------------------------- RPCs
     def Generate(self, request, context):

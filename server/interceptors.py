@@ -21,64 +21,30 @@ and logs the calls authentication refuses. Health and reflection pass through.
 
 from __future__ import annotations
 
-import logging
-import time
 from typing import Any, Callable
 
 import grpc
 from google.protobuf.message import DecodeError
 
 from qlora_serve.server.auth import Authenticator
-from qlora_serve.errors import InvalidArgument, QloraServeError, Unauthenticated
+from qlora_serve.errors import InvalidArgument, Unauthenticated
+from qlora_serve.server import requests
 from qlora_serve.server.metrics import Metrics
 from qlora_serve.server.status import abort
 
-access_log = logging.getLogger("qlora_serve.requests")
-
 GUARDED_PREFIX = "/qlora_serve.v1."
 
-# Statuses that mean "refused before (or instead of) doing the work". In-flight
-# failures (INTERNAL, DEADLINE_EXCEEDED, CANCELLED) are counted by code in
-# qlora_requests_total instead.
-REFUSAL_CODES = frozenset({
-    grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED,
-    grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION,
-    grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ALREADY_EXISTS,
-})
-
-
-def _domain_error(exc: BaseException | None) -> QloraServeError | None:
-    """The domain error behind an abort: `status.abort` raises inside the handler's
-    ``except``, so the domain error is on the implicit ``__context__`` chain."""
-    seen = 0
-    while exc is not None and seen < 8:
-        if isinstance(exc, QloraServeError):
-            return exc
-        exc, seen = exc.__cause__ or exc.__context__, seen + 1
-    return None
+# The refusal statuses (server/requests.py REFUSAL_CODES) as gRPC codes.
+REFUSAL_CODES = frozenset(c for c in grpc.StatusCode if c.name in requests.REFUSAL_CODES)
 
 
 def rejection_reason(code: grpc.StatusCode | None, exc: BaseException | None = None) -> str | None:
     """The ``reason`` label for a refused call, or None when ``code`` is not a refusal."""
-    if code not in REFUSAL_CODES:
-        return None
-    err = _domain_error(exc)
-    return getattr(err, "reason", None) or code.name.lower()
+    return requests.rejection_reason(code.name if code is not None else None, exc)
 
 
-class _Call:
-    """Bookkeeping for one RPC: fills the access-log fields as it learns them."""
-
-    def __init__(self, method: str, tenant: str, metrics: Metrics) -> None:
-        self.method = method.rsplit("/", 1)[-1]
-        self.tenant = tenant
-        self.metrics = metrics
-        self.started = time.monotonic()
-        self.request_id = ""
-        self.adapter = ""
-        self.prompt = ""
-        self.prompt_tokens = 0
-        self.completion_tokens = 0
+class _Call(requests.CallLog):
+    """Bookkeeping for one RPC: the shared access-log line, filled from protobuf messages."""
 
     def saw_request(self, request: Any) -> None:
         self.request_id = getattr(request, "request_id", "") or ""
@@ -96,19 +62,7 @@ class _Call:
         self.completion_tokens = getattr(response, "completion_tokens", 0) or self.completion_tokens
 
     def finish(self, code: grpc.StatusCode, exc: BaseException | None = None) -> None:
-        reason = rejection_reason(code, exc)
-        if reason is not None:
-            self.metrics.rejected(reason, self.tenant)
-        latency_ms = (time.monotonic() - self.started) * 1000.0
-        fields = {"method": self.method, "request_id": self.request_id or "-", "tenant": self.tenant or "-",
-                  "adapter": self.adapter or "-", "code": code.name, "prompt_tokens": self.prompt_tokens,
-                  "completion_tokens": self.completion_tokens, "latency_ms": round(latency_ms, 1)}
-        if reason is not None:
-            fields["reason"] = reason
-        if self.prompt and access_log.isEnabledFor(logging.DEBUG):
-            fields["prompt"] = self.prompt  # prompt text only with debug logging on
-        access_log.info(" ".join(f"{k}={v}" if k != "prompt" else f"{k}={v!r}" for k, v in fields.items()),
-                        extra=fields)
+        super().finish(code.name, exc)
 
 
 def _code_after(context: grpc.ServicerContext, failed: bool) -> grpc.StatusCode:
