@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import grpc
 
 from qlora_serve.server.engine.request import FinalEvent, FinishReason, Request, TokenEvent
