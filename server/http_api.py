@@ -98,6 +98,10 @@ def _error_response(exc: BaseException, request_id: str = "") -> JSONResponse:
     return JSONResponse(body, status_code=status, headers=headers)
 
 
+class _Disconnected(Exception):
+    """Writing to the client failed: it went away (handled like an http.disconnect)."""
+
+
 class _Generation:
     """An ASGI response that runs one admitted request: pumps engine events from a
     worker thread while watching the connection, then answers (JSON or SSE)."""
@@ -110,6 +114,15 @@ class _Generation:
     async def __call__(self, scope, receive, send) -> None:
         final, exc, code = None, None, "CANCELLED"
         core, req = self.api.core, self.req
+        raw_send = send
+
+        async def send(message) -> None:
+            try:
+                await raw_send(message)
+            except OSError:  # uvicorn's ClientDisconnected
+                self.gone.set()
+                raise _Disconnected() from None
+
         events = core.events(req, lambda: not self.gone.is_set())
         headers = [(b"x-request-id", req.request_id.encode())]
         try:
@@ -121,13 +134,15 @@ class _Generation:
                     else:
                         final = await self._collect(events)
                         await self._send_json(send, 200, self.shaper.whole(final), headers)
+                except _Disconnected:
+                    pass  # CANCELLED below
                 except Exception as e:  # noqa: BLE001 - every failure is answered and recorded below
                     exc = e
                 tg.cancel_scope.cancel()
             # A disconnect cancels the group (final and exc stay None): CANCELLED.
             code = "OK" if final is not None else ("CANCELLED" if exc is None or self.gone.is_set()
                                                    else code_name(exc))
-            if exc is not None and not self.gone.is_set():
+            if exc is not None and not self.gone.is_set():  # best effort: the client may be gone by now
                 if not self._sent_headers:
                     status, body, hdrs = error_body(exc, req.request_id)
                     await self._send_json(send, status, body,
@@ -135,6 +150,8 @@ class _Generation:
                 else:  # mid-stream: an error event, then the end (as vLLM does)
                     await self._send_event(send, error_body(exc, req.request_id)[1])
                     await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except _Disconnected:
+            code = "CANCELLED"
         finally:
             if final is None:
                 self.gone.set()

@@ -1,4 +1,6 @@
-"""gRPC Inference service: validate, resolve the adapter, hand to the engine, relay answers."""
+"""gRPC Inference service: a thin adapter from qlora_serve.v1 messages and statuses to the
+transport-neutral request path (server/requests.py), which validates, resolves the adapter,
+hands the request to the engine and relays its answers."""
 
 from __future__ import annotations
 

@@ -13,7 +13,8 @@ It does three things the servicers would otherwise each repeat:
   domain error's ``reason`` (``quota``, ``queue_full``).
 * **Access log.** One line per finished RPC on the ``qlora_serve.requests``
   logger: method, request id, tenant, adapter, status code, tokens, latency.
-  Prompt text is logged only when that logger is at DEBUG.
+  Prompt text is logged only when that logger is at DEBUG. The line and the
+  refusal metric are `requests.CallLog`'s, shared with the HTTP front end.
 
 Install it OUTSIDE the `AuthInterceptor` (first in the list) so it also counts
 and logs the calls authentication refuses. Health and reflection pass through.
