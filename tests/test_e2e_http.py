@@ -4,6 +4,7 @@ raw HTTP (urllib) for the SSE wire format and error shapes. No mocks."""
 
 from __future__ import annotations
 
+import http.client as http_client
 import json
 import urllib.error
 import urllib.request
@@ -226,6 +227,24 @@ def test_client_disconnect_cancels_the_stream(http, engine_gate):
     wait_until(lambda: (server.metrics.registry.get_sample_value(
         "qlora_requests_total", {"method": "Completions", "adapter": "pirate", "tenant": "anonymous",
                                  "code": "CANCELLED"}) or 0.0) == cancelled + 1, what="a CANCELLED record")
+    gate.release()
+    wait_until(lambda: server.metrics.registry.get_sample_value("qlora_running_requests") == 0,
+               what="the engine row to be freed")
+
+
+def test_client_disconnect_cancels_a_whole_request(http, engine_gate):
+    server, _, _, _ = http
+    labels = {"method": "Completions", "adapter": "", "tenant": "anonymous", "code": "CANCELLED"}
+    before = server.metrics.registry.get_sample_value("qlora_requests_total", labels) or 0.0
+    gate = engine_gate(server)
+    gate.close()
+    conn = http_client.HTTPConnection("127.0.0.1", server.http_port, timeout=60)
+    conn.request("POST", "/v1/completions", body=json.dumps({"model": "", "prompt": "wait", "max_tokens": 8}),
+                 headers={"content-type": "application/json"})
+    gate.wait_parked()  # the request is in the engine
+    conn.close()  # the client goes away before the answer
+    wait_until(lambda: server.metrics.registry.get_sample_value("qlora_requests_total", labels) == before + 1,
+               what="a CANCELLED record")
     gate.release()
     wait_until(lambda: server.metrics.registry.get_sample_value("qlora_running_requests") == 0,
                what="the engine row to be freed")
