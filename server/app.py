@@ -154,7 +154,8 @@ class QloraServer:
         if self.config.http_port is not None:
             from qlora_serve.server.http_api import HttpFrontEnd  # ASGI stack only when HTTP is on
 
-            self._http = HttpFrontEnd(self.runtime, self.config.host, self.config.http_port, self._workers).start()
+            self._http = HttpFrontEnd(self.runtime, self.config.host, self.config.http_port, self._workers,
+                                      max_body_bytes=self.config.max_message_bytes).start()
             self.http_port = self._http.port
         return self
 

@@ -59,8 +59,16 @@ HTTP_STATUS: dict[type[QloraServeError], tuple[int, str]] = {
 }
 
 
+class BodyTooLarge(InvalidArgument):
+    """A request body over --max-message-bytes (the limit gRPC messages have too)."""
+
+    http_status = 413
+
+
 def status_of(exc: BaseException) -> tuple[int, str]:
     """(HTTP status, OpenAI error type) of an exception; non-domain errors are 500."""
+    if getattr(exc, "http_status", None):
+        return exc.http_status, "invalid_request_error"
     for cls in type(exc).__mro__:
         if cls in HTTP_STATUS:
             return HTTP_STATUS[cls]
@@ -220,8 +228,9 @@ class _Generation:
 class OpenAIApi:
     """The Starlette app over a `Runtime`. threads: most worker threads at once."""
 
-    def __init__(self, runtime, threads: int) -> None:
+    def __init__(self, runtime, threads: int, max_body_bytes: int) -> None:
         self.rt = runtime
+        self.max_body_bytes = max_body_bytes
         self.core = InferenceCore(runtime)
         self.limiter = anyio.CapacityLimiter(threads)
         self.started_at = int(time.time())  # the base's `created` in /v1/models
@@ -293,10 +302,7 @@ class OpenAIApi:
         try:
             principal = self._principal(request)
             call.tenant = principal.tenant
-            try:
-                raw = await request.json()
-            except ValueError:
-                raise InvalidArgument("the request body is not valid JSON") from None
+            raw = await self._json(request)
             body = parse(ChatRequest if chat else CompletionRequest, raw)
             adapter = self._adapter_ref(body.model)
             call.adapter = adapter
@@ -313,6 +319,22 @@ class OpenAIApi:
         call.prompt = body.messages[-1].as_dict()["content"] if chat else body.prompt_parts()[0]
         model = body.model or self.rt.base_name
         return _Generation(self, req, Shaper(chat, req.request_id, model), body, call, method)
+
+    async def _json(self, request: HttpRequest):
+        """The body as JSON, read up to max_body_bytes (BodyTooLarge beyond, never buffered whole)."""
+        limit, chunks, size = self.max_body_bytes, [], 0
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise BodyTooLarge(f"the request body has {declared} bytes; the limit is {limit} (--max-message-bytes)")
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise BodyTooLarge(f"the request body is over {limit} bytes (--max-message-bytes)")
+            chunks.append(chunk)
+        try:
+            return json.loads(b"".join(chunks))
+        except ValueError:
+            raise InvalidArgument("the request body is not valid JSON") from None
 
     def _start(self, body, chat: bool, adapter: str, request_id: str, principal) -> Request:
         """On a worker thread: render/tokenize, validate, resolve, admit (InferenceCore.start)."""
@@ -334,8 +356,8 @@ def _model_not_found(exc: NotFound) -> ModelNotFound:
 class HttpFrontEnd:
     """uvicorn serving `OpenAIApi` on its own thread. `port` is the bound port (useful with 0)."""
 
-    def __init__(self, runtime, host: str, port: int, threads: int) -> None:
-        self.api = OpenAIApi(runtime, threads)
+    def __init__(self, runtime, host: str, port: int, threads: int, max_body_bytes: int) -> None:
+        self.api = OpenAIApi(runtime, threads, max_body_bytes)
         self.host, self.port = host, port
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None

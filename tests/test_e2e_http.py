@@ -176,7 +176,14 @@ def test_defaults_of_pending_controls_are_accepted(http):
 
 
 def test_bad_json_and_bad_messages(http):
-    _, base, _, _ = http
+    server, base, _, _ = http
+    conn = http_client.HTTPConnection("127.0.0.1", server.http_port, timeout=60)
+    conn.putrequest("POST", "/v1/completions")  # announces a body over the limit: refused before reading it
+    conn.putheader("content-length", str(server.config.max_message_bytes + 1))
+    conn.endheaders()
+    resp = conn.getresponse()
+    assert resp.status == 413 and "--max-message-bytes" in json.loads(resp.read())["error"]["message"]
+    conn.close()
     status, _, data = raw(base, "/v1/chat/completions", data=b"{not json")
     assert status == 400 and "not valid JSON" in json.loads(data)["error"]["message"]
     status, _, data = raw(base, "/v1/chat/completions", {"model": "base", "messages": [{"role": "wizard",
