@@ -374,8 +374,9 @@ class HttpFrontEnd:
             raise OSError(f"could not bind HTTP port {self.host}:{self.port} ({exc}); "
                           "is another server running there? (--http-port, --no-http)") from None
         self.port = sock.getsockname()[1]
-        config = uvicorn.Config(self.api.app, log_level="warning", access_log=False, lifespan="off",
-                                timeout_graceful_shutdown=1)
+        # log_config=None: uvicorn leaves the process logging (text or json) as the CLI set it.
+        config = uvicorn.Config(self.api.app, log_config=None, log_level="warning", access_log=False,
+                                lifespan="off", timeout_graceful_shutdown=1)
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [sock]}, name="http",
                                         daemon=True)

@@ -29,7 +29,8 @@ def test_error_body_is_openai_shaped_with_retry_after():
 
 @pytest.mark.parametrize("field", sorted(PENDING_SAMPLING_FIELDS))
 def test_each_pending_control_is_refused_in_one_place(field):
-    value = {"stop_token_ids": [1], "ignore_eos": True, "logprobs": True, "top_logprobs": 2, "min_tokens": 2}.get(field, 0.5)
+    on = {"stop_token_ids": [1], "ignore_eos": True, "logprobs": True, "top_logprobs": 2, "min_tokens": 2}
+    value = on.get(field, 0.5)
     req = parse(CompletionRequest, {"model": "m", "prompt": "x", field: value})
     with pytest.raises(errors.InvalidArgument, match=f"{field} is not supported yet") as e:
         req.to_input("", "rid", prompt="x")
@@ -54,7 +55,8 @@ def test_chat_without_a_template_is_a_clear_invalid_argument(demo):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(demo.base)
-    messages = parse(ChatRequest, {"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]}).messages
+    body = {"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]}
+    messages = parse(ChatRequest, body).messages
     ids = render_chat(tok, messages)
     assert tok.decode(ids).endswith("user: hi\nassistant: ")
     tok.chat_template = None
