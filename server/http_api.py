@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import socket
 import threading
 import time
@@ -41,6 +42,7 @@ from qlora_serve.server.openai_schema import (
 from qlora_serve.server.requests import CallLog, InferenceCore, code_name
 
 log = logging.getLogger("qlora_serve.http")
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")  # an X-Request-Id the server adopts as its own
 
 # Domain error -> (HTTP status, OpenAI error type), as Google's API design guide maps
 # the gRPC codes (FAILED_PRECONDITION is 400 there too). Most specific class first.
@@ -253,15 +255,15 @@ class OpenAIApi:
             principal = self._principal(request)
             call.tenant = principal.tenant
             self.rt.require_ready()
-            records = await anyio.to_thread.run_sync(self.rt.visible_adapters, principal, limiter=self.limiter)
-            data = self._model_list(records)
+            data = await anyio.to_thread.run_sync(self._model_list, principal, limiter=self.limiter)
         except Exception as exc:  # noqa: BLE001 - answered in OpenAI's error shape
             call.finish(code_name(exc), exc)
             return _error_response(exc)
         call.finish("OK")
         return JSONResponse({"object": "list", "data": data})
 
-    def _model_list(self, records) -> list[dict]:
+    def _model_list(self, principal) -> list[dict]:
+        """On a worker thread (SQLite reads): the base, then each visible adapter's references."""
         base = self.rt.base_name
         started = self.started_at
         data = [{"id": base, "object": "model", "created": started, "owned_by": "qlora-serve", "root": base,
@@ -272,17 +274,18 @@ class OpenAIApi:
                     "root": rec.ref, "parent": base}
 
         by_name: dict[str, list] = {}
-        for rec in records:
+        for rec in self.rt.visible_adapters(principal):
             by_name.setdefault(rec.name, []).append(rec)
         for name, recs in by_name.items():
             try:
                 current = self.rt.registry.resolve(name)
+                aliases = self.rt.registry.aliases(name)
             except NotFound:  # deleted since the listing
                 continue
             data.append(entry(name, current))
             data.extend(entry(rec.ref, rec) for rec in recs)
             versions = {rec.version: rec for rec in recs}
-            for alias, version in self.rt.registry.aliases(name).items():
+            for alias, version in aliases.items():
                 if version in versions:
                     data.append(entry(f"{name}@{alias}", versions[version]))
         return data
@@ -296,7 +299,8 @@ class OpenAIApi:
     async def _generate(self, request: HttpRequest, *, chat: bool):
         method = "ChatCompletions" if chat else "Completions"
         call = CallLog(method, "", self.rt.metrics)
-        request_id = request.headers.get("x-request-id", "")[:128] or uuid.uuid4().hex
+        given = request.headers.get("x-request-id", "")
+        request_id = given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex  # log-safe ids only
         call.request_id = request_id
         started, principal = call.started, None
         try:

@@ -136,6 +136,10 @@ def test_sse_wire_format(http):
     assert payloads[-2]["choices"][0]["finish_reason"] == "length"
     assert len({p["id"] for p in payloads}) == 1 and payloads[0]["object"] == "text_completion"
     assert headers["x-request-id"] and payloads[0]["id"] == "cmpl-" + headers["x-request-id"]
+    for given, adopted in (("trace-42", True), ("has space", False)):
+        _, headers, body = raw(base, "/v1/completions", {"model": "", "prompt": "x", "max_tokens": 1},
+                               headers={"x-request-id": given})
+        assert (json.loads(body)["id"] == "cmpl-" + given) == adopted == (headers["x-request-id"] == given)
 
 
 @pytest.mark.parametrize("body, status, param, needle", [
