@@ -609,7 +609,7 @@ def main(argv=None) -> int:
                               max_new_tokens=max(1024, args.max_new_tokens), max_resident_adapters=n_max,
                               max_lora_rank=max_rank)
     data_dir = Path(tempfile.mkdtemp(prefix="qlora-bench-data-"))
-    server = QloraServer(ServerConfig(base=str(base_dir), host="127.0.0.1", port=0, metrics_port=None,
+    server = QloraServer(ServerConfig(base=str(base_dir), host="127.0.0.1", port=0, metrics_port=None, http_port=None,
                                       compute_dtype=args.compute_dtype, device=args.device, data_dir=data_dir,
                                       adapters=[(n, str(d)) for n, d in zip(names, adapter_dirs)],
                                       engine=engine_cfg, grace_s=5.0))

@@ -69,6 +69,17 @@ def default_data_dir() -> Path:
     return Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share") / "qlora-serve"
 
 
+DEMO_BASE_NAME = "qlora-serve-demo"
+
+
+def served_name(base: str | None) -> str:
+    """The base model's name in the HTTP API (`model`): a hub id as given, a local
+    directory's last component, or DEMO_BASE_NAME for the embedded demo."""
+    if base is None:
+        return DEMO_BASE_NAME
+    return Path(base).name if Path(base).is_dir() else base
+
+
 @dataclass
 class ServerConfig:
     """Everything `qlora-serve serve` can set. `base=None` = the embedded demo model."""
@@ -79,6 +90,7 @@ class ServerConfig:
     metrics_port: int | None = 9090
     # /metrics names adapters and tenants: loopback only unless the operator opens it.
     metrics_address: str = "127.0.0.1"
+    http_port: int | None = 8000  # the OpenAI-compatible HTTP API; None = off
     compute_dtype: str = "bfloat16"
     device: str = "auto"
     data_dir: Path = field(default_factory=default_data_dir)
@@ -98,6 +110,8 @@ class ServerConfig:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             raise ValueError(f"metrics_port must be in [0, 65535], got {self.metrics_port}")
+        if self.http_port is not None and not 0 <= self.http_port <= 65535:
+            raise ValueError(f"http_port must be in [0, 65535], got {self.http_port}")
         if self.grace_s < 0:
             raise ValueError(f"grace_s must be >= 0, got {self.grace_s}")
         if self.max_concurrent_rpcs is not None and self.max_concurrent_rpcs < 1:
@@ -121,6 +135,7 @@ class QloraServer:
         # request plus registry/health calls; beyond that gRPC answers RESOURCE_EXHAUSTED.
         workers = config.max_concurrent_rpcs or config.engine.max_running + config.engine.max_waiting + 16
         self.guard = RequestGuard(auth, self.metrics)
+        self._workers = workers
         self.grpc = grpc.server(
             futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc"),
             # The guard is outermost so it parses, counts and logs what auth refuses too.
@@ -143,6 +158,8 @@ class QloraServer:
         self.port = 0
         self.metrics_port: int | None = None
         self._metrics_http = None
+        self.http_port: int | None = None
+        self._http = None
 
     def _set_health(self, status) -> None:
         for name in ("",) + SERVICE_NAMES:
@@ -167,6 +184,12 @@ class QloraServer:
                               f"({exc.strerror or exc}); choose another --metrics-port (0 = any free port) "
                               f"or pass --no-metrics") from None
             self.metrics_port = self._metrics_http.server_port
+        if self.config.http_port is not None:
+            from qlora_serve.server.http_api import HttpFrontEnd  # ASGI stack only when HTTP is on
+
+            self._http = HttpFrontEnd(self.runtime, self.config.host, self.config.http_port, self._workers,
+                                      max_body_bytes=self.config.max_message_bytes).start()
+            self.http_port = self._http.port
         self.grpc.start()
         return self
 
@@ -181,6 +204,7 @@ class QloraServer:
             base_ref = str(demo.base)
             adapters = adapters or sorted((n, str(p)) for n, p in demo.adapters.items())
             log.info("no --base given: serving the embedded demo model from %s", base_ref)
+        self.runtime.base_name = served_name(cfg.base)
         base = load_base(base_ref, compute_dtype=cfg.compute_dtype, device=cfg.device)
         fp = base.footprint
         log.info("base %s resident on %s: %d quantized params in %.2f MiB (%.2f bits/param, NF4 + double quant); "
@@ -199,8 +223,9 @@ class QloraServer:
         engine.start()
         self.runtime.engine, self.runtime.registry = engine, registry
         self._set_health(health_pb2.HealthCheckResponse.SERVING)
-        log.info("serving on %s:%d (metrics: %s)", cfg.host, self.port,
-                 f"http://{cfg.metrics_address}:{self.metrics_port}/metrics" if self.metrics_port else "off")
+        log.info("serving on %s:%d (metrics: %s, OpenAI HTTP API: %s)", cfg.host, self.port,
+                 f"http://{cfg.metrics_address}:{self.metrics_port}/metrics" if self.metrics_port else "off",
+                 f"http://{cfg.host}:{self.http_port}/v1" if self.http_port else "off")
         return self
 
     @staticmethod
@@ -238,6 +263,8 @@ class QloraServer:
             if self.guard.wait_idle(deadline - time.monotonic()):
                 time.sleep(max(0.0, min(_FLUSH_LINGER_S, deadline - time.monotonic())))
         self.grpc.stop(grace=max(1.0, deadline - time.monotonic())).wait()
+        if self._http is not None:
+            self._http.stop()
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
         if self.runtime.registry is not None:
