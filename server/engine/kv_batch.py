@@ -10,7 +10,8 @@ a row to a place in the pool, so:
 - the batch order is just the order of the handles the engine passes each step
   (the engine keeps it sorted by adapter slot for segmented multi-LoRA);
 - memory is the pages the live rows hold, rounded up to a page per row; the pool
-  grows by doubling when it runs out and is released when the batch empties.
+  grows by half when it runs out (at most 1.5x the peak of live pages) and is
+  released when the batch empties.
 
 A decode step writes each row's new key/value into its next slot and gathers, once
 per layer, a dense left-padded `[rows, kv_heads, length, head_dim]` view for the
@@ -137,10 +138,11 @@ class PagedKVBatch:
         self._free = list(range(pages - 1, 0, -1))  # pop() hands out low pages first
 
     def _alloc(self, n: int) -> list[int]:
-        """n free pages; the pool doubles (one copy of what it holds) when short."""
+        """n free pages; when short the pool grows by half (one copy of what it holds:
+        amortized, each token is copied at most twice on average)."""
         if n > len(self._free):
             need = self._pages + n - len(self._free)
-            new = max(2 * self._pages, need)
+            new = max(self._pages + self._pages // 2, need)
             for pool in (self._k, self._v):
                 for i, t in enumerate(pool):
                     grown = torch.empty(t.shape[0], new * self.page_tokens, t.shape[2], dtype=t.dtype, device=t.device)
@@ -184,7 +186,7 @@ class PagedKVBatch:
             return
         row.live = False
         self._rows.discard(id(row))
-        self._free.extend(row.pages)
+        self._free.extend(reversed(row.pages))  # the next row gets them in ascending order
         row.pages = []
         if not self._rows:
             self.clear()
