@@ -405,7 +405,8 @@ class Engine:
     def _prefill(self) -> None:
         """One left-padded forward pass over the admitted prompts; samples each row's
         first token. If the forward fails, only these rows fail."""
-        rows, device = self._admitted, self.base.device
+        # Rows sorted by adapter slot: each adapter's rows form one contiguous segment.
+        rows, device = sorted(self._admitted, key=lambda r: r.slot), self.base.device
         length = max(len(r.request.prompt_ids) for r in rows)
         ids = torch.full((len(rows), length), self._pad_id, dtype=torch.long)
         mask = torch.zeros((len(rows), length), dtype=torch.long)

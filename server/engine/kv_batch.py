@@ -206,23 +206,24 @@ class PagedKVBatch:
             if r.length == len(r.pages) * self.page_tokens:
                 r.pages += self._alloc(1)
         device = self._k[0].device
-        heads = self._k[0].shape[0]
-        counts = torch.tensor([r.length + 1 for r in rows])  # tokens incl. the new one
-        length = int(counts.max())
-        p = self.page_tokens
+        heads, total = self._k[0].shape[0], self._k[0].shape[1]
+        lengths = [r.length + 1 for r in rows]  # tokens incl. the new one
+        length = max(lengths)
         table = torch.zeros(len(rows), max(len(r.pages) for r in rows), dtype=torch.long)
         for i, r in enumerate(rows):
             table[i, : len(r.pages)] = torch.tensor(r.pages)
+        # Only the small page table and counts cross to the device (once per step);
+        # the [rows, heads, L] index is built there.
+        table, counts = table.to(device), torch.tensor(lengths).to(device)
         # Left-padded: view column j of row i holds its token j - (L - n_i).
-        tok = torch.arange(length)[None, :] - (length - counts)[:, None]
+        tok = torch.arange(length, device=device)[None, :] - (length - counts)[:, None]
         real = tok >= 0
         tok = tok.clamp(min=0)
+        p = self.page_tokens
         slot = torch.where(real, table.gather(1, tok // p) * p + tok % p, 0)
-        write = slot[:, -1]
-        step = _Step(len(rows), length, self._per_head(write, heads).to(device),
-                     self._per_head_rows(slot, heads, self._k[0].shape[1]).to(device))
+        step = _Step(len(rows), length, self._per_head(slot[:, -1], heads), self._per_head_rows(slot, heads, total))
         view = Cache(layers=[_ViewLayer(self, i, step) for i in range(len(self._k))])
-        return view, real.long().to(device), (counts - 1)[:, None].to(device)
+        return view, real.long(), (counts - 1)[:, None]
 
     @staticmethod
     def advance(rows: list[KVRow]) -> None:
@@ -244,4 +245,4 @@ class PagedKVBatch:
     @staticmethod
     def _per_head_rows(slot: torch.Tensor, heads: int, total: int) -> torch.Tensor:
         """[rows, L] slots -> [rows * heads * L] flat indices, laid out [rows, heads, L]."""
-        return (slot[:, None, :] + torch.arange(heads)[None, :, None] * total).reshape(-1)
+        return (slot[:, None, :] + torch.arange(heads, device=slot.device)[None, :, None] * total).reshape(-1)
