@@ -256,7 +256,7 @@ def main() -> None:
     print(f"preset {args.preset}, {args.rows} rows of {min(lens)}-{max(lens)} tokens running, join of "
           f"{args.join_tokens} tokens, {args.dtype} on {device}, median of {args.reps}")
     print(f"{'':8}{'join empty ms':>14}{'join busy ms':>14}{'busy/empty':>12}{'leave ms':>10}"
-          f"{'decode KV ms':>14}{'MB held':>10}")
+          f"{'decode KV ms':>14}{'cache MB':>10}")
     for name, r in results.items():
         print(f"{name:8}{ms(r['join_empty_median_s']):>14}{ms(r['join_busy_median_s']):>14}"
               f"{r['ratio_busy_over_empty']:12.2f}{ms(r['leave_busy_median_s']):>10}"

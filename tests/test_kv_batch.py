@@ -169,3 +169,13 @@ def test_seeded_sampling_is_independent_of_row_order():
         return out
 
     assert run([0, 1, 2]) == run([2, 0, 1])
+
+
+def test_pool_never_grows_past_the_kv_budget(model):
+    kv = PagedKVBatch(page_tokens=4, max_tokens=40)  # at most 10 pages of rows + the zero page
+    a, b = _Seq(list(range(1, 31))), _Seq(list(range(2, 10)))
+    _prefill(model, kv, [a])
+    assert kv._pages == 9  # sized to what joined: the zero page + 8
+    _check(model, [b], _prefill(model, kv, [b]))
+    assert kv._pages == 11  # growth by half (13) capped at the budget
+    _check(model, [a, b], _decode(model, kv, [a, b], [5, 6]))

@@ -103,7 +103,7 @@ class Engine:
         self._waiting: FairQueue[Request] = FairQueue(config.max_waiting)
         self._admitted: list[_Row] = []  # taken from the queue and pinned, not yet prefilled
         self._running: list[_Row] = []  # sorted by adapter slot (contiguous LoRA segments)
-        self._kv = PagedKVBatch()
+        self._kv = PagedKVBatch(max_tokens=config.max_kv_tokens)
         # id(request) -> request: cancels match the Request object, never the client-chosen
         # request_id, which need not be unique (a retry, or two clients, may reuse one).
         self._cancelled: dict[int, Request] = {}

@@ -10,16 +10,17 @@ a row to a place in the pool, so:
 - the batch order is just the order of the handles the engine passes each step
   (the engine keeps it sorted by adapter slot for segmented multi-LoRA);
 - memory is the pages the live rows hold, rounded up to a page per row; the pool
-  grows by half when it runs out (at most 1.5x the peak of live pages) and is
-  released when the batch empties.
+  grows by half when it runs out (at most 1.5x the peak of live pages, never past
+  the KV budget) and is released when the batch empties.
 
 A decode step writes each row's new key/value into its next slot and gathers, once
 per layer, a dense left-padded `[rows, kv_heads, length, head_dim]` view for the
 attention (one `index_select` with an index built once per step, so no host sync per
 layer). The view, its 2-D mask and the position ids are exactly what one left-padded
 DynamicCache held before, so attention sees the same numbers; the model input stays
-batch-major (`[rows, 1]` token ids). The gather costs what `DynamicCache`'s per-step
-`torch.cat` cost; what changes is that joins and leaves no longer copy every row.
+batch-major (`[rows, 1]` token ids). The gather copies each live token once per layer
+and step, as `DynamicCache`'s per-step `torch.cat` did (measured: less time, see
+benchmarks/bench_kv.py); what changes is that joins and leaves no longer copy every row.
 """
 
 from __future__ import annotations
@@ -87,10 +88,12 @@ class _Step:
 class PagedKVBatch:
     """KV cache of the running rows in a paged pool. Engine thread only."""
 
-    def __init__(self, page_tokens: int = PAGE_TOKENS) -> None:
+    def __init__(self, page_tokens: int = PAGE_TOKENS, max_tokens: int | None = None) -> None:
+        """max_tokens: the KV budget admission keeps to (tokens); growth stops there."""
         if page_tokens < 1:
             raise ValueError(f"page_tokens must be >= 1, got {page_tokens}")
         self.page_tokens = page_tokens
+        self._max_pages = None if max_tokens is None else 1 + self.pages_for(max_tokens)
         self._k: list[torch.Tensor] = []  # per layer [kv_heads, pages * page_tokens, head_dim]
         self._v: list[torch.Tensor] = []
         self._free: list[int] = []  # free page ids (never 0)
@@ -142,7 +145,8 @@ class PagedKVBatch:
         amortized, each token is copied at most twice on average)."""
         if n > len(self._free):
             need = self._pages + n - len(self._free)
-            new = max(self._pages + self._pages // 2, need)
+            new = self._pages + self._pages // 2
+            new = max(need, new if self._max_pages is None else min(new, self._max_pages))
             for pool in (self._k, self._v):
                 for i, t in enumerate(pool):
                     grown = torch.empty(t.shape[0], new * self.page_tokens, t.shape[2], dtype=t.dtype, device=t.device)
