@@ -106,6 +106,21 @@ def test_memory_follows_live_tokens_not_rows_times_longest(model):
     assert kv.rows == 0 and kv.nbytes() == 0 and kv.held_bytes() == 0  # released when empty
 
 
+def test_handles_from_before_clear_leave_the_new_pool_alone(model):
+    """The engine clears the batch when a step fails; a stale handle must not free
+    pages of the rows that join afterwards."""
+    kv = PagedKVBatch(page_tokens=4)
+    old = _Seq(list(range(1, 12)))
+    _prefill(model, kv, [old])
+    kv.clear()
+    new = _Seq(list(range(1, 12)))
+    _prefill(model, kv, [new])
+    free = list(kv._free)
+    kv.leave(old.kv)
+    assert kv._free == free and kv.rows == 1
+    _check(model, [new], _decode(model, kv, [new], [3]))
+
+
 def test_join_and_leave_touch_only_their_own_pages(model):
     """A join that fits leaves the pool and every running row's pages and KV as they were."""
     kv = PagedKVBatch(page_tokens=4)

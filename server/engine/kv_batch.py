@@ -189,6 +189,9 @@ class PagedKVBatch:
         if not row.live:
             return
         row.live = False
+        if id(row) not in self._rows:  # a handle from before clear(): its pages are not ours
+            row.pages = []
+            return
         self._rows.discard(id(row))
         self._free.extend(reversed(row.pages))  # the next row gets them in ascending order
         row.pages = []
@@ -196,7 +199,7 @@ class PagedKVBatch:
             self.clear()
 
     def clear(self) -> None:
-        """Drop everything (the rows' handles become invalid)."""
+        """Drop everything (the rows' handles become invalid; leaving them is a no-op)."""
         self._k, self._v, self._free, self._pages = [], [], [], 0
         self._rows.clear()
 
@@ -205,7 +208,7 @@ class PagedKVBatch:
         """Inputs of one decode step over `rows`, in this order: (cache view for the
         model, attention mask [rows, L] left-padded, position ids [rows, 1]). Call
         `advance(rows)` after the forward succeeded."""
-        assert rows and all(r.live for r in rows), "decode over rows that left the batch"
+        assert rows and all(id(r) in self._rows for r in rows), "decode over rows that left the batch"
         for r in rows:  # a slot for each row's new token
             if r.length == len(r.pages) * self.page_tokens:
                 r.pages += self._alloc(1)
