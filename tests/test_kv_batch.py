@@ -194,3 +194,19 @@ def test_pool_never_grows_past_the_kv_budget(model):
     _check(model, [b], _prefill(model, kv, [b]))
     assert kv._pages == 11  # growth by half (13) capped at the budget
     _check(model, [a, b], _decode(model, kv, [a, b], [5, 6]))
+
+
+def test_sliding_window_model_decodes_exactly():
+    """The view is left-padded, so query-key distances are true distances and a
+    sliding-window mask (Mistral) stays exact for rows of different lengths."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    cfg = MistralConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, sliding_window=6)
+    mistral = MistralForCausalLM(cfg).eval()
+    kv = PagedKVBatch(page_tokens=4)
+    a, b = _Seq(list(range(1, 15))), _Seq([3, 4, 5])
+    _check(mistral, [a, b], _prefill(mistral, kv, [a, b]))
+    for i in range(6):
+        _check(mistral, [b, a], _decode(mistral, kv, [b, a], [i + 1, i + 2]))
