@@ -17,7 +17,7 @@ class EngineConfig:
     max_running: int = option(16, "rows decoded together in one forward pass (continuous batch size)")
     max_waiting: int = option(256, "requests queued beyond --max-running; more are refused at once (RESOURCE_EXHAUSTED)")
     max_prefill_tokens: int = option(2048, "prompt tokens prefilled per step; one longer prompt is still admitted alone")
-    max_kv_tokens: int = option(65536, "KV-cache budget in token slots (rows x padded length); admission waits when full")
+    max_kv_tokens: int = option(65536, "KV-cache budget in token slots (sum over rows of prompt + max_new_tokens, in 16-token pages); admission waits when full")
     max_new_tokens: int = option(1024, "largest max_new_tokens a request may ask for")
     default_max_new_tokens: int = option(64, "max_new_tokens when a request leaves it unset")
     max_resident_adapters: int = option(8, "device slots for adapters (LRU among adapters no running request uses)")
