@@ -209,7 +209,7 @@ def test_prompt_bytes_are_bounded_before_tokenizing(sec):
     assert clients["alpha"].generate("ab " * 10, max_new_tokens=2).completion_tokens == 2
     # The default is derived from --max-prompt-tokens; the flag sets it.
     from qlora_serve.server.cli import build_parser
-    from qlora_serve.server.inference_service import PROMPT_BYTES_PER_TOKEN, RequestLimits
+    from qlora_serve.server.requests import PROMPT_BYTES_PER_TOKEN, RequestLimits
 
     assert server.runtime.limits.max_prompt_bytes == PROMPT_BYTES_PER_TOKEN * MAX_PROMPT_TOKENS
     assert RequestLimits(max_prompt_bytes=5).max_prompt_bytes == 5
