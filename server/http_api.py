@@ -2,8 +2,9 @@
 of the gRPC server's process, over the same `Runtime` (one engine, registry, key set,
 quotas and metrics) and the same request path (`InferenceCore`, server/requests.py).
 
-Routes: GET /v1/models, POST /v1/completions, POST /v1/chat/completions (both with
-``stream: true`` as server-sent events ending in ``data: [DONE]``).
+Routes: GET /v1/models, GET /v1/models/{model} (OpenAI's retrieve), GET /v1/model_info
+(not OpenAI: gRPC GetModelInfo as JSON), POST /v1/completions, POST /v1/chat/completions
+(both with ``stream: true`` as server-sent events ending in ``data: [DONE]``).
 
 Blocking work (tokenizing, waiting on the engine's event queue) runs on worker threads
 bounded like gRPC's handler pool. Each generation watches the connection: a client
@@ -37,7 +38,6 @@ from qlora_serve.server.openai_schema import (
     CompletionRequest,
     Shaper,
     parse,
-    render_chat,
 )
 from qlora_serve.server.requests import CallLog, InferenceCore, code_name
 
@@ -200,8 +200,9 @@ class _Generation:
         first = True
         while True:
             if isinstance(ev, TokenEvent):
-                if ev.text or first:
-                    await self._send_event(send, shaper.chunk(ev.text, first=first, with_usage=usage))
+                if ev.text or first or ev.logprobs:  # logprobs of held-back tokens go out at once
+                    await self._send_event(send, shaper.chunk(ev.text, first=first, with_usage=usage,
+                                                              logprobs=ev.logprobs))
                     first = False
             elif isinstance(ev, FinalEvent):
                 if first and shaper.chat:
@@ -238,6 +239,8 @@ class OpenAIApi:
         self.started_at = int(time.time())  # the base's `created` in /v1/models
         self.app = Starlette(routes=[
             Route("/v1/models", self.models, methods=["GET"]),
+            Route("/v1/models/{model:path}", self.retrieve_model, methods=["GET"]),
+            Route("/v1/model_info", self.model_info, methods=["GET"]),
             Route("/v1/completions", self.completions, methods=["POST"]),
             Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
         ])
@@ -249,30 +252,58 @@ class OpenAIApi:
         """"" for the base (its name, "" or "base"), else the adapter reference."""
         return "" if model in BASE_ALIASES or model == self.rt.base_name else model
 
-    async def models(self, request: HttpRequest):
-        call = CallLog("ListModels", "", self.rt.metrics)
+    async def _read_call(self, request: HttpRequest, method: str, work):
+        """A read-only route: auth, readiness, `work(principal)` on a worker thread, JSON."""
+        call = CallLog(method, "", self.rt.metrics)
         try:
             principal = self._principal(request)
             call.tenant = principal.tenant
             self.rt.require_ready()
-            data = await anyio.to_thread.run_sync(self._model_list, principal, limiter=self.limiter)
+            data = await anyio.to_thread.run_sync(work, principal, limiter=self.limiter)
         except Exception as exc:  # noqa: BLE001 - answered in OpenAI's error shape
+            if isinstance(exc, NotFound) and method == "RetrieveModel":
+                exc = _model_not_found(exc)
             call.finish(code_name(exc), exc)
             return _error_response(exc)
         call.finish("OK")
-        return JSONResponse({"object": "list", "data": data})
+        return JSONResponse(data)
+
+    async def models(self, request: HttpRequest):
+        return await self._read_call(request, "ListModels",
+                                     lambda principal: {"object": "list", "data": self._model_list(principal)})
+
+    async def retrieve_model(self, request: HttpRequest):
+        """GET /v1/models/{model}: OpenAI's retrieve, for the base or an adapter reference."""
+        model = request.path_params["model"]
+        return await self._read_call(request, "RetrieveModel", lambda principal: self._model_entry(model, principal))
+
+    async def model_info(self, request: HttpRequest):
+        """GET /v1/model_info (not OpenAI): what gRPC GetModelInfo answers, as JSON."""
+        def info(_principal) -> dict:
+            cfg = self.rt.engine.config
+            return {"object": "model_info", **self.rt.engine.base.info(), "max_new_tokens": cfg.max_new_tokens,
+                    "max_prompt_tokens": self.rt.limits.max_prompt_tokens}
+
+        return await self._read_call(request, "GetModelInfo", info)
+
+    def _base_entry(self, model_id: str) -> dict:
+        base = self.rt.base_name
+        return {"id": model_id, "object": "model", "created": self.started_at, "owned_by": "qlora-serve",
+                "root": base, "parent": None, "max_model_len": self.rt.max_context}
+
+    def _adapter_entry(self, ref: str, rec) -> dict:
+        return {"id": ref, "object": "model", "created": int(rec.created_at), "owned_by": rec.owner or "public",
+                "root": rec.ref, "parent": self.rt.base_name}
+
+    def _model_entry(self, model: str, principal) -> dict:
+        """On a worker thread: the model object of one `model` value (NotFound / PermissionDenied)."""
+        ref = self._adapter_ref(model)
+        return self._base_entry(model) if not ref else self._adapter_entry(ref, self.rt.resolve_record(ref, principal))
 
     def _model_list(self, principal) -> list[dict]:
         """On a worker thread (SQLite reads): the base, then each visible adapter's references."""
-        base = self.rt.base_name
-        started = self.started_at
-        data = [{"id": base, "object": "model", "created": started, "owned_by": "qlora-serve", "root": base,
-                 "parent": None, "max_model_len": self.rt.max_context}]
-
-        def entry(ref: str, rec) -> dict:
-            return {"id": ref, "object": "model", "created": int(rec.created_at), "owned_by": rec.owner or "public",
-                    "root": rec.ref, "parent": base}
-
+        data = [self._base_entry(self.rt.base_name)]
+        entry = self._adapter_entry
         by_name: dict[str, list] = {}
         for rec in self.rt.visible_adapters(principal):
             by_name.setdefault(rec.name, []).append(rec)
@@ -322,7 +353,9 @@ class OpenAIApi:
             call.adapter = req.adapter.ref
         call.prompt = body.messages[-1].as_dict()["content"] if chat else body.prompt_parts()[0]
         model = body.model or self.rt.base_name
-        return _Generation(self, req, Shaper(chat, req.request_id, model), body, call, method)
+        shaper = Shaper(chat, req.request_id, model, tokenizer=self.rt.tokenizer,
+                        top_logprobs=req.params.top_logprobs if req.params.logprobs else None)
+        return _Generation(self, req, shaper, body, call, method)
 
     async def _json(self, request: HttpRequest):
         """The body as JSON, read up to max_body_bytes (BodyTooLarge beyond, never buffered whole)."""
@@ -343,13 +376,15 @@ class OpenAIApi:
     def _start(self, body, chat: bool, adapter: str, request_id: str, principal) -> Request:
         """On a worker thread: render/tokenize, validate, resolve, admit (InferenceCore.start)."""
         self.rt.require_ready()
-        if chat:
-            ids = render_chat(self.rt.tokenizer, body.messages)
-            inp = body.to_input(adapter, request_id, prompt_token_ids=ids)
+        if chat:  # rendered by the core: one renderer and the prompt byte bound for both APIs
+            inp = body.to_input(adapter, request_id, messages=body.message_pairs())
         else:
             text, ids = body.prompt_parts()
             inp = body.to_input(adapter, request_id, prompt=text, prompt_token_ids=ids)
-        return self.core.start(inp, principal)
+        try:
+            return self.core.start(inp, principal)
+        except InvalidArgument as exc:
+            raise body.name_param(exc) from None
 
 
 def _model_not_found(exc: NotFound) -> ModelNotFound:

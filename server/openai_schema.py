@@ -7,27 +7,21 @@ it to a 400 in OpenAI's error shape like any other domain error.
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from qlora_serve.errors import InvalidArgument
-from qlora_serve.server.engine.request import FinalEvent, FinishReason
+from qlora_serve.server.engine.chat import NoChatTemplate
+from qlora_serve.server.engine.request import MAX_TOP_LOGPROBS, FinalEvent, FinishReason, TokenLogprob
 from qlora_serve.server.requests import GenerateInput
 
 BASE_ALIASES = ("", "base")  # `model` values that mean "no adapter", besides the base's own name
 DEFAULT_TEMPERATURE = 1.0  # OpenAI's default (gRPC's is 0 = greedy)
 _MAX_SEED = 2**64  # seeds are uint64 on the gRPC side
 
-# Sampling controls OpenAI / vLLM clients send that the engine does not implement yet,
-# with the value that means "off" (accepted, so clients that send defaults still work).
-# THE one place to wire them: when SamplingParams gains a control, drop it here and map it
-# in `CommonRequest.to_input`.
-PENDING_SAMPLING_FIELDS: dict[str, Any] = {
-    "logprobs": None, "top_logprobs": None, "presence_penalty": 0.0, "frequency_penalty": 0.0,
-    "repetition_penalty": 1.0, "min_p": 0.0, "stop_token_ids": None, "ignore_eos": False, "min_tokens": 0,
-}
 # OpenAI features this server does not have at all: refused, never silently ignored.
 _UNSUPPORTED: dict[str, Any] = {
     "suffix": None, "echo": False, "best_of": None, "logit_bias": None, "tools": None, "tool_choice": None,
@@ -58,7 +52,9 @@ class CommonRequest(BaseModel):
     stream_options: StreamOptions | None = None
     n: int = 1
     user: str | None = None  # accepted and ignored (OpenAI's abuse-tracking id)
-    # PENDING_SAMPLING_FIELDS, typed so a wrong type is still a precise 400.
+    # Sampling controls (vLLM's names and semantics); ranges are checked by the core,
+    # whose errors `name_param` ties to the field. `logprobs` differs per route (see
+    # CompletionRequest / ChatRequest.logprob_options).
     logprobs: bool | int | None = None
     top_logprobs: int | None = None
     presence_penalty: float | None = None
@@ -73,35 +69,63 @@ class CommonRequest(BaseModel):
         """InvalidArgument for a feature this server lacks, set to something other than "off"."""
         if self.n != 1:
             raise _invalid(f"n must be 1 (one choice per request), got {self.n}", "n")
-        for name, off in PENDING_SAMPLING_FIELDS.items():
-            value = getattr(self, name, None)
-            if value is not None and value != off and not (name == "logprobs" and value is False):
-                raise _invalid(f"{name} is not supported yet; leave it unset", name)
         extra = self.model_extra or {}
         for name, off in _UNSUPPORTED.items():
             value = extra.get(name)
             if value is not None and value != off and not (name == "best_of" and value == 1):
                 raise _invalid(f"{name} is not supported by this server; leave it unset", name)
 
+    def logprob_options(self) -> tuple[bool, int]:
+        """(logprobs, top_logprobs) for the core; each route reads the fields its own way."""
+        raise NotImplementedError
+
     def to_input(self, adapter: str, request_id: str, *, prompt: str = "",
-                 prompt_token_ids: list[int] | None = None) -> GenerateInput:
+                 prompt_token_ids: list[int] | None = None,
+                 messages: tuple[tuple[str, str], ...] = ()) -> GenerateInput:
         """The transport-neutral request (ranges are checked by the core)."""
         self.refuse_unsupported()
         if self.max_tokens is not None and self.max_completion_tokens is not None \
                 and self.max_tokens != self.max_completion_tokens:
-            raise InvalidArgument("set max_tokens or max_completion_tokens, not both")
+            raise _invalid("set max_tokens or max_completion_tokens, not both", "max_tokens")
         max_new = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
         if self.seed is not None and not 0 <= self.seed < _MAX_SEED:
             raise _invalid(f"seed must be in [0, 2**64), got {self.seed}", "seed")
         if self.top_k is not None and self.top_k < -1:
             raise _invalid(f"top_k must be >= 0 (0 or -1 = off), got {self.top_k}", "top_k")
+        logprobs, top_logprobs = self.logprob_options()
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or ())
         return GenerateInput(
-            adapter=adapter, prompt=prompt, prompt_token_ids=prompt_token_ids or (),
+            adapter=adapter, prompt=prompt, prompt_token_ids=prompt_token_ids or (), messages=messages,
             max_new_tokens=max_new,
             temperature=DEFAULT_TEMPERATURE if self.temperature is None else self.temperature,
             top_p=self.top_p, top_k=max(0, self.top_k or 0), seed=self.seed, stop=tuple(stop),
-            request_id=request_id)
+            request_id=request_id,
+            presence_penalty=_or(self.presence_penalty, 0.0), frequency_penalty=_or(self.frequency_penalty, 0.0),
+            repetition_penalty=_or(self.repetition_penalty, 1.0), min_p=_or(self.min_p, 0.0),
+            stop_token_ids=tuple(self.stop_token_ids or ()), ignore_eos=bool(self.ignore_eos),
+            min_tokens=_or(self.min_tokens, 0), logprobs=logprobs, top_logprobs=top_logprobs)
+
+    def name_param(self, exc: InvalidArgument) -> InvalidArgument:
+        """The core's InvalidArgument with `param` set to the request field it is about
+        (its messages start with the GenerateInput field's name), in this API's names."""
+        if getattr(exc, "param", None) is not None:
+            return exc
+        if isinstance(exc, NoChatTemplate):
+            return _invalid("the base model's tokenizer has no chat template, so chat messages cannot be "
+                            "rendered: use /v1/completions with a prompt instead", "messages")
+        message = str(exc)
+        field = next((p for prefix, p in _CORE_PREFIXES.items() if message.startswith(prefix)), None)
+        if field is None:
+            match = _LEADING_NAME.match(message)
+            field = match.group(1) if match else ""
+        if field == "max_new_tokens":
+            sent = "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
+            exc = InvalidArgument(sent + message[len(field):])
+            field = sent
+        exc.param = field if field in type(self).model_fields else None
+        if exc.param == "prompt" and isinstance(self, ChatRequest):
+            exc.param = "messages"
+        return exc
 
     @property
     def include_usage(self) -> bool:
@@ -110,6 +134,20 @@ class CommonRequest(BaseModel):
 
 class CompletionRequest(CommonRequest):
     prompt: Any  # str | list[int], or a list of one of those: checked by prompt_parts
+
+    def logprob_options(self) -> tuple[bool, int]:
+        """OpenAI's legacy / vLLM semantics: `logprobs` is the number of alternatives per
+        token (0..20; 0 = the chosen tokens' logprobs only); unset or false = none."""
+        lp = self.logprobs
+        if self.top_logprobs:  # not a /v1/completions field: refused rather than ignored
+            raise _invalid("top_logprobs is a chat completions field; on /v1/completions set logprobs to the "
+                           f"number of alternatives per token (0..{MAX_TOP_LOGPROBS})", "top_logprobs")
+        if lp is None or lp is False:
+            return False, 0
+        if lp is True or not 0 <= lp <= MAX_TOP_LOGPROBS:
+            raise _invalid(f"logprobs must be an integer in [0, {MAX_TOP_LOGPROBS}] on /v1/completions (the number "
+                           f"of most likely alternatives per token; 0 = the chosen tokens only), got {lp}", "logprobs")
+        return True, int(lp)
 
     def prompt_parts(self) -> tuple[str, list[int] | None]:
         """(text, None) or ("", token ids): one prompt per request."""
@@ -146,6 +184,31 @@ class ChatMessage(BaseModel):
 class ChatRequest(CommonRequest):
     messages: list[ChatMessage] = Field(min_length=1)
 
+    def logprob_options(self) -> tuple[bool, int]:
+        """OpenAI chat semantics: `logprobs` true/false, `top_logprobs` 0..20 (needs logprobs)."""
+        lp, top = self.logprobs, self.top_logprobs
+        if lp is not None and not isinstance(lp, bool):
+            raise _invalid("logprobs must be true or false on /v1/chat/completions (top_logprobs sets the number "
+                           f"of alternatives), got {lp}", "logprobs")
+        if top is not None and not 0 <= top <= MAX_TOP_LOGPROBS:
+            raise _invalid(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {top}", "top_logprobs")
+        if top and not lp:
+            raise _invalid("top_logprobs needs logprobs set to true", "top_logprobs")
+        return bool(lp), top or 0
+
+    def message_pairs(self) -> tuple[tuple[str, str], ...]:
+        """(role, content) pairs for the core's chat renderer."""
+        return tuple((m.role, m.as_dict()["content"]) for m in self.messages)
+
+
+# Core error messages whose leading word is not this API's field name (see CommonRequest.name_param).
+_CORE_PREFIXES = {"prompt_token_ids": "prompt", "a stop string": "stop", "the chat template": "messages"}
+_LEADING_NAME = re.compile(r"([a-z_]+)\b")
+
+
+def _or(value, off):
+    return off if value is None else value
+
 
 def _invalid(message: str, param: str | None) -> InvalidArgument:
     """An InvalidArgument that names the offending field (OpenAI's error `param`)."""
@@ -168,21 +231,6 @@ def parse(model: type[BaseModel], body: Any) -> Any:
                        str(first[0]) if first else None) from None
 
 
-def render_chat(tokenizer, messages: list[ChatMessage]) -> list[int]:
-    """Prompt token ids of `messages` through the tokenizer's chat template (with the
-    assistant turn opened); InvalidArgument when there is no template or it refuses them."""
-    if not getattr(tokenizer, "chat_template", None):
-        raise InvalidArgument("the base model's tokenizer has no chat template, so chat messages cannot be "
-                              "rendered: use /v1/completions with a prompt instead")
-    try:
-        text = tokenizer.apply_chat_template([m.as_dict() for m in messages], tokenize=False,
-                                             add_generation_prompt=True)
-    except Exception as exc:  # jinja2 raise_exception() in a template, e.g. roles that must alternate
-        raise InvalidArgument(f"the chat template refused these messages: {str(exc)[:200]}") from None
-    # The template writes any special tokens (BOS) itself: do not add them twice.
-    return list(tokenizer(text, add_special_tokens=False).input_ids)
-
-
 # ------------------------------------------------------------------ responses
 FINISH = {FinishReason.LENGTH: "length", FinishReason.STOP: "stop", FinishReason.EOS: "stop"}
 
@@ -192,37 +240,86 @@ def usage(final: FinalEvent) -> dict[str, int]:
     return {"prompt_tokens": final.prompt_tokens, "completion_tokens": n, "total_tokens": final.prompt_tokens + n}
 
 
-class Shaper:
-    """Builds the response objects of one completion or chat completion."""
+_LOGPROB_FLOOR = -9999.0  # JSON has no -inf: the floor vLLM reports too
 
-    def __init__(self, chat: bool, request_id: str, model: str) -> None:
+
+def _logprob(value: float) -> float:
+    return value if value > _LOGPROB_FLOOR else _LOGPROB_FLOOR  # NaN > x is False: floored too
+
+
+class Shaper:
+    """Builds the response objects of one completion or chat completion.
+
+    top_logprobs: None = the request asked for no logprobs; else the number of
+    alternatives per token. tokenizer: decodes each token on its own for logprobs."""
+
+    def __init__(self, chat: bool, request_id: str, model: str, *, tokenizer=None,
+                 top_logprobs: int | None = None) -> None:
         self.chat = chat
         self.id = ("chatcmpl-" if chat else "cmpl-") + request_id
         self.model = model
         self.created = int(time.time())
+        self.tokenizer = tokenizer
+        self.top_logprobs = top_logprobs
+        self.text_offset = 0  # completions: characters of token text reported so far
+        self._texts: dict[int, str] = {}
 
     def _envelope(self, obj: str, choices: list, **extra) -> dict:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": choices,
                 **extra}
 
+    def _token(self, token_id: int) -> str:
+        text = self._texts.get(token_id)
+        if text is None:  # the same decoding as gRPC's TokenLogprob.token
+            text = self._texts[token_id] = self.tokenizer.decode(
+                [token_id], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        return text
+
+    def logprobs(self, entries: list[TokenLogprob] | None) -> dict | None:
+        """OpenAI's `choices[i].logprobs` for these tokens (None when not asked for)."""
+        if self.top_logprobs is None:
+            return None
+        entries = entries or []
+        if self.chat:
+            def alt(token_id: int, value: float) -> dict:
+                token = self._token(token_id)
+                return {"token": token, "logprob": _logprob(value), "bytes": list(token.encode("utf-8"))}
+
+            return {"content": [{**alt(e.token_id, e.logprob), "top_logprobs": [alt(t, v) for t, v in e.top]}
+                                for e in entries], "refusal": None}
+        tokens, offsets, tops = [], [], []
+        for e in entries:
+            token = self._token(e.token_id)
+            tokens.append(token)
+            offsets.append(self.text_offset)
+            self.text_offset += len(token)
+            top = {self._token(t): _logprob(v) for t, v in e.top}
+            top.setdefault(token, _logprob(e.logprob))  # OpenAI: the chosen token is always there (k + 1 at most)
+            tops.append(top)
+        return {"tokens": tokens, "token_logprobs": [_logprob(e.logprob) for e in entries], "top_logprobs": tops,
+                "text_offset": offsets}
+
     def whole(self, final: FinalEvent) -> dict:
         reason = FINISH[final.finish_reason]
+        logprobs = self.logprobs(final.logprobs)
         if self.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": final.text}, "logprobs": None,
+            choice = {"index": 0, "message": {"role": "assistant", "content": final.text}, "logprobs": logprobs,
                       "finish_reason": reason}
             return self._envelope("chat.completion", [choice], usage=usage(final))
-        choice = {"index": 0, "text": final.text, "logprobs": None, "finish_reason": reason}
+        choice = {"index": 0, "text": final.text, "logprobs": logprobs, "finish_reason": reason}
         return self._envelope("text_completion", [choice], usage=usage(final))
 
     def chunk(self, text: str, finish: FinishReason | None = None, *, first: bool = False,
-              with_usage: bool = False) -> dict:
+              with_usage: bool = False, logprobs: list[TokenLogprob] | None = None) -> dict:
+        """One streamed chunk; `logprobs`: the entries of the tokens it reports (None: not asked / none)."""
         reason = FINISH[finish] if finish is not None else None
         extra = {"usage": None} if with_usage else {}
+        lp = self.logprobs(logprobs) if logprobs else None
         if self.chat:
             delta = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
-            return self._envelope("chat.completion.chunk", [{"index": 0, "delta": delta, "logprobs": None,
+            return self._envelope("chat.completion.chunk", [{"index": 0, "delta": delta, "logprobs": lp,
                                                              "finish_reason": reason}], **extra)
-        return self._envelope("text_completion", [{"index": 0, "text": text, "logprobs": None,
+        return self._envelope("text_completion", [{"index": 0, "text": text, "logprobs": lp,
                                                    "finish_reason": reason}], **extra)
 
     def usage_chunk(self, final: FinalEvent) -> dict:

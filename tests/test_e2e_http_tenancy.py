@@ -85,3 +85,25 @@ def test_quota_is_429_with_retry_after(tenancy):
     assert status == 429 and err["error"]["type"] == "rate_limit_error" and err["error"]["code"] == "quota"
     assert int(headers["retry-after"]) >= 1 and "tokens_per_minute" in err["error"]["message"]
     assert rejections(server, "quota", "tiny-budget") == before + 1
+
+
+def get(base: str, path: str, key: str | None = None):
+    headers = {"authorization": f"Bearer {key}"} if key is not None else {}
+    try:
+        with urllib.request.urlopen(urllib.request.Request(base + path, headers=headers), timeout=60) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_model_routes_need_a_key_and_respect_tenancy(tenancy):
+    _, base, clients, keys = tenancy
+    for path in ("/v1/model_info", "/v1/models/pirate"):
+        status, body = get(base, path)
+        assert status == 401 and body["error"]["type"] == "authentication_error", (path, body)
+    status, info = get(base, "/v1/model_info", keys["alpha"])
+    assert status == 200 and info["vocab_size"] > 0 and info["context_length"] > 0
+    assert clients["bravo"].models.retrieve("bravo-secret@1").owned_by == "bravo"
+    with pytest.raises(openai.PermissionDeniedError):
+        clients["alpha"].models.retrieve("bravo-secret")
+    assert clients["ops"].models.retrieve("bravo-secret").owned_by == "bravo"  # an admin sees every adapter

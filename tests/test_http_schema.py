@@ -7,7 +7,9 @@ import pytest
 from qlora_serve import errors
 from qlora_serve.server import status
 from qlora_serve.server.http_api import HTTP_STATUS, error_body
-from qlora_serve.server.openai_schema import PENDING_SAMPLING_FIELDS, ChatRequest, CompletionRequest, parse, render_chat
+from qlora_serve.server.engine.chat import render_chat
+from qlora_serve.server.engine.request import FinalEvent, FinishReason, SamplingParams, TokenLogprob
+from qlora_serve.server.openai_schema import ChatRequest, CompletionRequest, Shaper, parse
 from qlora_serve.server.quotas import QuotaExceeded
 from qlora_serve.server.requests import CODE_NAMES, code_name
 
@@ -27,18 +29,76 @@ def test_error_body_is_openai_shaped_with_retry_after():
     assert code == 500 and "secret detail" not in body["error"]["message"] and "rid" in body["error"]["message"]
 
 
-@pytest.mark.parametrize("field", sorted(PENDING_SAMPLING_FIELDS))
-def test_each_pending_control_is_refused_in_one_place(field):
-    on = {"stop_token_ids": [1], "ignore_eos": True, "logprobs": True, "top_logprobs": 2, "min_tokens": 2}
-    value = on.get(field, 0.5)
-    req = parse(CompletionRequest, {"model": "m", "prompt": "x", field: value})
-    with pytest.raises(errors.InvalidArgument, match=f"{field} is not supported yet") as e:
-        req.to_input("", "rid", prompt="x")
-    assert e.value.param == field
-    # The "off" value is accepted.
-    off = PENDING_SAMPLING_FIELDS[field]
-    if off is not None:
-        parse(CompletionRequest, {"model": "m", "prompt": "x", field: off}).to_input("", "rid", prompt="x")
+def test_every_sampling_control_maps_onto_the_core_input():
+    body = {"model": "m", "prompt": "x", "presence_penalty": 0.5, "frequency_penalty": -1.0, "repetition_penalty": 1.3,
+            "min_p": 0.1, "stop_token_ids": [4, 7], "ignore_eos": True, "min_tokens": 2, "logprobs": 3}
+    inp = parse(CompletionRequest, body).to_input("", "rid", prompt="x")
+    assert (inp.presence_penalty, inp.frequency_penalty, inp.repetition_penalty, inp.min_p, tuple(inp.stop_token_ids),
+            inp.ignore_eos, inp.min_tokens, inp.logprobs, inp.top_logprobs) == (0.5, -1.0, 1.3, 0.1, (4, 7), True, 2,
+                                                                                 True, 3)
+    # Completions: logprobs is the alternatives count (0 = chosen tokens only); chat: a bool + top_logprobs.
+    for value, want in ((None, (False, 0)), (False, (False, 0)), (0, (True, 0)), (20, (True, 20))):
+        inp = parse(CompletionRequest, {"prompt": "x", "logprobs": value}).to_input("", "r", prompt="x")
+        assert (inp.logprobs, inp.top_logprobs) == want
+    chat = {"messages": [{"role": "user", "content": "hi"}]}
+    for extra, want in (({}, (False, 0)), ({"logprobs": True}, (True, 0)),
+                        ({"logprobs": True, "top_logprobs": 5}, (True, 5)), ({"top_logprobs": 0}, (False, 0))):
+        inp = parse(ChatRequest, {**chat, **extra}).to_input("", "r", messages=(("user", "hi"),))
+        assert (inp.logprobs, inp.top_logprobs) == want and inp.messages == (("user", "hi"),)
+    # Unset: the core's "off" values.
+    inp = parse(CompletionRequest, {"prompt": "x"}).to_input("", "r", prompt="x")
+    assert (inp.presence_penalty, inp.frequency_penalty, inp.repetition_penalty, inp.min_p, tuple(inp.stop_token_ids),
+            inp.ignore_eos, inp.min_tokens) == (0.0, 0.0, 1.0, 0.0, (), False, 0)
+
+
+@pytest.mark.parametrize("route, extra, param", [
+    (CompletionRequest, {"logprobs": 21}, "logprobs"),
+    (CompletionRequest, {"logprobs": -1}, "logprobs"),
+    (CompletionRequest, {"logprobs": True}, "logprobs"),
+    (CompletionRequest, {"top_logprobs": 2}, "top_logprobs"),
+    (ChatRequest, {"logprobs": 3}, "logprobs"),
+    (ChatRequest, {"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    (ChatRequest, {"top_logprobs": 2}, "top_logprobs"),
+])
+def test_logprobs_fields_are_refused_with_their_param(route, extra, param):
+    body = {"prompt": "x"} if route is CompletionRequest else {"messages": [{"role": "user", "content": "x"}]}
+    with pytest.raises(errors.InvalidArgument) as e:
+        parse(route, {**body, **extra}).to_input("", "r", prompt="x")
+    assert e.value.param == param
+
+
+@pytest.mark.parametrize("field, value", [("presence_penalty", 2.5), ("frequency_penalty", -3), ("min_p", 1.5),
+                                          ("repetition_penalty", 0), ("min_tokens", -1), ("stop_token_ids", [-1]),
+                                          ("top_p", 0), ("temperature", -1)])
+def test_core_range_errors_name_the_request_field(field, value):
+    """The core (SamplingParams) checks the ranges; name_param ties its error to the field."""
+    req = parse(CompletionRequest, {"prompt": "x", field: value})
+    inp = req.to_input("", "r", prompt="x")
+    with pytest.raises(errors.InvalidArgument) as e:
+        SamplingParams(max_new_tokens=4, temperature=inp.temperature, top_p=1.0 if inp.top_p is None else inp.top_p,
+                       presence_penalty=inp.presence_penalty, frequency_penalty=inp.frequency_penalty,
+                       repetition_penalty=inp.repetition_penalty, min_p=inp.min_p,
+                       stop_token_ids=inp.stop_token_ids, min_tokens=inp.min_tokens)
+    assert req.name_param(e.value).param == field
+    renamed = parse(ChatRequest, {"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 9}) \
+        .name_param(errors.InvalidArgument("max_new_tokens must be in [1, 8], got 9"))
+    assert renamed.param == "max_completion_tokens" and str(renamed).startswith("max_completion_tokens must be")
+
+
+def test_logprobs_response_shapes():
+    class Tok:  # a stand-in tokenizer: token id -> its text
+        def decode(self, ids, **_):
+            return {1: "a", 2: "bc", 3: "\u00e9"}[ids[0]]
+
+    entries = [TokenLogprob(1, -0.5, ((1, -0.5), (2, -1.0))), TokenLogprob(3, float("-inf"), ((2, -0.1), (1, -2.0)))]
+    final = FinalEvent(FinishReason.LENGTH, [1, 3], "a\u00e9", "", 2, entries)
+    lp = Shaper(False, "r", "m", tokenizer=Tok(), top_logprobs=2).whole(final)["choices"][0]["logprobs"]
+    assert lp == {"tokens": ["a", "\u00e9"], "token_logprobs": [-0.5, -9999.0], "text_offset": [0, 1],
+                  "top_logprobs": [{"a": -0.5, "bc": -1.0}, {"bc": -0.1, "a": -2.0, "\u00e9": -9999.0}]}
+    lp = Shaper(True, "r", "m", tokenizer=Tok(), top_logprobs=2).whole(final)["choices"][0]["logprobs"]
+    assert lp["content"][1] == {"token": "\u00e9", "logprob": -9999.0, "bytes": [0xc3, 0xa9], "top_logprobs": [
+        {"token": "bc", "logprob": -0.1, "bytes": [98, 99]}, {"token": "a", "logprob": -2.0, "bytes": [97]}]}
+    assert Shaper(True, "r", "m").whole(final)["choices"][0]["logprobs"] is None  # not asked for
 
 
 def test_request_mapping_defaults():
@@ -55,10 +115,11 @@ def test_chat_without_a_template_is_a_clear_invalid_argument(demo):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(demo.base)
-    body = {"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]}
-    messages = parse(ChatRequest, body).messages
-    ids = render_chat(tok, messages)
+    body = parse(ChatRequest, {"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]})
+    ids = render_chat(tok, body.message_pairs())  # the core's renderer, as /v1/chat/completions uses it
     assert tok.decode(ids).endswith("user: hi\nassistant: ")
     tok.chat_template = None
-    with pytest.raises(errors.InvalidArgument, match="no chat template"):
-        render_chat(tok, messages)
+    with pytest.raises(errors.InvalidArgument, match="no chat template") as e:
+        render_chat(tok, body.message_pairs())
+    http = body.name_param(e.value)  # the HTTP answer points at /v1/completions
+    assert http.param == "messages" and "use /v1/completions" in str(http)
