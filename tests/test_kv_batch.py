@@ -178,7 +178,7 @@ def test_seeded_sampling_is_independent_of_row_order():
         samplers = {i: RowSampler(params[i], torch.device("cpu")) for i in range(3)}
         out = {i: [] for i in range(3)}
         for _ in range(4):
-            toks = sample_rows([samplers[i] for i in order], logits[order])
+            toks, _ = sample_rows([samplers[i] for i in order], logits[order])
             for i, t in zip(order, toks):
                 out[i].append(t)
         return out
