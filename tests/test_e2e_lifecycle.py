@@ -97,7 +97,7 @@ def test_sigterm_lets_an_in_flight_stream_send_its_last_message(demo, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "qlora_serve.server.cli", "serve", "--base", str(demo.base), "--port", "0",
-         "--no-metrics", "--data-dir", str(tmp_path / "data"), "--compute-dtype", "float32", "--grace", "120",
+         "--no-metrics", "--no-http", "--data-dir", str(tmp_path / "data"), "--compute-dtype", "float32", "--grace", "120",
          "--adapter", f"pirate={demo.adapters['pirate']}"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     lines: queue.Queue = queue.Queue()
