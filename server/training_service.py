@@ -223,6 +223,7 @@ class TrainingService(training_pb2_grpc.TrainingServicer):
         self._jobs_dir = jobs_dir
         self._max_bytes = max_dataset_bytes
         self._manager: JobManager | None = None
+        self._linear_names: tuple[list[str], str | None] | None = None
         self._lock = threading.Lock()
 
     def _mgr(self) -> JobManager:
@@ -257,15 +258,46 @@ class TrainingService(training_pb2_grpc.TrainingServicer):
 
     @unary_rpc
     def SubmitJob(self, request, context, principal):
+        return self._submit(request, request.train_jsonl, request.eval_jsonl, principal)
+
+    @unary_rpc
+    def SubmitJobStream(self, request_iterator, context, principal):
+        header, data = None, {S.DatasetChunk.DATASET_TRAIN: bytearray(), S.DatasetChunk.DATASET_EVAL: bytearray()}
+        total = 0
+        for msg in request_iterator:
+            part = msg.WhichOneof("part")
+            if part == "header":
+                if header is not None:
+                    raise InvalidArgument("SubmitJobStream got two headers; send one header, then dataset chunks")
+                if msg.header.train_jsonl or msg.header.eval_jsonl:
+                    raise InvalidArgument("the SubmitJobStream header carries no data; send it in chunks")
+                header = msg.header
+            elif part == "chunk":
+                if header is None:
+                    raise InvalidArgument("SubmitJobStream must start with a header (adapter_name, config_toml)")
+                if msg.chunk.dataset not in data:
+                    raise InvalidArgument("dataset chunk: set dataset to DATASET_TRAIN or DATASET_EVAL")
+                total += len(msg.chunk.data)
+                if total > self._max_bytes:  # stop reading at the limit, not after buffering it all
+                    raise ResourceExhausted(f"datasets exceed {self._max_bytes} bytes (--max-dataset-bytes)")
+                data[msg.chunk.dataset].extend(msg.chunk.data)
+            else:
+                raise InvalidArgument("empty SubmitJobStream message: set header or chunk")
+        if header is None:
+            raise InvalidArgument("empty SubmitJobStream: send a header, then the dataset chunks")
+        return self._submit(header, bytes(data[S.DatasetChunk.DATASET_TRAIN]),
+                            bytes(data[S.DatasetChunk.DATASET_EVAL]), principal)
+
+    def _submit(self, request, train_jsonl: bytes, eval_jsonl: bytes, principal):
         from qlora_serve.adapters.records import validate_name
         from qlora_serve.training.config import TrainConfig
 
         validate_name(request.adapter_name)
-        if not request.train_jsonl:
+        if not train_jsonl:
             raise InvalidArgument("train_jsonl is empty: upload the training data (JSONL)")
-        size = len(request.train_jsonl) + len(request.eval_jsonl)
+        size = len(train_jsonl) + len(eval_jsonl)
         if size > self._max_bytes:
-            raise ResourceExhausted(f"datasets total {size} bytes; the limit is {self._max_bytes}")
+            raise ResourceExhausted(f"datasets total {size} bytes; the limit is {self._max_bytes} (--max-dataset-bytes)")
         existing = self._rt.registry.list(name=request.adapter_name)
         owner = principal.tenant if self._rt.auth.enabled else None
         if existing:
@@ -277,17 +309,19 @@ class TrainingService(training_pb2_grpc.TrainingServicer):
         job_id = uuid.uuid4().hex[:12]
         workdir = self._jobs_dir / job_id
         config.update(data=str(workdir / "train.jsonl"), out=str(workdir / "out"))
-        if request.eval_jsonl:
+        if eval_jsonl:
             config["eval_data"] = str(workdir / "eval.jsonl")
-        cfg = TrainConfig.from_dict(config, source="config_toml")  # refuse bad keys now, not in the job
+        # refuse bad keys now, not in the job (the keys the server sets are not offered as valid)
+        cfg = TrainConfig.from_dict(config, source="config_toml", hidden=_SERVER_SET)
         if cfg.modules_to_save:
             raise InvalidArgument(f"config_toml sets modules_to_save={cfg.modules_to_save}: the server cannot serve "
                                   "such an adapter per request; train it locally (qlora-serve train) and merge it")
+        self._check_targets(cfg.target_modules)
         workdir.mkdir(parents=True)
         try:
-            self._write_checked(workdir / "train.jsonl", request.train_jsonl, "train_jsonl")
-            if request.eval_jsonl:
-                self._write_checked(workdir / "eval.jsonl", request.eval_jsonl, "eval_jsonl")
+            self._write_checked(workdir / "train.jsonl", train_jsonl, "train_jsonl", cfg.format)
+            if eval_jsonl:
+                self._write_checked(workdir / "eval.jsonl", eval_jsonl, "eval_jsonl", cfg.format)
             job = Job(id=job_id, adapter_name=request.adapter_name, owner=owner, set_default=request.set_default,
                       config=config, workdir=workdir, max_steps=max(cfg.max_steps, 0))
             return self._mgr().submit(job).proto()
@@ -295,17 +329,26 @@ class TrainingService(training_pb2_grpc.TrainingServicer):
             shutil.rmtree(workdir, ignore_errors=True)
             raise
 
+    def _check_targets(self, targets: list[str]) -> None:
+        """target_modules against the served base's Linear layers (a meta-device copy of
+        its architecture, built once), so a typo or the output head is refused at submit."""
+        from qlora_serve.training.model import check_target_modules, linear_module_names
+
+        with self._lock:
+            if self._linear_names is None:
+                self._linear_names = linear_module_names(self._rt.engine.base.model.config)
+        names, head = self._linear_names
+        check_target_modules(targets, names, head)
+
     @staticmethod
-    def _write_checked(path: Path, data: bytes, field_name: str) -> None:
+    def _write_checked(path: Path, data: bytes, field_name: str, fmt: str = "auto") -> None:
         """Write an uploaded dataset and check every line's JSON and record format now,
         so a malformed line is INVALID_ARGUMENT at submit (naming the line), not a failed job."""
         from qlora_serve.training.data import read_jsonl
 
         path.write_bytes(data)
         try:
-            read_jsonl(path)
-        except UnicodeDecodeError as exc:
-            raise InvalidArgument(f"{field_name} is not UTF-8 text: {exc}") from None
+            read_jsonl(path, fmt)
         except InvalidArgument as exc:
             raise InvalidArgument(str(exc).replace(str(path), field_name)) from None
 
