@@ -27,8 +27,8 @@ def _data(path: Path, completion: str = " three") -> Path:
 
 
 def _cfg(demo, tmp_path, **kw) -> TrainConfig:
-    values = dict(base=str(demo.base), data=str(tmp_path / "train.jsonl"), out=str(tmp_path / "out"),
-                  val_fraction=0.25, **STEPS)
+    values = dict(base=str(demo.base), data=str(tmp_path / "train.jsonl"), eval_data=str(tmp_path / "eval.jsonl"),
+                  out=str(tmp_path / "out"), **STEPS)
     values.update(kw)
     return TrainConfig(**values)
 
@@ -38,6 +38,7 @@ def stopped(demo, tmp_path_factory):
     """A run stopped after step 2 of 4 (checkpoint-2 on disk)."""
     tmp = tmp_path_factory.mktemp("resume")
     _data(tmp / "train.jsonl")
+    _data(tmp / "eval.jsonl")
     result = train(_cfg(demo, tmp), callbacks=[StopCallback(after_steps=2)])
     assert result.stopped_early and result.global_step == 2
     return tmp
@@ -71,7 +72,7 @@ def test_resume_keeps_metrics_history_and_evaluates_once_per_step(demo, stopped,
     before = json.loads((run_dir / "out" / "metrics.json").read_text())["log"]
     assert [e["step"] for e in before if e["event"] == "log"] == [1, 2]
     assert [e["step"] for e in before if e["event"] == "eval"] == [2]  # not a second one for the final eval
-    result = train(_cfg(demo, run_dir, resume=True, out=str(run_dir / "out"), data=str(run_dir / "train.jsonl")))
+    result = train(_cfg(demo, run_dir, resume=True))
     assert result.global_step == 4
     log = json.loads((run_dir / "out" / "metrics.json").read_text())["log"]
     assert [e["step"] for e in log if e["event"] == "log"] == [1, 2, 3, 4]
@@ -85,8 +86,7 @@ def test_resume_allow_changes_accepts_a_new_learning_rate(demo, stopped, tmp_pat
 
     run_dir = tmp_path / "copy"
     shutil.copytree(stopped, run_dir)
-    result = train(_cfg(demo, run_dir, resume=True, resume_allow_changes=True, learning_rate=1e-3,
-                        out=str(run_dir / "out"), data=str(run_dir / "train.jsonl")))
+    result = train(_cfg(demo, run_dir, resume=True, resume_allow_changes=True, learning_rate=1e-3))
     assert result.global_step == 4
 
 
