@@ -61,14 +61,18 @@ class Job:
 
 
 class JobManager:
-    """Runs queued jobs one after another on a worker thread."""
+    """Runs queued jobs one after another on a worker thread; with a `store`, every job
+    is persisted and the jobs of earlier server runs are listed again."""
 
-    def __init__(self, runtime) -> None:
+    def __init__(self, runtime, store=None) -> None:
         self._rt = runtime
         self._jobs: dict[str, Job] = {}
         self._queue: list[Job] = []
         self._cv = threading.Condition()
         self._closed = False
+        self._store = store
+        if store is not None:
+            self._restore(store)
         self._worker = threading.Thread(target=self._work, name="training-jobs", daemon=True)
         self._worker.start()
 
@@ -80,6 +84,7 @@ class JobManager:
                 raise ResourceExhausted(f"{_MAX_QUEUED_JOBS} training jobs are already queued; retry when one finishes")
             self._jobs[job.id] = job
             self._queue.append(job)
+            self._save(job)
             self._event(job, "queued", {})
             self._cv.notify_all()
         return job
@@ -135,6 +140,31 @@ class JobManager:
                 return
 
     # ---------------------------------------------------------- internals
+    def _restore(self, store) -> None:
+        """Jobs of earlier server runs; one that had not ended died with that server."""
+        for row in store.load():
+            name, version, digest = row.pop("result_name"), row.pop("result_version"), row.pop("result_digest")
+            job = Job(**{**row, "workdir": Path(row["workdir"])})
+            if name:
+                job.adapter = common_pb2.AdapterRef(name=name, version=version, digest=digest)
+            with self._cv:
+                self._jobs[job.id] = job
+                if not job.ended:
+                    was = "RUNNING at step %d" % job.step if job.state == S.JOB_STATE_RUNNING else "QUEUED"
+                    job.error = (f"interrupted: the server stopped while the job was {was}; its checkpoints are in "
+                                 f"the job's work directory; submit it again")
+                    self._end(job, S.JOB_STATE_FAILED, "error", {"message": job.error})
+                else:  # its event history is gone: one event with its final state, so WatchJob ends meaningfully
+                    kind = {S.JOB_STATE_SUCCEEDED: "registered", S.JOB_STATE_CANCELLED: "cancelled"}.get(job.state, "error")
+                    self._event(job, kind, {"restored": True})
+
+    def _save(self, job: Job) -> None:
+        if self._store is not None:
+            try:
+                self._store.save(job)
+            except Exception:  # noqa: BLE001 - a full disk must not stop the job itself
+                log.exception("training job %s: could not persist its state", job.id)
+
     def _event(self, job: Job, kind: str, details: dict) -> None:
         """Append an event (caller holds the condition)."""
         job.events.append(training_pb2.TrainingEvent(job=job.proto(), event=kind,
@@ -143,6 +173,7 @@ class JobManager:
 
     def _end(self, job: Job, state: int, kind: str, details: dict) -> None:
         job.state, job.finished_at = state, time.time()
+        self._save(job)
         self._event(job, kind, details)
 
     def _work(self) -> None:
@@ -157,6 +188,7 @@ class JobManager:
                     return
                 job = self._queue.pop(0)
                 job.state, job.started_at = S.JOB_STATE_RUNNING, time.time()
+                self._save(job)
             result = None
             try:  # anything going wrong with one job fails that job, never this worker thread
                 process = run_job_in_subprocess(TrainConfig.from_dict(job.config, source="job config"))
@@ -177,6 +209,8 @@ class JobManager:
                         if kind in ("done", "error"):
                             result = ev
                         else:
+                            if kind in ("log", "eval"):
+                                self._save(job)  # progress survives a restart (shown in ListJobs)
                             self._event(job, kind, ev)
             except Exception as exc:  # noqa: BLE001
                 log.exception("training job %s: the job runner failed", job.id)
@@ -218,9 +252,10 @@ class JobManager:
 class TrainingService(training_pb2_grpc.TrainingServicer):
     """Implements qlora_serve.v1.Training."""
 
-    def __init__(self, runtime, jobs_dir: Path, max_dataset_bytes: int) -> None:
+    def __init__(self, runtime, jobs_dir: Path, max_dataset_bytes: int, store_path: Path | None = None) -> None:
         self._rt = runtime
         self._jobs_dir = jobs_dir
+        self._store_path = store_path
         self._max_bytes = max_dataset_bytes
         self._manager: JobManager | None = None
         self._linear_names: tuple[list[str], str | None] | None = None
@@ -229,7 +264,9 @@ class TrainingService(training_pb2_grpc.TrainingServicer):
     def _mgr(self) -> JobManager:
         with self._lock:
             if self._manager is None:
-                self._manager = JobManager(self._rt)
+                from qlora_serve.server.job_store import JobStore
+
+                self._manager = JobManager(self._rt, JobStore(self._store_path) if self._store_path else None)
             return self._manager
 
     def shutdown(self) -> None:
