@@ -184,15 +184,16 @@ def test_bad_submissions_are_invalid_argument_and_create_no_job(srv, client, dat
 
 
 def test_dataset_over_the_grpc_message_limit_is_uploaded_in_chunks(srv, client, data):
-    rows = data["train"].read_bytes()
-    big = rows * (9 * 2**20 // len(rows) + 1)  # > 8 MiB, the server's gRPC message limit
+    # Few long lines: quick to tokenize (and truncate), so the job reaches its first step soon.
+    line = (json.dumps({"text": "abcd efgh " * 100_000}) + "\n").encode()
+    big = line * (9 * 2**20 // len(line) + 1)  # > 8 MiB, the server's gRPC message limit
     assert 8 << 20 < len(big) < MAX_DATASET_BYTES
-    job = client.submit_job("bigdata", big, config_toml=toml_of(LONG))
+    job = client.submit_job("bigdata", big, config_toml=toml_of({**LONG, "max_seq_len": 64}))
     assert job.state in (T.JOB_STATE_QUEUED, T.JOB_STATE_RUNNING)
     assert client.cancel_job(job.id).id == job.id
     watch_until(client, job.id)
     assert (_jobs_dir(srv) / job.id / "train.jsonl").stat().st_size == len(big)
-    too_big = rows * (MAX_DATASET_BYTES // len(rows) + 1)
+    too_big = line * (MAX_DATASET_BYTES // len(line) + 1)
     with pytest.raises(grpc.RpcError) as err:
         client.submit_job("bigdata", too_big)
     assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "--max-dataset-bytes" in err.value.details()

@@ -82,18 +82,29 @@ def test_gzipped_jsonl_is_read(demo, tmp_path, tok):
         read_jsonl(bad)
 
 
-@pytest.mark.parametrize("marker,split", [("dataset_info.json", ""), ("dataset_dict.json", "['train']")])
-def test_save_to_disk_folder_gets_a_precise_message(tmp_path, marker, split):
+def test_save_to_disk_folder_and_parquet_are_read(tmp_path, tok):
+    datasets = pytest.importorskip("datasets")
+    rows = [{"instruction": "add", "input": "one", "output": "two"}, {"instruction": "say hi", "input": None, "output": "hello"}]
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "hf"))
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows)}).save_to_disk(str(tmp_path / "hfdict"))
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "d.parquet"))
+    for path in (tmp_path / "hf", tmp_path / "hfdict", tmp_path / "d.parquet"):
+        ds = load_dataset(path, tok, 64)
+        assert len(ds) == 2 and _trained(tok, ds.examples[1]) == "hello</s>" and len(ds.digest) == 64
+    datasets.DatasetDict({"test": datasets.Dataset.from_list(rows)}).save_to_disk(str(tmp_path / "notrain"))
+    with pytest.raises(InvalidArgument, match="without a 'train' split"):
+        read_jsonl(tmp_path / "notrain")
+
+
+def test_broken_dataset_folder_is_a_precise_error_not_missing(tmp_path):
     folder = tmp_path / "hf"
     folder.mkdir()
-    (folder / marker).write_text("{}")
+    (folder / "dataset_info.json").write_text("{}")
     with pytest.raises(InvalidArgument) as exc:
         read_jsonl(folder)
-    msg = str(exc.value)
-    assert "does not exist" not in msg
-    assert "save_to_disk" in msg and f"load_from_disk('{folder}'){split}.to_json" in msg
-    with pytest.raises(InvalidArgument, match="is a directory"):
-        read_jsonl(tmp_path)
+    assert "does not exist" not in str(exc.value) and str(folder) in str(exc.value)
+    with pytest.raises(InvalidArgument, match="is a directory; pass a JSONL"):
+        read_jsonl(tmp_path / "hf" / ".." / "hf" / "..")
 
 
 # ---------------------------------------------------------------- defect 9

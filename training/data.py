@@ -1,7 +1,8 @@
 """Training data files -> tokenized examples with per-token labels.
 
 Files: JSONL (one object per line), JSONL.gz (gzip detected by its magic bytes), a
-JSON array of objects, or CSV (`.csv`, the header row names the keys). Record
+JSON array of objects, CSV (`.csv`, the header row names the keys), and, with the
+optional `datasets` library, Parquet (`.parquet`) and `save_to_disk` folders. Record
 formats (all records of a file in the same format; `--format` names it, else it is
 detected from the keys, and a record whose keys fit two formats is refused):
 
@@ -74,11 +75,15 @@ class Dataset:
 
 
 def file_digest(path: Path) -> str:
-    """sha256 hex digest of a file's bytes."""
+    """sha256 hex digest of a file's bytes (of a folder: its files' relative paths and bytes, sorted)."""
     h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
+    files = sorted(p for p in Path(path).rglob("*") if p.is_file()) if Path(path).is_dir() else [Path(path)]
+    for f in files:
+        if f != Path(path):
+            h.update(str(f.relative_to(path)).encode() + b"\0")
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
     return h.hexdigest()
 
 
@@ -103,12 +108,17 @@ def read_jsonl(path: str | Path, fmt: str = "auto") -> tuple[str, list[tuple[int
     if fmt not in FORMATS:
         raise InvalidArgument(f"format must be one of {', '.join(FORMATS)}; got {fmt!r}")
     if path.is_dir():
-        raise InvalidArgument(_directory_message(path))
-    if not path.is_file():
+        if not _is_saved_dataset(path):
+            raise InvalidArgument(f"data {path} is a directory; pass a JSONL, JSON, JSONL.gz, CSV or Parquet file, "
+                                  "or a Hugging Face save_to_disk folder")
+        rows = _arrow_records(path)
+    elif not path.is_file():
         raise InvalidArgument(f"data file {path} does not exist")
+    else:
+        rows = _arrow_records(path) if path.suffix.lower() == ".parquet" else _raw_records(path)
     records: list[tuple[int, dict]] = []
     detected: str | None = None if fmt == "auto" else fmt
-    for lineno, obj in _raw_records(path):
+    for lineno, obj in rows:
         if not isinstance(obj, dict):
             raise InvalidArgument(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
         line_fmt = _detect_format(obj, path, lineno) if detected is None or fmt == "auto" else detected
@@ -123,14 +133,37 @@ def read_jsonl(path: str | Path, fmt: str = "auto") -> tuple[str, list[tuple[int
     return ("messages" if detected in ("alpaca", "sharegpt") else detected), records
 
 
-def _directory_message(path: Path) -> str:
-    if any((path / f).is_file() for f in ("dataset_info.json", "state.json", "dataset_dict.json")):
-        # A `datasets` save_to_disk folder (Arrow files): `datasets` is not a dependency of qlora-serve.
+def _is_saved_dataset(path: Path) -> bool:
+    return any((path / f).is_file() for f in ("dataset_info.json", "state.json", "dataset_dict.json"))
+
+
+def _arrow_records(path: Path):
+    """Yield (1-based row number, record) of a Parquet file or a `datasets` save_to_disk
+    folder (a DatasetDict's "train" split), read with the optional `datasets` library."""
+    try:
+        import datasets
+    except ImportError:
         split = "['train']" if (path / "dataset_dict.json").is_file() else ""
-        return (f"data {path} is a Hugging Face `save_to_disk` folder (Arrow), which qlora-serve does not read; "
-                f"export it as JSONL first: python -c \"import datasets; "
-                f"datasets.load_from_disk('{path}'){split}.to_json('train.jsonl')\"")
-    return f"data {path} is a directory; pass a JSONL, JSON, JSONL.gz or CSV file"
+        export = (f"datasets.load_from_disk('{path}'){split}" if path.is_dir()
+                  else f"datasets.Dataset.from_parquet('{path}')")
+        raise InvalidArgument(f"data {path} is Arrow/Parquet data, which needs the `datasets` library "
+                              f"(pip install 'qlora-serve[data]'); or export it as JSONL: "
+                              f"python -c \"import datasets; {export}.to_json('train.jsonl')\"") from None
+    try:
+        if path.is_dir():
+            ds = datasets.load_from_disk(str(path))
+            if isinstance(ds, datasets.DatasetDict):
+                if "train" not in ds:
+                    raise InvalidArgument(f"data {path} is a DatasetDict without a 'train' split "
+                                          f"(splits: {', '.join(ds)}); save the split to train on")
+                ds = ds["train"]
+        else:
+            ds = datasets.Dataset.from_parquet(str(path), keep_in_memory=True)
+    except InvalidArgument:
+        raise
+    except Exception as exc:  # noqa: BLE001 - corrupt or foreign files are data errors
+        raise InvalidArgument(f"data {path} cannot be read as a dataset: {type(exc).__name__}: {exc}") from None
+    yield from enumerate(ds, start=1)
 
 
 def _open_binary(path: Path):
