@@ -21,6 +21,8 @@ from typing import Any, Iterable
 
 from qlora_serve.errors import InvalidArgument
 
+from .data import FORMATS
+
 COMPUTE_DTYPES = ("bfloat16", "float32")
 OPTIMIZERS = ("paged_adamw_8bit", "paged_adamw_32bit")
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial")
@@ -126,8 +128,6 @@ class TrainConfig:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
         if self.max_grad_norm < 0:
             raise ValueError(f"max_grad_norm must be >= 0 (0 disables clipping), got {self.max_grad_norm!r}")
-        from .data import FORMATS
-
         if self.format not in FORMATS:
             raise ValueError(f"format must be one of {FORMATS}, got {self.format!r}")
         if not (0 <= self.val_fraction <= 0.5):
