@@ -103,6 +103,7 @@ class ServerConfig:
     grace_s: float = 30.0
     max_message_bytes: int = 8 << 20
     max_upload_bytes: int = 256 << 20
+    max_dataset_bytes: int = 256 << 20  # training data of one job (SubmitJobStream)
     max_concurrent_rpcs: int | None = None  # None = max_running + max_waiting + 16
 
     def __post_init__(self) -> None:
@@ -151,7 +152,8 @@ class QloraServer:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         inference_pb2_grpc.add_InferenceServicer_to_server(InferenceService(self.runtime), self.grpc)
         registry_pb2_grpc.add_AdapterRegistryServicer_to_server(RegistryService(self.runtime), self.grpc)
-        self.training = TrainingService(self.runtime, config.data_dir / "jobs", max_dataset_bytes=config.max_message_bytes)
+        self.training = TrainingService(self.runtime, config.data_dir / "jobs", max_dataset_bytes=config.max_dataset_bytes,
+                                        store_path=config.data_dir / "jobs.sqlite3")
         training_pb2_grpc.add_TrainingServicer_to_server(self.training, self.grpc)
         reflection.enable_server_reflection(SERVICE_NAMES + (health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc)
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)

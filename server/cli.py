@@ -96,6 +96,8 @@ def _add_serve(sub) -> None:
     p.add_argument("--grace", type=float, default=30.0, help="seconds in-flight requests get to finish on SIGTERM")
     p.add_argument("--max-message-bytes", type=int, default=8 << 20, help="largest gRPC message, bytes")
     p.add_argument("--max-upload-bytes", type=int, default=256 << 20, help="largest adapter upload, bytes")
+    p.add_argument("--max-dataset-bytes", type=int, default=256 << 20,
+                   help="largest training job's data (train + eval), bytes, uploaded in chunks")
     p.add_argument("--max-concurrent-rpcs", type=int, default=None,
                    help="RPCs in flight at once, server-wide; more get RESOURCE_EXHAUSTED "
                         "(default: max-running + max-waiting + 16)")
@@ -122,6 +124,7 @@ def _serve(args) -> int:
             adapters=args.adapter, allowed_roots=args.allowed_adapter_root,
             allow_fingerprint_mismatch=args.allow_fingerprint_mismatch, key_file=args.key_file, grace_s=args.grace,
             max_message_bytes=args.max_message_bytes, max_upload_bytes=args.max_upload_bytes,
+            max_dataset_bytes=args.max_dataset_bytes,
             max_concurrent_rpcs=args.max_concurrent_rpcs,
             engine=_config_from(args, EngineConfig), limits=_config_from(args, RequestLimits))
         server = QloraServer(config).start()
