@@ -424,3 +424,46 @@ def test_built_inside_inference_mode(built, adapters):
     lora.unload(0)
     with torch.inference_mode():
         lora.load(0, adapters[1])
+
+
+def test_residency_byte_budget_evicts_lru_unpinned_until_it_fits():
+    """The device tier is bounded by bytes (each adapter's own footprint) as well as by count."""
+    from qlora_serve.adapters.residency import Residency
+
+    res = Residency(num_slots=8, host_cache_bytes=0, device_bytes=100)
+    for i, (key, size) in enumerate([("a", 40), ("b", 30), ("c", 20)]):
+        assert res.make_room(key, size) == []
+        res.assign(key, res.free_slot(), size)
+    assert res.device_used() == 90
+    res.pin("a")  # running: never evicted; "b" is now the oldest unpinned
+    assert res.make_room("d", 10) == []  # 100 <= 100
+    assert res.make_room("d", 40) == ["b"]  # 90 + 40 > 100; without "b": 100
+    assert res.make_room("d", 55) == ["b", "c"]
+    assert res.make_room("d", 61) is None  # "a" is pinned: cannot fit now
+    assert res.fits_ever(100) and not res.fits_ever(101)
+    for victim in res.make_room("d", 55):
+        res.release(victim)
+    res.assign("d", res.free_slot(), 55)
+    assert res.device_used() == 95 and set(res.resident_keys()) == {"a", "d"}
+    full = Residency(num_slots=1, host_cache_bytes=0)  # count bound alone, as before
+    full.assign("x", 0)
+    assert full.make_room("y") == ["x"]
+    full.pin("x")
+    assert full.make_room("y") is None
+
+
+def test_engine_config_lora_knobs():
+    from qlora_serve.server.engine.config import EngineConfig
+
+    cfg = EngineConfig()
+    assert cfg.lora_memory_bytes == 0 and cfg.lora_dtype == "float32" and cfg.max_resident_adapters >= 64
+    with pytest.raises(ValueError, match="lora_dtype"):
+        EngineConfig(lora_dtype="fp8")
+    with pytest.raises(ValueError, match="lora_memory_bytes"):
+        EngineConfig(lora_memory_bytes=-1)
+
+
+def test_compute_dtype_slots(built, adapters):
+    """dtype='compute' takes the base's compute dtype (float32 for this fp32-compute base)."""
+    lora = MultiLoRA(_load_4bit(built[0]), max_slots=1, max_rank=MAX_RANK, dtype="compute")
+    assert lora.dtype == lora.compute_dtype == torch.float32

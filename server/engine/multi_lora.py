@@ -182,7 +182,7 @@ class MultiLoRA:
     memory. Not thread-safe: the engine thread owns load/unload/row_slots.
     """
 
-    def __init__(self, model: nn.Module, *, max_slots: int, max_rank: int, dtype: torch.dtype | None = None,
+    def __init__(self, model: nn.Module, *, max_slots: int, max_rank: int, dtype: torch.dtype | str | None = None,
                  loop_max_adapters: int = LOOP_MAX_ADAPTERS):
         if max_slots < 1 or max_rank < 1:
             raise ValueError(f"max_slots and max_rank must be >= 1, got max_slots={max_slots}, max_rank={max_rank}")
@@ -204,8 +204,9 @@ class MultiLoRA:
             raise ValueError("model has no Linear layers to adapt")
         # float32 by default, as PEFT keeps and computes adapters (autocast_adapter_dtype):
         # with a bf16 base our tokens then round exactly where plain PEFT's do.
-        self.dtype = dtype or torch.float32
+        # dtype="compute": the base's compute dtype (half the bytes with a bf16 base).
         self.compute_dtype = _compute_dtype(model, targets[0][1])
+        self.dtype = self.compute_dtype if dtype == "compute" else dtype or torch.float32
         self.device = targets[0][1].weight.device
         # grouped_mm runs on CPU in float32/bf16; on CUDA in bf16 only (else the matmul loop).
         self.grouped = self.device.type == "cpu" or self.dtype == torch.bfloat16
