@@ -270,8 +270,8 @@ def test_reload_replaces_slot_and_untargeted_modules_hold_nothing(wrapped, adapt
     state = _slot_state(lora, 0)
     for name, (a, b, s) in state.items():
         m = adapters[6].modules[name]
-        assert torch.equal(a[: m.rank], m.lora_a) and torch.equal(b[:, : m.rank], m.lora_b)
-        assert not a[m.rank :].any() and not b[:, m.rank :].any()  # zero padding up to the class rank
+        assert torch.equal(a[: m.rank], m.lora_a) and torch.equal(b[: m.rank], m.lora_b.t())  # B kept transposed
+        assert not a[m.rank :].any() and not b[m.rank :].any()  # zero padding up to the class rank
         assert float(s) == pytest.approx(m.scaling)
 
 
@@ -282,7 +282,7 @@ def test_cost_follows_each_adapters_own_rank(wrapped, adapters):
         r, names = lora.slot_class(slot)
         assert r == max(8, 1 << (ad.rank - 1).bit_length()) and set(names) == set(ad.modules)
         for name, (a, b, _) in _slot_state(lora, slot).items():
-            assert a.shape == (r, lora.linear_shapes[name][0]) and b.shape == (lora.linear_shapes[name][1], r)
+            assert a.shape == (r, lora.linear_shapes[name][0]) and b.shape == (r, lora.linear_shapes[name][1])  # B^T
     # Memory accounting: exactly the resident adapters' footprints; for power-of-two
     # ranks that is the adapters' own bytes (in the slot dtype) plus one scale per module.
     assert lora.nbytes() == sum(lora.footprint(ad) for ad in adapters)
