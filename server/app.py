@@ -213,6 +213,7 @@ class QloraServer:
                  "whole model %.2f MiB", base_ref, base.device, fp.quantized_params, fp.quantized_bytes / 2**20,
                  fp.bits_per_param, fp.model_bytes / 2**20)
         engine = Engine(base, cfg.engine, metrics=self.metrics)
+        log.info("%s", engine.adapters.report_capacity())
         registry = AdapterRegistry(
             cfg.data_dir, base_fingerprint=base_fingerprint(base_ref, base.model.config),
             linear_shapes=engine.lora.linear_shapes, max_rank=cfg.engine.max_lora_rank,

@@ -23,13 +23,11 @@ import torch
 from transformers import DynamicCache
 
 from qlora_serve.adapters.peft_format import LoraAdapter
-from qlora_serve.adapters.residency import Residency
-from qlora_serve.server.engine.adapter_loading import AdapterLoader, AdapterSlots, LoadWaiter
+from qlora_serve.server.engine.adapter_loading import AdapterLoader, AdapterSlots, LoadWaiter, build_lora
 from qlora_serve.server.engine.config import EngineConfig
 from qlora_serve.server.engine.detokenizer import IncrementalDetokenizer
 from qlora_serve.server.engine.kv_batch import KVRow, PagedKVBatch
 from qlora_serve.server.engine.loader import LoadedBase
-from qlora_serve.server.engine.multi_lora import MultiLoRA
 from qlora_serve.server.engine.request import (
     AdapterHandle,
     ErrorEvent,
@@ -88,8 +86,7 @@ class Engine:
         self.base = base
         self.config = config
         self.metrics = metrics
-        self.lora = MultiLoRA(base.model, max_slots=config.max_resident_adapters, max_rank=config.max_lora_rank)
-        self.residency = Residency(config.max_resident_adapters, config.host_cache_bytes)
+        self.lora, self.residency = build_lora(base.model, config)
         self.adapters = AdapterSlots(self.lora, self.residency, metrics=metrics,
                                      on_done=lambda key, fut, handle: self._post("loaded", (key, fut, handle)))
         if adapter_loader is not None:
