@@ -208,7 +208,7 @@ def test_messages_plain_format_trains_assistant_turns_only(demo, tmp_path):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(demo.base)
-    assert not tok.chat_template  # the demo tokenizer has none: the documented plain format applies
+    tok.chat_template = None  # without a template the documented plain format applies
     msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
             {"role": "user", "content": "two"}, {"role": "assistant", "content": "three"}]
     ex = load_dataset(_jsonl(tmp_path / "d.jsonl", [{"messages": msgs}]), tok, 128).examples[0]

@@ -29,9 +29,12 @@ def _cfg(demo, tmp_path, **kw) -> TrainConfig:
 
 @pytest.fixture()
 def tok(demo):
+    """The demo tokenizer without its chat template: messages use the plain format."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(demo.base)
+    tok = AutoTokenizer.from_pretrained(demo.base)
+    tok.chat_template = None
+    return tok
 
 
 @pytest.fixture()
