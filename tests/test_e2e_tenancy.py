@@ -249,7 +249,9 @@ def test_admin_trains_a_new_version_of_another_tenants_or_a_public_adapter(tenan
               "logging_steps = 1\nsave_steps = 1000\n")
     for name, owner in (("alphas-model", "alpha"), ("public-model", "")):
         job = ops.submit_job(name, data, config_toml=config)
-        final = list(ops.watch_job(job.id))[-1].job
+        # A training job takes minutes on a loaded 2-core machine: the watch gets its own deadline.
+        watch = ops.training.WatchJob(training_pb2.WatchJobRequest(id=job.id), metadata=ops._metadata, timeout=600)
+        final = list(watch)[-1].job
         assert final.state == training_pb2.JOB_STATE_SUCCEEDED, (name, final.error)
         assert (final.adapter.name, final.adapter.version) == (name, 2)
         assert [(a.version, a.owner) for a in ops.list_adapters(name)] == [(1, owner), (2, owner)]
