@@ -23,9 +23,11 @@ from typing import Callable
 from qlora_serve.errors import Cancelled, DeadlineExceeded, Internal, QloraServeError, QueueFull
 from qlora_serve.server.engine.adapter_loading import AdapterSlots
 from qlora_serve.server.engine.config import EngineConfig
+from qlora_serve.server.engine.detokenizer import IncrementalDetokenizer
 from qlora_serve.server.engine.fairness import FairQueue
 from qlora_serve.server.engine.kv_batch import KVRow
 from qlora_serve.server.engine.request import ErrorEvent, Request
+from qlora_serve.server.engine.sampling import RowSampler
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +55,8 @@ class Row:
     """A running sequence: one row of the batch."""
 
     request: Request
-    sampler: object  # RowSampler (runner.py builds it)
-    detok: object  # IncrementalDetokenizer (output.py builds it)
+    sampler: RowSampler  # built by the runner
+    detok: IncrementalDetokenizer  # built by the output processor
     slot: int  # adapter slot, BASE_SLOT = base
     kv: KVRow | None = None  # its pages in the KV pool, once prefilled
     generated: list[int] = field(default_factory=list)
