@@ -162,3 +162,7 @@ class Residency:
 
     def in_host(self, key: str) -> bool:
         return key in self._host
+
+    def host_keys(self) -> list[str]:
+        """Keys of the adapters in the host cache, oldest first."""
+        return list(self._host)

@@ -17,6 +17,8 @@ from qlora_serve.server.runtime import handle_of, unary_rpc
 from qlora_serve.v1 import registry_pb2, registry_pb2_grpc
 
 _ENGINE_CALL_TIMEOUT_S = 120.0  # a device load waits for the current step and a disk read
+_RESIDENCY = {"device": registry_pb2.RESIDENCY_DEVICE, "host": registry_pb2.RESIDENCY_HOST,
+              "disk": registry_pb2.RESIDENCY_DISK}
 
 
 class RegistryService(registry_pb2_grpc.AdapterRegistryServicer):
@@ -29,13 +31,8 @@ class RegistryService(registry_pb2_grpc.AdapterRegistryServicer):
     def _info(self, rec: AdapterRecord) -> registry_pb2.AdapterInfo:
         """The record as the API shows it. Its aliases come with the record (read in the
         same transaction), never from a second read that a concurrent delete could fail."""
-        res = self._rt.engine.residency
-        if res.slot_of(rec.digest) is not None:
-            residency = registry_pb2.RESIDENCY_DEVICE
-        elif res.in_host(rec.digest):
-            residency = registry_pb2.RESIDENCY_HOST
-        else:
-            residency = registry_pb2.RESIDENCY_DISK
+        # The engine's published snapshot: residency is engine-thread state, never read live here.
+        residency = _RESIDENCY[self._rt.engine.snapshot().residency(rec.digest)]
         return registry_pb2.AdapterInfo(
             name=rec.name, version=rec.version, digest=rec.digest, source=rec.source,
             base_fingerprint=rec.base_fingerprint, rank=rec.rank, alpha=rec.alpha,
@@ -77,9 +74,6 @@ class RegistryService(registry_pb2_grpc.AdapterRegistryServicer):
         except (TimeoutError, CancelledError):
             raise Unavailable(f"{what}: the engine did not answer within {_ENGINE_CALL_TIMEOUT_S:.0f} s "
                               "(overloaded or shutting down); retry later") from None
-
-    def _engine(self, fn, what: str):
-        return self._wait(self._rt.engine.call(fn), what)
 
     # --------------------------------------------------------------- RPCs
     @unary_rpc
@@ -142,7 +136,8 @@ class RegistryService(registry_pb2_grpc.AdapterRegistryServicer):
             self._rt.unusable.pop(d, None)
         # Committed: the engine drops the weights between steps (idempotent; running
         # requests keep theirs until they finish). Not awaited: the delete is done.
-        self._rt.engine.call(lambda: [self._rt.engine.forget(d) for d in gone])
+        for d in gone:
+            self._rt.engine.forget(d)
         return registry_pb2.DeleteAdapterResponse(deleted=[
             registry_pb2.AdapterInfo(name=r.name, version=r.version, digest=r.digest, owner=r.owner or "")
             for r in deleted])
@@ -159,5 +154,5 @@ class RegistryService(registry_pb2_grpc.AdapterRegistryServicer):
     def UnloadAdapter(self, request, context, principal):
         rec = self._rt.resolve_record(request.adapter, principal)
         check_adapter_access(principal, rec.owner, write=True, adapter=f"adapter {request.adapter!r}")
-        self._engine(lambda: self._rt.engine.unload(rec.digest), f"unloading adapter {request.adapter!r}")
+        self._wait(self._rt.engine.unload(rec.digest), f"unloading adapter {request.adapter!r}")
         return self._info(rec)

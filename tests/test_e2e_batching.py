@@ -363,7 +363,7 @@ def test_running_rows_are_grouped_by_adapter_slot(server, client, engine_gate):
     engine = server.runtime.engine
     orders: list[list[int]] = []  # slots of the running rows at each forward pass (engine thread)
     hook = engine.base.model.register_forward_pre_hook(
-        lambda m, a, k: orders.append([r.slot for r in engine._running]), with_kwargs=True)
+        lambda m, a, k: orders.append([r.slot for r in engine.scheduler.running]), with_kwargs=True)
     try:
         gate = engine_gate(server)
         calls = [("one two", dict(adapter=a, max_new_tokens=8)) for a in ("pirate", "", "poet", "pirate", "poet", "")]

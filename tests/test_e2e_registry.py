@@ -444,7 +444,7 @@ def test_request_for_a_live_name_survives_deleting_another_name_with_the_same_fi
     assert a.digest == b.digest
     rc.unload("share-a")  # nothing resident: the next request is a cold load
     engine = reg_server.runtime.engine
-    engine.call(lambda: engine.forget(a.digest)).result(10)  # and not in the host cache either
+    engine.forget(a.digest).result(10)  # and not in the host cache either
     gate = Gate(reg_server)
     try:
         blocker = rc.inference.Generate.future(rc.request("hello", max_new_tokens=4), timeout=60)
