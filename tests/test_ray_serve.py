@@ -1,0 +1,192 @@
+"""qlora-serve on Ray Serve (server/ray_app.py): a real local Ray head on loopback, two
+demo replicas at fractional CPUs behind Ray's gRPC proxy, clients with our own stubs.
+Skipped when the `ray` extra is not installed. The Ray processes this module starts
+are stopped when it ends (ray.shutdown stops the head it started)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import tempfile
+from collections import Counter
+
+import grpc
+import pytest
+
+# Keep every Ray process on loopback (the node IP alone is not enough here); Ray reads
+# these when it is imported.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+pytest.importorskip("ray.serve", reason="the ray extra is not installed (pip install -e '.[ray]')")
+
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]
+
+PROMPT = "hello world, this is"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def cluster(demo, tmp_path_factory):
+    """(grpc channel to the proxy, key for tenant `acme`, ServerConfig the replicas use)."""
+    import ray
+    from ray import serve
+
+    from qlora_serve.server.app import ServerConfig
+    from qlora_serve.server.ray_app import deployment, grpc_options
+    from e2e_keys import write_key_file
+
+    data = tmp_path_factory.mktemp("ray-data")
+    keys = write_key_file(data / "keys.toml", {"acme": "client"})
+    config = ServerConfig(base=str(demo.base), compute_dtype="float32", data_dir=data / "store",
+                          adapters=sorted((n, str(p)) for n, p in demo.adapters.items()),
+                          key_file=data / "keys.toml", metrics_port=None, http_port=None)
+    ray_tmp = tempfile.mkdtemp(prefix="qray", dir="/tmp")  # short: Ray's socket paths live here
+    ray.init(_node_ip_address="127.0.0.1", num_cpus=2, include_dashboard=False,
+             object_store_memory=80 << 20, log_to_driver=False, _temp_dir=ray_tmp)
+    try:
+        port = _free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": _free_port()}, grpc_options=grpc_options(port))
+        serve.run(deployment(config, replicas=2, num_cpus=0.5), name="qlora")
+        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        yield channel, keys["acme"], config
+        channel.close()
+    finally:
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()  # stops the head and workers this module started (`ray stop` for this cluster)
+            shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def _stub(channel):
+    from qlora_serve.v1 import inference_pb2_grpc
+
+    return inference_pb2_grpc.InferenceStub(channel)
+
+
+def _md(key: str, adapter: str = "") -> list[tuple[str, str]]:
+    md = [("authorization", f"Bearer {key}")]
+    return md + [("multiplexed_model_id", adapter)] if adapter else md
+
+
+def _replica(call) -> str:
+    return dict(call.trailing_metadata() or ()).get("qlora-replica", "")
+
+
+def _reference_tokens(config, adapter: str) -> list[int]:
+    """Greedy tokens from the same config, built in-process with build_runtime."""
+    from dataclasses import replace
+
+    from qlora_serve.server.build import build_runtime
+    from qlora_serve.server.engine.request import FinalEvent
+    from qlora_serve.server.requests import GenerateInput, InferenceCore
+
+    rt = build_runtime(replace(config, key_file=None, data_dir=config.data_dir.parent / "reference"))
+    try:
+        core = InferenceCore(rt)
+        admin = rt.authenticate_metadata(())
+        req = core.start(GenerateInput(adapter=adapter, prompt=PROMPT, max_new_tokens=8), admin)
+        final = [ev for ev in core.events(req, lambda: True) if isinstance(ev, FinalEvent)][0]
+        core.record("Generate", req, "OK", 0.0, final)
+        return list(final.token_ids)
+    finally:
+        rt.close(grace_s=1.0)
+
+
+def test_same_tokens_as_in_process_engine_and_sticky_replica(cluster):
+    from qlora_serve.v1 import inference_pb2
+
+    channel, key, config = cluster
+    want = _reference_tokens(config, "pirate")
+    stub = _stub(channel)
+    replicas = Counter()
+    for _ in range(4):
+        resp, call = stub.Generate.with_call(
+            inference_pb2.GenerateRequest(adapter="pirate", prompt=PROMPT, max_new_tokens=8),
+            metadata=_md(key, "pirate"), timeout=120)
+        assert list(resp.token_ids) == want
+        assert resp.adapter.name == "pirate"
+        replicas[_replica(call)] += 1
+    assert len(replicas) == 1 and "" not in replicas, f"pirate went to several replicas: {replicas}"
+
+
+def test_stream_matches_unary(cluster):
+    from qlora_serve.v1 import inference_pb2
+
+    channel, key, _ = cluster
+    stub = _stub(channel)
+    req = inference_pb2.GenerateRequest(adapter="poet", prompt=PROMPT, max_new_tokens=8)
+    unary = stub.Generate(req, metadata=_md(key, "poet"), timeout=120)
+    parts = list(stub.GenerateStream(req, metadata=_md(key, "poet"), timeout=120))
+    assert [t for p in parts for t in p.token_ids] == list(unary.token_ids)
+    assert parts[-1].finish_reason == unary.finish_reason
+    assert "".join(p.text for p in parts) == unary.text
+
+
+def test_cancelled_stream_leaves_replicas_serving(cluster):
+    from qlora_serve.v1 import inference_pb2
+
+    channel, key, _ = cluster
+    stub = _stub(channel)
+    stream = stub.GenerateStream(inference_pb2.GenerateRequest(prompt=PROMPT, max_new_tokens=200, ignore_eos=True),
+                                 metadata=_md(key), timeout=120)
+    next(stream)
+    stream.cancel()
+    with pytest.raises(grpc.RpcError) as err:
+        list(stream)
+    assert err.value.code() == grpc.StatusCode.CANCELLED
+    assert stub.Generate(inference_pb2.GenerateRequest(prompt=PROMPT, max_new_tokens=2),
+                         metadata=_md(key), timeout=120).completion_tokens == 2
+
+
+def _assert_clean(err: grpc.RpcError) -> None:
+    details = err.details() or ""
+    for leak in ("Traceback", "ray", "Ray", "actor", "pid="):
+        assert leak not in details, f"{leak!r} leaked into {details!r}"
+
+
+def test_error_codes_and_auth_through_the_proxy(cluster):
+    from qlora_serve.v1 import inference_pb2
+
+    channel, key, _ = cluster
+    stub = _stub(channel)
+    cases = [
+        # (request, metadata, code)
+        (inference_pb2.GenerateRequest(prompt=PROMPT), [], grpc.StatusCode.UNAUTHENTICATED),
+        (inference_pb2.GenerateRequest(prompt=PROMPT), _md("qls_not-a-key"), grpc.StatusCode.UNAUTHENTICATED),
+        (inference_pb2.GenerateRequest(prompt=""), _md(key), grpc.StatusCode.INVALID_ARGUMENT),
+        (inference_pb2.GenerateRequest(prompt=PROMPT, max_new_tokens=10**6), _md(key), grpc.StatusCode.INVALID_ARGUMENT),
+        (inference_pb2.GenerateRequest(adapter="nope", prompt=PROMPT), _md(key, "nope"), grpc.StatusCode.NOT_FOUND),
+        (inference_pb2.GenerateRequest(adapter="poet", prompt=PROMPT), _md(key, "pirate"), grpc.StatusCode.INVALID_ARGUMENT),
+    ]
+    for msg, md, code in cases:
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Generate(msg, metadata=md, timeout=60)
+        assert err.value.code() == code, (msg, md, err.value.details())
+        _assert_clean(err.value)
+    # Not a GenerateRequest at all: the replica parses it, INVALID_ARGUMENT (not UNKNOWN).
+    raw = channel.unary_unary("/qlora_serve.v1.Inference/Generate", request_serializer=None,
+                              response_deserializer=None)
+    with pytest.raises(grpc.RpcError) as err:
+        raw(b"\xff\xff\xff\xff", metadata=_md(key), timeout=60)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+    _assert_clean(err.value)
+    # A stream refused before its first token gets the same code.
+    with pytest.raises(grpc.RpcError) as err:
+        list(stub.GenerateStream(inference_pb2.GenerateRequest(prompt=""), metadata=_md(key), timeout=60))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    _assert_clean(err.value)
+
+
+def test_model_info_through_the_proxy(cluster):
+    from qlora_serve.v1 import inference_pb2
+
+    channel, key, _ = cluster
+    info = _stub(channel).GetModelInfo(inference_pb2.GetModelInfoRequest(), metadata=_md(key), timeout=60)
+    assert info.max_new_tokens > 0
