@@ -31,9 +31,46 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def test_cli_verb_serves_the_demo_on_two_replicas(demo, tmp_path):
+    """`qlora-serve ray-serve` as the README runs it (its own local cluster, stopped on
+    SIGTERM); first in the module, before the shared cluster starts."""
+    import signal
+    import subprocess
+    import sys
+
+    from qlora_serve.server.client import Client
+
+    port = _free_port()
+    env = dict(os.environ, QLORA_SERVE_DATA=str(tmp_path / "data"), RAY_TMPDIR=tempfile.mkdtemp(prefix="qray", dir="/tmp"))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "qlora_serve.server.cli", "ray-serve", "--replicas", "2", "--num-cpus", "0.5",
+         "--port", str(port), "--base", str(demo.base), "--compute-dtype", "float32",
+         *[f"--adapter={n}={p}" for n, p in sorted(demo.adapters.items())]],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        seen = []
+        for line in proc.stdout:
+            seen.append(line)
+            if "ready on Ray Serve" in line:
+                break
+        else:
+            pytest.fail("ray-serve exited before it was ready:\n" + "".join(seen[-30:]))
+        with Client(f"127.0.0.1:{port}", timeout=120) as client:
+            assert client.generate(PROMPT, adapter="pirate", max_new_tokens=4).completion_tokens == 4
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.communicate(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            shutil.rmtree(env["RAY_TMPDIR"], ignore_errors=True)
+    assert proc.returncode == 0
+
+
 @pytest.fixture(scope="module")
 def cluster(demo, tmp_path_factory):
-    """(grpc channel to the proxy, key for tenant `acme`, ServerConfig the replicas use)."""
+    """(grpc channel to the proxy, key for tenant `acme`, ServerConfig the replicas use, proxy port)."""
     import ray
     from ray import serve
 
@@ -54,7 +91,7 @@ def cluster(demo, tmp_path_factory):
         serve.start(http_options={"host": "127.0.0.1", "port": _free_port()}, grpc_options=grpc_options(port))
         serve.run(deployment(config, replicas=2, num_cpus=0.5), name="qlora")
         channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-        yield channel, keys["acme"], config
+        yield channel, keys["acme"], config, port
         channel.close()
     finally:
         try:
@@ -102,7 +139,7 @@ def _reference_tokens(config, adapter: str) -> list[int]:
 def test_same_tokens_as_in_process_engine_and_sticky_replica(cluster):
     from qlora_serve.v1 import inference_pb2
 
-    channel, key, config = cluster
+    channel, key, config, _ = cluster
     want = _reference_tokens(config, "pirate")
     stub = _stub(channel)
     replicas = Counter()
@@ -119,7 +156,7 @@ def test_same_tokens_as_in_process_engine_and_sticky_replica(cluster):
 def test_stream_matches_unary(cluster):
     from qlora_serve.v1 import inference_pb2
 
-    channel, key, _ = cluster
+    channel, key, _, _ = cluster
     stub = _stub(channel)
     req = inference_pb2.GenerateRequest(adapter="poet", prompt=PROMPT, max_new_tokens=8)
     unary = stub.Generate(req, metadata=_md(key, "poet"), timeout=120)
@@ -132,7 +169,7 @@ def test_stream_matches_unary(cluster):
 def test_cancelled_stream_leaves_replicas_serving(cluster):
     from qlora_serve.v1 import inference_pb2
 
-    channel, key, _ = cluster
+    channel, key, _, _ = cluster
     stub = _stub(channel)
     stream = stub.GenerateStream(inference_pb2.GenerateRequest(prompt=PROMPT, max_new_tokens=200, ignore_eos=True),
                                  metadata=_md(key), timeout=120)
@@ -154,7 +191,7 @@ def _assert_clean(err: grpc.RpcError) -> None:
 def test_error_codes_and_auth_through_the_proxy(cluster):
     from qlora_serve.v1 import inference_pb2
 
-    channel, key, _ = cluster
+    channel, key, _, _ = cluster
     stub = _stub(channel)
     cases = [
         # (request, metadata, code)
@@ -187,6 +224,20 @@ def test_error_codes_and_auth_through_the_proxy(cluster):
 def test_model_info_through_the_proxy(cluster):
     from qlora_serve.v1 import inference_pb2
 
-    channel, key, _ = cluster
+    channel, key, _, _ = cluster
     info = _stub(channel).GetModelInfo(inference_pb2.GetModelInfoRequest(), metadata=_md(key), timeout=60)
     assert info.max_new_tokens > 0
+
+
+def test_client_sends_the_routing_header(cluster):
+    """`Client` names the adapter in multiplexed_model_id too: the same replica each time."""
+    from qlora_serve.server.client import Client
+
+    _, key, _, port = cluster
+    with Client(f"127.0.0.1:{port}", api_key=key, timeout=120) as client:
+        replicas = set()
+        for _ in range(3):
+            msg = client.request(PROMPT, adapter="poet", max_new_tokens=2)
+            _, call = client.inference.Generate.with_call(msg, **client._gen_kw(msg))
+            replicas.add(_replica(call))
+    assert len(replicas) == 1 and "" not in replicas
