@@ -32,9 +32,12 @@ def new_runtime(config: "ServerConfig", metrics: Metrics | None = None) -> Runti
     return Runtime(metrics=metrics or Metrics(), limits=config.limits, auth=auth, quotas=quotas)
 
 
-def load_runtime(runtime: Runtime, config: "ServerConfig") -> Runtime:
+def load_runtime(runtime: Runtime, config: "ServerConfig", *, registry_reader: bool = False) -> Runtime:
     """Load the base (NF4 + double quant), start the engine, open the registry and
-    register the start-up adapters (the demo's when `config.base` is None)."""
+    register the start-up adapters (the demo's when `config.base` is None).
+    registry_reader: open `config.data_dir`'s registry read-only beside its one writer
+    (another process's `qlora-serve serve`), which registers every adapter; this
+    runtime then registers none and serves what the writer has committed."""
     from qlora_serve.server.app import served_name  # app.py imports this module
 
     base_ref, adapters = config.base, list(config.adapters)
@@ -56,7 +59,10 @@ def load_runtime(runtime: Runtime, config: "ServerConfig") -> Runtime:
         config.data_dir, base_fingerprint=base_fingerprint(base_ref, base.model.config),
         linear_shapes=engine.lora.linear_shapes, max_rank=config.engine.max_lora_rank,
         allowed_roots=config.allowed_roots, allow_fingerprint_mismatch=config.allow_fingerprint_mismatch,
-        max_upload_bytes=config.max_upload_bytes, compute_dtype=engine.lora.compute_dtype)
+        max_upload_bytes=config.max_upload_bytes, compute_dtype=engine.lora.compute_dtype,
+        read_only=registry_reader)
+    if registry_reader:
+        adapters = []
     try:
         engine.adapter_loader = verified_loader(registry, engine, runtime.unusable)
         for name, path in adapters:
@@ -70,9 +76,9 @@ def load_runtime(runtime: Runtime, config: "ServerConfig") -> Runtime:
     return runtime
 
 
-def build_runtime(config: "ServerConfig", metrics: Metrics | None = None) -> Runtime:
+def build_runtime(config: "ServerConfig", metrics: Metrics | None = None, *, registry_reader: bool = False) -> Runtime:
     """`new_runtime` then `load_runtime`: a ready runtime (close it with `Runtime.close`)."""
-    return load_runtime(new_runtime(config, metrics), config)
+    return load_runtime(new_runtime(config, metrics), config, registry_reader=registry_reader)
 
 
 def verified_loader(registry: AdapterRegistry, engine: Engine, unusable: dict[str, str]):

@@ -17,8 +17,9 @@ one became UNKNOWN); `add_inference_to_proxy` registers the service with raw-byt
 requests, so the replica parses them and answers INVALID_ARGUMENT. Every error leaves
 the replica as the status and bounded message the README documents (server/status.py),
 never a Ray traceback; API keys and quotas are checked in the replica (quotas per
-replica). Each replica keeps its own registry under data_dir/replicas/<id>: adapters
-registered at start are on every replica; one shared registry is not built yet.
+replica). Registry: with `shared_registry`, every replica reads the one catalogue and
+store that a `qlora-serve serve --data-dir` process writes (same machine: SQLite WAL);
+else each replica keeps its own under data_dir/replicas/<id> with the start-up adapters.
 """
 
 from __future__ import annotations
@@ -106,11 +107,13 @@ class _Failed(Exception):
 class QloraReplica:
     """One replica: a runtime of its own and the Inference RPCs over `InferenceCore`."""
 
-    def __init__(self, config) -> None:
+    def __init__(self, config, shared_registry: bool = False) -> None:
         replica_id = serve.get_replica_context().replica_id.unique_id
         self.replica_id = replica_id
-        # Each replica owns its registry (one SQLite writer per data_dir).
-        self._rt = build_runtime(replace(config, data_dir=Path(config.data_dir) / "replicas" / replica_id))
+        if shared_registry:  # read the registry a `qlora-serve serve` on config.data_dir writes
+            self._rt = build_runtime(config, registry_reader=True)
+        else:  # a registry per replica (one SQLite writer per data_dir), start-up adapters only
+            self._rt = build_runtime(replace(config, data_dir=Path(config.data_dir) / "replicas" / replica_id))
         self._core = InferenceCore(self._rt)
 
     # ------------------------------------------------------- Serve hooks
@@ -266,9 +269,12 @@ def _ref(req) -> common_pb2.AdapterRef:
     return common_pb2.AdapterRef(name=a.name, version=a.version, digest=a.key) if a else common_pb2.AdapterRef()
 
 
-def deployment(config, *, replicas: int = 2, num_cpus: float = 1.0, num_gpus: float = 0.0):
+def deployment(config, *, replicas: int = 2, num_cpus: float = 1.0, num_gpus: float = 0.0,
+               shared_registry: bool = False):
     """The Serve application: `replicas` copies of QloraReplica at the given resources
-    per replica. config: a ServerConfig (its host/ports are the proxy's business, unused)."""
+    per replica. config: a ServerConfig (its host/ports are the proxy's business, unused).
+    shared_registry: every replica reads the registry in config.data_dir, written by
+    one `qlora-serve serve --data-dir` (same machine); else each has its own."""
     dep = serve.deployment(
         QloraReplica, name="qlora", num_replicas=replicas,
         ray_actor_options={"num_cpus": num_cpus, "num_gpus": num_gpus},
@@ -276,7 +282,7 @@ def deployment(config, *, replicas: int = 2, num_cpus: float = 1.0, num_gpus: fl
         health_check_period_s=5.0,
         request_router_config=RequestRouterConfig(request_router_class=AdapterRouter,
                                                   request_routing_stats_period_s=ROUTING_STATS_PERIOD_S))
-    return dep.bind(config)
+    return dep.bind(config, shared_registry)
 
 
 def build_app(args: dict[str, str]):
@@ -295,7 +301,8 @@ def build_app(args: dict[str, str]):
         kw["key_file"] = Path(args["key_file"])
     config = ServerConfig(metrics_port=None, http_port=None, **kw)
     return deployment(config, replicas=int(args.get("replicas", 2)), num_cpus=float(args.get("num_cpus", 1)),
-                      num_gpus=float(args.get("num_gpus", 0)))
+                      num_gpus=float(args.get("num_gpus", 0)),
+                      shared_registry=str(args.get("shared_registry", "")).lower() in ("1", "true", "yes"))
 
 
 def grpc_options(port: int):

@@ -33,6 +33,9 @@ def add_ray_serve_parser(sub) -> None:
                    help="each replica keeps its registry under DATA_DIR/replicas/<replica id>")
     p.add_argument("--adapter", type=_adapter_flag, action="append", default=[], metavar="NAME=PATH",
                    help="register a PEFT adapter directory on every replica at start-up (repeatable)")
+    p.add_argument("--shared-registry", action="store_true",
+                   help="replicas read the one registry that `qlora-serve serve --data-dir DATA_DIR` (started "
+                        "first, same machine) writes: register there once, every replica serves it")
     p.add_argument("--key-file", type=Path, help="TOML file of hashed API keys; checked in every replica")
     _add_config_flags(p.add_argument_group("engine (per replica)"), EngineConfig)
     _add_config_flags(p.add_argument_group("request limits"), RequestLimits)
@@ -73,7 +76,8 @@ def _ray_serve(args) -> int:
     stop = threading.Event()
     try:
         serve.start(http_options={"host": "127.0.0.1"}, grpc_options=grpc_options(args.port))
-        serve.run(deployment(config, replicas=args.replicas, num_cpus=args.num_cpus, num_gpus=args.num_gpus),
+        serve.run(deployment(config, replicas=args.replicas, num_cpus=args.num_cpus, num_gpus=args.num_gpus,
+                             shared_registry=args.shared_registry),
                   name="qlora")
         print(f"qlora-serve ready on Ray Serve: {args.replicas} replica(s), gRPC on port {args.port}; route an "
               f"adapter with the multiplexed_model_id header, e.g.\n  qlora-serve generate --address "

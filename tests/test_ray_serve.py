@@ -70,28 +70,32 @@ def test_cli_verb_serves_the_demo_on_two_replicas(demo, tmp_path):
 
 @pytest.fixture(scope="module")
 def cluster(demo, tmp_path_factory):
-    """(grpc channel to the proxy, key for tenant `acme`, ServerConfig the replicas use, proxy port)."""
+    """(grpc channel to the proxy, key for tenant `acme`, ServerConfig the replicas use,
+    proxy port, the registry writer: a QloraServer whose key `ops` is an admin's).
+    Two replicas read the one registry the writer keeps (shared_registry)."""
     import ray
     from ray import serve
 
-    from qlora_serve.server.app import ServerConfig
+    from qlora_serve.server.app import QloraServer, ServerConfig
     from qlora_serve.server.ray_app import deployment, grpc_options
     from e2e_keys import write_key_file
 
     data = tmp_path_factory.mktemp("ray-data")
-    keys = write_key_file(data / "keys.toml", {"acme": "client"})
+    keys = write_key_file(data / "keys.toml", {"acme": "client", "ops": "admin"})
     config = ServerConfig(base=str(demo.base), compute_dtype="float32", data_dir=data / "store",
                           adapters=sorted((n, str(p)) for n, p in demo.adapters.items()),
-                          key_file=data / "keys.toml", metrics_port=None, http_port=None)
+                          key_file=data / "keys.toml", metrics_port=None, http_port=None, port=0, grace_s=1.0)
+    writer = QloraServer(config).start().load()  # the registry's one writer
+    writer.ops_key = keys["ops"]
     ray_tmp = tempfile.mkdtemp(prefix="qray", dir="/tmp")  # short: Ray's socket paths live here
-    ray.init(_node_ip_address="127.0.0.1", num_cpus=2, include_dashboard=False,
-             object_store_memory=80 << 20, log_to_driver=False, _temp_dir=ray_tmp)
     try:
+        ray.init(_node_ip_address="127.0.0.1", num_cpus=2, include_dashboard=False,
+                 object_store_memory=80 << 20, log_to_driver=False, _temp_dir=ray_tmp)
         port = _free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": _free_port()}, grpc_options=grpc_options(port))
-        serve.run(deployment(config, replicas=2, num_cpus=0.5), name="qlora")
+        serve.run(deployment(config, replicas=2, num_cpus=0.5, shared_registry=True), name="qlora")
         channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-        yield channel, keys["acme"], config, port
+        yield channel, keys["acme"], config, port, writer
         channel.close()
     finally:
         try:
@@ -99,6 +103,7 @@ def cluster(demo, tmp_path_factory):
         finally:
             ray.shutdown()  # stops the head and workers this module started (`ray stop` for this cluster)
             shutil.rmtree(ray_tmp, ignore_errors=True)
+            writer.stop(0)
 
 
 def _stub(channel):
@@ -124,7 +129,7 @@ def _reference_tokens(config, adapter: str) -> list[int]:
     from qlora_serve.server.engine.request import FinalEvent
     from qlora_serve.server.requests import GenerateInput, InferenceCore
 
-    rt = build_runtime(replace(config, key_file=None, data_dir=config.data_dir.parent / "reference"))
+    rt = build_runtime(replace(config, key_file=None, data_dir=config.data_dir.parent / "reference"))  # own registry
     try:
         core = InferenceCore(rt)
         admin = rt.authenticate_metadata(())
@@ -139,7 +144,7 @@ def _reference_tokens(config, adapter: str) -> list[int]:
 def test_same_tokens_as_in_process_engine_and_sticky_replica(cluster):
     from qlora_serve.v1 import inference_pb2
 
-    channel, key, config, _ = cluster
+    channel, key, config, _, _ = cluster
     want = _reference_tokens(config, "pirate")
     stub = _stub(channel)
     replicas = Counter()
@@ -156,7 +161,7 @@ def test_same_tokens_as_in_process_engine_and_sticky_replica(cluster):
 def test_stream_matches_unary(cluster):
     from qlora_serve.v1 import inference_pb2
 
-    channel, key, _, _ = cluster
+    channel, key, _, _, _ = cluster
     stub = _stub(channel)
     req = inference_pb2.GenerateRequest(adapter="poet", prompt=PROMPT, max_new_tokens=8)
     unary = stub.Generate(req, metadata=_md(key, "poet"), timeout=120)
@@ -169,7 +174,7 @@ def test_stream_matches_unary(cluster):
 def test_cancelled_stream_leaves_replicas_serving(cluster):
     from qlora_serve.v1 import inference_pb2
 
-    channel, key, _, _ = cluster
+    channel, key, _, _, _ = cluster
     stub = _stub(channel)
     stream = stub.GenerateStream(inference_pb2.GenerateRequest(prompt=PROMPT, max_new_tokens=200, ignore_eos=True),
                                  metadata=_md(key), timeout=120)
@@ -191,7 +196,7 @@ def _assert_clean(err: grpc.RpcError) -> None:
 def test_error_codes_and_auth_through_the_proxy(cluster):
     from qlora_serve.v1 import inference_pb2
 
-    channel, key, _, _ = cluster
+    channel, key, _, _, _ = cluster
     stub = _stub(channel)
     cases = [
         # (request, metadata, code)
@@ -224,7 +229,7 @@ def test_error_codes_and_auth_through_the_proxy(cluster):
 def test_model_info_through_the_proxy(cluster):
     from qlora_serve.v1 import inference_pb2
 
-    channel, key, _, _ = cluster
+    channel, key, _, _, _ = cluster
     info = _stub(channel).GetModelInfo(inference_pb2.GetModelInfoRequest(), metadata=_md(key), timeout=60)
     assert info.max_new_tokens > 0
 
@@ -233,7 +238,7 @@ def test_client_sends_the_routing_header(cluster):
     """`Client` names the adapter in multiplexed_model_id too: the same replica each time."""
     from qlora_serve.server.client import Client
 
-    _, key, _, port = cluster
+    _, key, _, port, _ = cluster
     with Client(f"127.0.0.1:{port}", api_key=key, timeout=120) as client:
         replicas = set()
         for _ in range(3):
@@ -241,3 +246,35 @@ def test_client_sends_the_routing_header(cluster):
             _, call = client.inference.Generate.with_call(msg, **client._gen_kw(msg))
             replicas.add(_replica(call))
     assert len(replicas) == 1 and "" not in replicas
+
+
+def test_register_once_serve_from_both_replicas_delete_reaches_both(cluster, demo):
+    """Adapters registered on the writer are served by every replica; deleting them
+    there refuses them on every replica (NOT_FOUND), with no restart."""
+    from qlora_serve.server.client import Client
+    from qlora_serve.v1 import inference_pb2
+
+    channel, key, _, _, writer = cluster
+    names = [f"shared-{i}" for i in range(12)]  # hashed over both replicas: all on one has p = 2**-11
+    with Client(f"127.0.0.1:{writer.port}", api_key=writer.ops_key, timeout=60) as admin:
+        for name in names:
+            admin.upload(name, demo.adapters["poet"], owner="acme")
+        want = list(admin.inference.Generate(
+            inference_pb2.GenerateRequest(adapter=names[0], prompt=PROMPT, max_new_tokens=4),
+            metadata=(("authorization", f"Bearer {writer.ops_key}"),)).token_ids)
+        stub = _stub(channel)
+        served = Counter()
+        for name in names:
+            resp, call = stub.Generate.with_call(
+                inference_pb2.GenerateRequest(adapter=name, prompt=PROMPT, max_new_tokens=4),
+                metadata=_md(key, name), timeout=120)
+            assert list(resp.token_ids) == want, name
+            served[_replica(call)] += 1
+        assert len(served) == 2, f"expected both replicas to serve: {served}"
+        for name in names:
+            admin.delete(name)
+    for name in names:
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Generate(inference_pb2.GenerateRequest(adapter=name, prompt=PROMPT, max_new_tokens=4),
+                          metadata=_md(key, name), timeout=60)
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND, (name, err.value.details())
