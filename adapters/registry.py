@@ -269,6 +269,9 @@ class AdapterRegistry:
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
         """One write transaction; rolled back on any exception."""
+        if self.read_only:
+            raise FailedPrecondition("this adapter registry is read-only (it reads another process's); register, "
+                                     "alias and delete adapters on the registry's writer (qlora-serve serve)")
         with self._lock:
             if self._conn is None:
                 raise FailedPrecondition("the adapter registry is closed")
