@@ -287,7 +287,9 @@ def deployment(config, *, replicas: int = 2, num_cpus: float = 1.0, num_gpus: fl
 
 def build_app(args: dict[str, str]):
     """`serve run qlora_serve.server.ray_app:build_app replicas=2 base=... data_dir=...`
-    (and in a RayService's serveConfigV2 `args`): every key is optional."""
+    (and in a RayService's serveConfigV2 `args`). Keys, all optional: base, data_dir,
+    device, key_file, adapters ("name=path,..."), replicas, num_cpus, num_gpus,
+    shared_registry ("true": read the registry a `qlora-serve serve` writes in data_dir)."""
     from qlora_serve.server.app import ServerConfig
 
     kw: dict[str, Any] = {}
@@ -299,6 +301,8 @@ def build_app(args: dict[str, str]):
         kw["device"] = args["device"]
     if args.get("key_file"):
         kw["key_file"] = Path(args["key_file"])
+    if args.get("adapters"):  # "name=path,name=path": registered at start on every replica
+        kw["adapters"] = [tuple(item.split("=", 1)) for item in str(args["adapters"]).split(",") if item]
     config = ServerConfig(metrics_port=None, http_port=None, **kw)
     return deployment(config, replicas=int(args.get("replicas", 2)), num_cpus=float(args.get("num_cpus", 1)),
                       num_gpus=float(args.get("num_gpus", 0)),

@@ -31,6 +31,26 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def test_kuberay_example_is_a_valid_serve_config():
+    """deploy/rayservice.yaml's serveConfigV2 passes Ray's own schema, and its app args
+    build the application (nothing started)."""
+    from pathlib import Path
+
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from qlora_serve.server.ray_app import build_app
+
+    docs = list(yaml.safe_load_all((Path(__file__).parent.parent / "deploy" / "rayservice.yaml").read_text()))
+    service = next(d for d in docs if d["kind"] == "RayService")
+    serve_config = ServeDeploySchema.model_validate(yaml.safe_load(service["spec"]["serveConfigV2"]))
+    assert serve_config.grpc_options.grpc_servicer_functions == ["qlora_serve.server.ray_app.add_inference_to_proxy"]
+    app = serve_config.applications[0]
+    config = build_app(app.args)._bound_deployment.init_args[0]
+    assert config.adapters == [("sql", "/adapters/sql"), ("support", "/adapters/support")]
+    assert service["spec"]["rayClusterConfig"]["rayVersion"] == __import__("ray").__version__
+
+
 def test_cli_verb_serves_the_demo_on_two_replicas(demo, tmp_path):
     """`qlora-serve ray-serve` as the README runs it (its own local cluster, stopped on
     SIGTERM); first in the module, before the shared cluster starts."""
