@@ -21,6 +21,8 @@ def add_ray_serve_parser(sub) -> None:
                        help="serve on N Ray Serve replicas behind Ray's gRPC proxy (needs qlora-serve[ray])")
     p.add_argument("--replicas", type=int, default=2, help="engine replicas, each with its own base and engine")
     p.add_argument("--port", type=int, default=9000, help="Ray's gRPC proxy port (Inference service)")
+    p.add_argument("--ray-http-port", type=int, default=8001,
+                   help="Ray Serve's own HTTP proxy (loopback; nothing of ours is served there)")
     p.add_argument("--ray-address", default=None,
                    help="existing Ray cluster (e.g. auto); default: start a local one on 127.0.0.1")
     p.add_argument("--num-cpus", type=float, default=1.0, help="CPUs per replica (fractions allowed)")
@@ -75,7 +77,7 @@ def _ray_serve(args) -> int:
         ray.init(_node_ip_address="127.0.0.1", include_dashboard=False)
     stop = threading.Event()
     try:
-        serve.start(http_options={"host": "127.0.0.1"}, grpc_options=grpc_options(args.port))
+        serve.start(http_options={"host": "127.0.0.1", "port": args.ray_http_port}, grpc_options=grpc_options(args.port))
         serve.run(deployment(config, replicas=args.replicas, num_cpus=args.num_cpus, num_gpus=args.num_gpus,
                              shared_registry=args.shared_registry),
                   name="qlora")

@@ -64,7 +64,7 @@ def test_cli_verb_serves_the_demo_on_two_replicas(demo, tmp_path):
     env = dict(os.environ, QLORA_SERVE_DATA=str(tmp_path / "data"), RAY_TMPDIR=tempfile.mkdtemp(prefix="qray", dir="/tmp"))
     proc = subprocess.Popen(
         [sys.executable, "-m", "qlora_serve.server.cli", "ray-serve", "--replicas", "2", "--num-cpus", "0.5",
-         "--port", str(port), "--base", str(demo.base), "--compute-dtype", "float32",
+         "--port", str(port), "--ray-http-port", str(_free_port()), "--base", str(demo.base), "--compute-dtype", "float32",
          *[f"--adapter={n}={p}" for n, p in sorted(demo.adapters.items())]],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     try:
