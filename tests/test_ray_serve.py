@@ -298,3 +298,29 @@ def test_register_once_serve_from_both_replicas_delete_reaches_both(cluster, dem
             stub.Generate(inference_pb2.GenerateRequest(adapter=name, prompt=PROMPT, max_new_tokens=4),
                           metadata=_md(key, name), timeout=60)
         assert err.value.code() == grpc.StatusCode.NOT_FOUND, (name, err.value.details())
+
+
+def test_router_ranks_resident_then_home_then_least_loaded():
+    """AdapterRouter's ranking on replica stats as Serve hands them over (no cluster):
+    replicas holding the adapter first (least loaded first), then the name's home
+    replica, then the rest by load; no adapter: by load only."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from qlora_serve.server.ray_app import AdapterRouter, _rendezvous
+
+    def replica(rid, adapters=(), queued=0):
+        return SimpleNamespace(replica_id=SimpleNamespace(unique_id=rid),
+                               routing_stats={"adapters": list(adapters), "queued": queued, "running": 0})
+
+    def pending(model_id):
+        return SimpleNamespace(metadata=SimpleNamespace(multiplexed_model_id=model_id))
+
+    a, b, c = replica("a", ["poet"], queued=5), replica("b", ["poet"], queued=1), replica("c", queued=0)
+    rank = lambda reps, p: asyncio.run(AdapterRouter.choose_replicas(None, reps, p))  # noqa: E731
+    assert [r[0].replica_id.unique_id for r in rank([a, b, c], pending("poet@2"))][:2] == ["b", "a"]
+    cold = rank([a, b, c], pending("pirate"))
+    assert cold[0] == [_rendezvous("pirate", [a, b, c])]  # the same replica from every proxy
+    assert sorted(r[0].replica_id.unique_id for r in cold) == ["a", "b", "c"]
+    assert [r[0].replica_id.unique_id for r in rank([a, b, c], pending(""))] == ["c", "b", "a"]
+    assert rank([], pending("poet")) == []
