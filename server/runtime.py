@@ -93,9 +93,14 @@ class Runtime:
         digests of the adapters resident in device slots ({} before loading)."""
         if self.engine is None:
             return {}
-        stats = self.engine.stats()
-        stats["resident_digests"] = sorted(self.engine.residency.resident_keys())
-        return stats
+        for _ in range(3):
+            try:
+                stats = self.engine.stats()
+                stats["resident_digests"] = sorted(self.engine.residency.resident_keys())
+                return stats
+            except RuntimeError:  # the engine thread changed residency mid-read: read again
+                continue
+        return {}
 
     def drain(self, grace_s: float = 30.0) -> None:
         """New requests get UNAVAILABLE; in-flight ones finish within grace_s (seconds),
