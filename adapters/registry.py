@@ -166,8 +166,10 @@ class AdapterRegistry:
         allow_fingerprint_mismatch: bool = False,
         max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
         compute_dtype=None,
+        read_only: bool = False,
     ):
         self.data_dir = Path(data_dir)
+        self.read_only = read_only
         self.base_fingerprint = base_fingerprint
         self.linear_shapes = {k: tuple(v) for k, v in linear_shapes.items()}
         self.max_rank = max_rank
@@ -176,6 +178,11 @@ class AdapterRegistry:
         self.max_upload_bytes = max_upload_bytes
         self.compute_dtype = compute_dtype
         self._lock = threading.RLock()
+        if read_only:  # a reader beside the one writer (which holds the lock): see open_reader
+            self._lock_fd = None
+            self._conn = self._open_reader()
+            self._store = ContentStore(self.data_dir)
+            return
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self._lock_fd = self._acquire_dir_lock()
         try:
@@ -208,6 +215,23 @@ class AdapterRegistry:
                 f"stop that server or use another --data-dir"
             ) from None
         return fd
+
+    def _open_reader(self) -> sqlite3.Connection:
+        """read_only=True: a read-only connection to the catalogue a writer process
+        (`qlora-serve serve` on this data_dir) keeps. Every query sees the writer's
+        last commit (WAL), so a registration, alias move or delete reaches readers at
+        once. Local filesystem only: WAL readers share memory with the writer."""
+        db = self.data_dir / DB_FILE
+        if not db.is_file():
+            raise FailedPrecondition(f"no adapter registry at {db}: start its writer first "
+                                     f"(qlora-serve serve --data-dir {self.data_dir})")
+        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, check_same_thread=False, isolation_level=None)
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version != SCHEMA_VERSION:
+            conn.close()
+            raise FailedPrecondition(f"{db} has schema {version}, this qlora-serve reads {SCHEMA_VERSION}; "
+                                     f"run the same qlora-serve version as the registry's writer")
+        return conn
 
     def _init_db(self) -> None:
         conn = self._conn
@@ -246,6 +270,9 @@ class AdapterRegistry:
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
         """One write transaction; rolled back on any exception."""
+        if self.read_only:
+            raise FailedPrecondition("this adapter registry is read-only (it reads another process's); register, "
+                                     "alias and delete adapters on the registry's writer (qlora-serve serve)")
         with self._lock:
             if self._conn is None:
                 raise FailedPrecondition("the adapter registry is closed")

@@ -19,19 +19,13 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from qlora_serve.adapters.fingerprint import base_fingerprint
-from qlora_serve.adapters.registry import AdapterRegistry
-from qlora_serve.server.auth import AuthInterceptor, Authenticator
+from qlora_serve.server.auth import AuthInterceptor
+from qlora_serve.server.build import load_runtime, new_runtime
 from qlora_serve.server.engine.config import EngineConfig
-from qlora_serve.server.engine.engine import Engine
-from qlora_serve.server.engine.loader import load_base
-from qlora_serve.errors import FailedPrecondition
 from qlora_serve.server.inference_service import InferenceService, RequestLimits
 from qlora_serve.server.interceptors import RequestGuard
-from qlora_serve.server.metrics import Metrics
-from qlora_serve.server.quotas import QuotaBook
 from qlora_serve.server.registry_service import RegistryService
-from qlora_serve.server.runtime import Runtime, handle_of
+from qlora_serve.server.runtime import handle_of
 from qlora_serve.server.training_service import TrainingService
 from qlora_serve.v1 import inference_pb2, inference_pb2_grpc, registry_pb2, registry_pb2_grpc, training_pb2, training_pb2_grpc
 
@@ -128,10 +122,9 @@ class QloraServer:
 
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
-        self.metrics = Metrics()
-        auth = Authenticator.from_file(config.key_file) if config.key_file else Authenticator.disabled()
-        quotas = QuotaBook.from_file(config.key_file) if config.key_file else QuotaBook()
-        self.runtime = Runtime(metrics=self.metrics, limits=config.limits, auth=auth, quotas=quotas)
+        self.runtime = new_runtime(config)  # the model loads in load()
+        self.metrics = self.runtime.metrics
+        auth = self.runtime.auth
         # One handler thread per in-flight RPC: enough for every running and queued
         # request plus registry/health calls; beyond that gRPC answers RESOURCE_EXHAUSTED.
         workers = config.max_concurrent_rpcs or config.engine.max_running + config.engine.max_waiting + 16
@@ -198,55 +191,12 @@ class QloraServer:
     def load(self) -> "QloraServer":
         """Load the base (NF4 + double quant), open the registry, register start-up adapters, go SERVING."""
         cfg = self.config
-        base_ref, adapters = cfg.base, list(cfg.adapters)
-        if base_ref is None:
-            from qlora_serve.server.demo import ensure_demo
-
-            demo = ensure_demo()
-            base_ref = str(demo.base)
-            adapters = adapters or sorted((n, str(p)) for n, p in demo.adapters.items())
-            log.info("no --base given: serving the embedded demo model from %s", base_ref)
-        self.runtime.base_name = served_name(cfg.base)
-        base = load_base(base_ref, compute_dtype=cfg.compute_dtype, device=cfg.device)
-        fp = base.footprint
-        log.info("base %s resident on %s: %d quantized params in %.2f MiB (%.2f bits/param, NF4 + double quant); "
-                 "whole model %.2f MiB", base_ref, base.device, fp.quantized_params, fp.quantized_bytes / 2**20,
-                 fp.bits_per_param, fp.model_bytes / 2**20)
-        engine = Engine(base, cfg.engine, metrics=self.metrics)
-        log.info("%s", engine.adapters.report_capacity())
-        registry = AdapterRegistry(
-            cfg.data_dir, base_fingerprint=base_fingerprint(base_ref, base.model.config),
-            linear_shapes=engine.lora.linear_shapes, max_rank=cfg.engine.max_lora_rank,
-            allowed_roots=cfg.allowed_roots, allow_fingerprint_mismatch=cfg.allow_fingerprint_mismatch,
-            max_upload_bytes=cfg.max_upload_bytes, compute_dtype=engine.lora.compute_dtype)
-        engine.adapter_loader = self._verified_loader(registry, engine, self.runtime.unusable)
-        for name, path in adapters:
-            record = registry.register_path(name, path, source="startup", trusted=True)
-            log.info("adapter %s registered from %s (digest %s)", record.ref, path, record.digest[:12])
-        engine.start()
-        self.runtime.engine, self.runtime.registry = engine, registry
+        load_runtime(self.runtime, cfg)
         self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info("serving on %s:%d (metrics: %s, OpenAI HTTP API: %s)", cfg.host, self.port,
                  f"http://{cfg.metrics_address}:{self.metrics_port}/metrics" if self.metrics_port else "off",
                  f"http://{cfg.host}:{self.http_port}/v1" if self.http_port else "off")
         return self
-
-    @staticmethod
-    def _verified_loader(registry: AdapterRegistry, engine: Engine, unusable: dict[str, str]):
-        """Re-hash the stored files before parsing: on-disk corruption after
-        registration is refused (FAILED_PRECONDITION) instead of served, and the
-        digest is marked unusable (``unusable``: digest -> reason) until a load
-        verifies again or the version is deleted."""
-        def load(handle):
-            try:
-                registry.verify(registry.get(handle.name, handle.version))
-            except FailedPrecondition as exc:
-                unusable[handle.key] = str(exc)
-                log.error("adapter %s@%d marked unusable: %s", handle.name, handle.version, exc)
-                raise
-            unusable.pop(handle.key, None)
-            return engine.read_adapter(handle)
-        return load
 
     def stop(self, grace_s: float | None = None) -> None:
         """Drain: NOT_SERVING, refuse new requests, finish in-flight ones, close."""
@@ -255,8 +205,7 @@ class QloraServer:
         self.runtime.draining = True
         self.health.enter_graceful_shutdown()
         self.training.shutdown()  # a running training job's process must not outlive the server
-        if self.runtime.engine is not None:
-            self.runtime.engine.shutdown(grace)
+        self.runtime.drain(grace)
         # A row leaves the engine before its handler has sent the stream's last messages
         # (a slow client reads them later): wait for the handlers too, within the grace.
         pending = self.guard.in_flight()
@@ -270,8 +219,7 @@ class QloraServer:
             self._http.stop()
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
-        if self.runtime.registry is not None:
-            self.runtime.registry.close()
+        self.runtime.close()
 
     def wait(self) -> None:
         self.grpc.wait_for_termination()

@@ -485,6 +485,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_adapters(sub)
     _add_health(sub)
     _add_jobs(sub)
+    from qlora_serve.server.ray_cli import add_ray_serve_parser  # imports ray only when run
+
+    add_ray_serve_parser(sub)
     add_train_parser(sub)
     add_merge_parser(sub)
     add_keys_parser(sub)

@@ -78,13 +78,22 @@ class Client:
             msg.repetition_penalty = repetition_penalty
         return msg
 
+    def _gen_kw(self, msg: inference_pb2.GenerateRequest) -> dict:
+        """`_kw` plus the adapter as the header Ray Serve's proxy routes on (a direct server ignores it)."""
+        kw = self._kw()
+        if msg.adapter:
+            kw["metadata"] = self._metadata + (("multiplexed_model_id", msg.adapter),)
+        return kw
+
     def generate(self, prompt: str = "", **kw) -> inference_pb2.GenerateResponse:
         """Unary generation; keyword arguments as in `request`."""
-        return self.inference.Generate(self.request(prompt, **kw), **self._kw())
+        msg = self.request(prompt, **kw)
+        return self.inference.Generate(msg, **self._gen_kw(msg))
 
     def stream(self, prompt: str = "", **kw) -> Iterator[inference_pb2.GenerateStreamResponse]:
         """Streaming generation: token deltas, then a final message with finish_reason and usage."""
-        return self.inference.GenerateStream(self.request(prompt, **kw), **self._kw())
+        msg = self.request(prompt, **kw)
+        return self.inference.GenerateStream(msg, **self._gen_kw(msg))
 
     def chat(self, messages, **kw) -> inference_pb2.GenerateResponse:
         """Unary generation of the assistant's reply to `messages` ([(role, content)] or dicts)."""

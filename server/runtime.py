@@ -68,6 +68,7 @@ class Runtime:
     _leases: dict[int, Lease] = field(default_factory=dict)  # id(Request) -> its quota lease
     _relayed: dict[int, int] = field(default_factory=dict)  # id(Request) -> output tokens handed to its handler
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    _drained: bool = False
 
     # Facts about the loaded base the request path needs.
     @property
@@ -81,6 +82,41 @@ class Runtime:
     @property
     def max_context(self) -> int:
         return self.engine.base.max_context
+
+    def health(self) -> str:
+        """"SERVING" once loaded and not draining, else "NOT_SERVING" (the gRPC health names)."""
+        ready = not self.draining and self.engine is not None and self.registry is not None
+        return "SERVING" if ready else "NOT_SERVING"
+
+    def load_stats(self) -> dict:
+        """A cheap, racy snapshot for routing: running and queued requests, and the
+        digests of the adapters resident in device slots ({} before loading)."""
+        if self.engine is None:
+            return {}
+        for _ in range(3):
+            try:
+                stats = self.engine.stats()
+                stats["resident_digests"] = sorted(self.engine.residency.resident_keys())
+                return stats
+            except RuntimeError:  # the engine thread changed residency mid-read: read again
+                continue
+        return {}
+
+    def drain(self, grace_s: float = 30.0) -> None:
+        """New requests get UNAVAILABLE; in-flight ones finish within grace_s (seconds),
+        then the engine stops. Idempotent; handlers may still read the tokenizer after."""
+        self.draining = True
+        with self._lock:
+            engine = None if self._drained else self.engine
+            self._drained = self._drained or engine is not None
+        if engine is not None:
+            engine.shutdown(grace_s)
+
+    def close(self, grace_s: float = 30.0) -> None:
+        """`drain`, then close the registry (releases its data_dir lock). Idempotent."""
+        self.drain(grace_s)
+        if self.registry is not None:
+            self.registry.close()
 
     def require_ready(self) -> None:
         if self.draining:

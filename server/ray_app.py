@@ -1,0 +1,316 @@
+"""qlora-serve on Ray Serve: N replicas, each one runtime (base + engine + registry)
+built by `build_runtime`, behind Ray's gRPC proxy, speaking `qlora_serve.v1.Inference`.
+
+    pip install -c .ci/constraints-cpu.txt -e ".[ray]"
+    qlora-serve ray-serve --replicas 2            # or: serve run qlora_serve.server.ray_app:build_app
+
+Routing: a client names its adapter in the `multiplexed_model_id` request header (the
+same reference as the request's `adapter` field; a mismatch is INVALID_ARGUMENT).
+`AdapterRouter` sends it to a replica whose engine reports that adapter resident
+(`record_routing_stats`: the engine's own residency, no second cache), the least
+loaded of those; a cold adapter goes to the replica its name hashes to (rendezvous
+hashing: the same one from every proxy, without waiting for stats). No header: the
+least loaded replica.
+
+The contract through the proxy: Ray's proxy would parse requests itself (a malformed
+one became UNKNOWN); `add_inference_to_proxy` registers the service with raw-bytes
+requests, so the replica parses them and answers INVALID_ARGUMENT. Every error leaves
+the replica as the status and bounded message the README documents (server/status.py),
+never a Ray traceback; API keys and quotas are checked in the replica (quotas per
+replica). Registry: with `shared_registry`, every replica reads the one catalogue and
+store that a `qlora-serve serve --data-dir` process writes (same machine: SQLite WAL);
+else each replica keeps its own under data_dir/replicas/<id> with the start-up adapters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import grpc
+from google.protobuf.message import DecodeError
+from ray import serve
+from ray.serve.config import RequestRouterConfig
+from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
+
+from qlora_serve import errors
+from qlora_serve.errors import InvalidArgument
+from qlora_serve.server.build import build_runtime
+from qlora_serve.server.engine.request import FinalEvent, TokenEvent
+from qlora_serve.server.inference_service import _FINISH, input_of, logprobs_pb
+from qlora_serve.server.requests import CallLog, InferenceCore
+from qlora_serve.server.status import code_for
+from qlora_serve.v1 import common_pb2, inference_pb2
+
+log = logging.getLogger("qlora_serve.ray")
+
+SERVICE = "qlora_serve.v1.Inference"
+MODEL_ID_HEADER = "multiplexed_model_id"  # Ray's proxy routes on this request header
+REPLICA_TRAILER = "qlora-replica"  # trailing metadata: the replica that served the call
+ROUTING_STATS_PERIOD_S = 1.0  # how often replicas report residency and queue depth
+
+
+def add_inference_to_proxy(servicer, server) -> None:
+    """`grpc_servicer_functions` entry for Ray's gRPC proxy: the Inference service with
+    raw-bytes requests, so the replica (not the proxy) parses them and answers a
+    malformed one with INVALID_ARGUMENT. Ray replaces the handlers' behaviour."""
+    handlers = {
+        "Generate": grpc.unary_unary_rpc_method_handler(servicer.Generate),
+        "GenerateStream": grpc.unary_stream_rpc_method_handler(servicer.GenerateStream),
+        "GetModelInfo": grpc.unary_unary_rpc_method_handler(servicer.GetModelInfo),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+
+
+def _rendezvous(name: str, replicas: list[RunningReplica]) -> RunningReplica:
+    """The replica `name` hashes highest with: stable while the replica set is."""
+    return max(replicas, key=lambda r: hashlib.sha256(f"{name}/{r.replica_id.unique_id}".encode()).digest())
+
+
+class AdapterRouter(RequestRouter):
+    """Ranks replicas for a request by its adapter (the `multiplexed_model_id` header):
+    those whose engine holds it resident (least queued first), then the replica the
+    name hashes to; without an adapter, least queued first. Reads only the stats the
+    replicas publish (`QloraReplica.record_routing_stats`)."""
+
+    async def choose_replicas(self, candidate_replicas: list[RunningReplica],
+                              pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
+        if not candidate_replicas:
+            return []
+
+        def load(r: RunningReplica) -> int:
+            return int((r.routing_stats or {}).get("queued", 0)) + int((r.routing_stats or {}).get("running", 0))
+
+        by_load = sorted(candidate_replicas, key=load)
+        ref = pending_request.metadata.multiplexed_model_id if pending_request is not None else ""
+        if not ref:
+            return [[r] for r in by_load]
+        name = ref.partition("@")[0]
+        holding = [r for r in by_load if name in (r.routing_stats or {}).get("adapters", ())]
+        ranks = [[r] for r in holding]
+        home = _rendezvous(name, candidate_replicas)
+        if home not in holding:
+            ranks.append([home])
+        return ranks + [[r] for r in by_load if r not in holding and r is not home]
+
+
+class _Failed(Exception):
+    """Raised after the status is set on the Ray gRPC context (message already sent)."""
+
+
+class QloraReplica:
+    """One replica: a runtime of its own and the Inference RPCs over `InferenceCore`."""
+
+    def __init__(self, config, shared_registry: bool = False) -> None:
+        replica_id = serve.get_replica_context().replica_id.unique_id
+        self.replica_id = replica_id
+        if shared_registry:  # read the registry a `qlora-serve serve` on config.data_dir writes
+            self._rt = build_runtime(config, registry_reader=True)
+        else:  # a registry per replica (one SQLite writer per data_dir), start-up adapters only
+            self._rt = build_runtime(replace(config, data_dir=Path(config.data_dir) / "replicas" / replica_id))
+        self._core = InferenceCore(self._rt)
+
+    # ------------------------------------------------------- Serve hooks
+    def check_health(self) -> None:
+        """Serve restarts a replica whose runtime is not SERVING."""
+        if self._rt.health() != "SERVING":
+            raise RuntimeError(f"replica {self.replica_id} is {self._rt.health()}")
+
+    def record_routing_stats(self) -> dict[str, Any]:
+        """What `AdapterRouter` reads: the engine's resident adapters (by name) and load."""
+        stats = self._rt.load_stats()
+        resident = set(stats.get("resident_digests", ()))
+        names = sorted({r.name for r in self._rt.registry.list() if r.digest in resident}) if resident else []
+        return {"adapters": names, "queued": stats.get("queued", 0), "running": stats.get("running", 0)}
+
+    def __del__(self) -> None:  # Serve's replica shutdown hook
+        rt = getattr(self, "_rt", None)
+        if rt is not None:
+            rt.close(grace_s=5.0)
+
+    # ------------------------------------------------------------ helpers
+    def _parse(self, raw, ctx):
+        """The GenerateRequest and caller: INVALID_ARGUMENT for bad bytes or an adapter
+        field that disagrees with the routing header, UNAUTHENTICATED for a bad key."""
+        self._rt.require_ready()
+        principal = self._rt.authenticate_metadata(ctx.invocation_metadata())
+        msg = inference_pb2.GenerateRequest()
+        try:
+            msg.ParseFromString(raw if isinstance(raw, bytes) else raw.SerializeToString())
+        except (DecodeError, UnicodeDecodeError) as exc:
+            raise InvalidArgument(f"malformed GenerateRequest: {type(exc).__name__}; send a valid "
+                                  f"qlora_serve.v1.GenerateRequest") from None
+        header = dict(ctx.invocation_metadata()).get(MODEL_ID_HEADER, "")
+        if header and not msg.adapter:
+            msg.adapter = header
+        elif header and msg.adapter != header:
+            raise InvalidArgument(f"adapter {msg.adapter!r} differs from the {MODEL_ID_HEADER} header "
+                                  f"{header!r}; send the same reference in both (or only one)")
+        return msg, principal
+
+    def _fail(self, ctx, exc: BaseException, request_id: str) -> _Failed:
+        """Set the documented status on the context; the caller raises what this returns."""
+        if isinstance(exc, errors.QloraServeError):
+            message = errors.clip(str(exc), errors.MAX_MESSAGE_CHARS)
+        else:
+            log.error("unexpected error in request %s", request_id or "-", exc_info=exc)
+            message = f"internal error ({type(exc).__name__}); report request id {request_id or '-'}"
+        trailers = [(REPLICA_TRAILER, self.replica_id)]
+        retry_after = getattr(exc, "retry_after_s", None)
+        if retry_after is not None:
+            trailers.append(("retry-after", str(retry_after)))
+        ctx.set_trailing_metadata(trailers)
+        ctx.set_code(code_for(exc))
+        ctx.set_details(message)
+        return _Failed(message)
+
+    def _run(self, method: str, raw, ctx, active: threading.Event, emit):
+        """One generation on a worker thread: parse, start, relay events to `emit`
+        (a callable taking TokenEvent/FinalEvent), record; errors set the status."""
+        started, req, call, rid = time.monotonic(), None, CallLog(method, "", self._rt.metrics), ""
+        try:
+            msg, principal = self._parse(raw, ctx)
+            rid, call.tenant, call.adapter = msg.request_id, principal.tenant, msg.adapter
+            req = self._core.start(input_of(msg), principal, is_active=active.is_set)
+            call.request_id = rid = req.request_id
+            final = None
+            for ev in self._core.events(req, active.is_set):
+                emit(req, ev)
+                if isinstance(ev, FinalEvent):
+                    final = ev
+            usage = self._core.record(method, req, "OK", started, final)
+            call.prompt_tokens, call.completion_tokens = usage or (0, 0)
+            call.finish("OK")
+            ctx.set_trailing_metadata([(REPLICA_TRAILER, self.replica_id)])
+        except Exception as exc:
+            exc = self._core.outcome(exc, req)
+            code = code_for(exc).name
+            self._core.record(method, req, code, started, tenant=call.tenant)
+            call.finish(code, exc)
+            raise self._fail(ctx, exc, rid) from None
+
+    # --------------------------------------------------------------- RPCs
+    async def Generate(self, request, grpc_context):
+        out: dict = {}
+
+        def emit(req, ev):
+            if isinstance(ev, FinalEvent):
+                out["resp"] = inference_pb2.GenerateResponse(
+                    text=ev.text, token_ids=ev.token_ids, finish_reason=_FINISH[ev.finish_reason],
+                    prompt_tokens=ev.prompt_tokens, completion_tokens=len(ev.token_ids),
+                    adapter=_ref(req), request_id=req.request_id,
+                    logprobs=logprobs_pb(self._rt.tokenizer, ev.logprobs))
+
+        active = threading.Event()
+        active.set()
+        try:
+            await asyncio.to_thread(self._run, "Generate", request, grpc_context, active, emit)
+        except asyncio.CancelledError:
+            active.clear()  # the client left: the engine frees the row within one step
+            raise
+        return out["resp"]
+
+    async def GenerateStream(self, request, grpc_context):
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue = asyncio.Queue()
+        active = threading.Event()
+        active.set()
+
+        def emit(req, ev):
+            if isinstance(ev, TokenEvent):
+                m = inference_pb2.GenerateStreamResponse(
+                    text=ev.text, token_ids=ev.token_ids, adapter=_ref(req), request_id=req.request_id,
+                    logprobs=logprobs_pb(self._rt.tokenizer, ev.logprobs))
+            else:
+                m = inference_pb2.GenerateStreamResponse(
+                    text=ev.tail, finish_reason=_FINISH[ev.finish_reason], prompt_tokens=ev.prompt_tokens,
+                    completion_tokens=len(ev.token_ids), adapter=_ref(req), request_id=req.request_id)
+            loop.call_soon_threadsafe(q.put_nowait, m)
+
+        def work():
+            try:
+                self._run("GenerateStream", request, grpc_context, active, emit)
+                loop.call_soon_threadsafe(q.put_nowait, None)
+            except BaseException as exc:
+                loop.call_soon_threadsafe(q.put_nowait, exc)
+
+        task = loop.run_in_executor(None, work)
+        try:
+            while True:
+                item = await q.get()
+                if item is None:
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            active.clear()  # a client that left (or an error) cancels the engine row
+            await asyncio.shield(task)
+
+    async def GetModelInfo(self, request, grpc_context):
+        try:
+            self._rt.require_ready()
+            self._rt.authenticate_metadata(grpc_context.invocation_metadata())
+            cfg = self._rt.engine.config
+            return inference_pb2.ModelInfo(**self._rt.engine.base.info(), max_new_tokens=cfg.max_new_tokens,
+                                           max_prompt_tokens=self._rt.limits.max_prompt_tokens)
+        except Exception as exc:
+            raise self._fail(grpc_context, exc, "") from None
+
+
+def _ref(req) -> common_pb2.AdapterRef:
+    a = req.adapter
+    return common_pb2.AdapterRef(name=a.name, version=a.version, digest=a.key) if a else common_pb2.AdapterRef()
+
+
+def deployment(config, *, replicas: int = 2, num_cpus: float = 1.0, num_gpus: float = 0.0,
+               shared_registry: bool = False):
+    """The Serve application: `replicas` copies of QloraReplica at the given resources
+    per replica. config: a ServerConfig (its host/ports are the proxy's business, unused).
+    shared_registry: every replica reads the registry in config.data_dir, written by
+    one `qlora-serve serve --data-dir` (same machine); else each has its own."""
+    dep = serve.deployment(
+        QloraReplica, name="qlora", num_replicas=replicas,
+        ray_actor_options={"num_cpus": num_cpus, "num_gpus": num_gpus},
+        max_ongoing_requests=config.engine.max_running + config.engine.max_waiting,
+        health_check_period_s=5.0,
+        request_router_config=RequestRouterConfig(request_router_class=AdapterRouter,
+                                                  request_routing_stats_period_s=ROUTING_STATS_PERIOD_S))
+    return dep.bind(config, shared_registry)
+
+
+def build_app(args: dict[str, str]):
+    """`serve run qlora_serve.server.ray_app:build_app replicas=2 base=... data_dir=...`
+    (and in a RayService's serveConfigV2 `args`). Keys, all optional: base, data_dir,
+    device, key_file, adapters ("name=path,..."), replicas, num_cpus, num_gpus,
+    shared_registry ("true": read the registry a `qlora-serve serve` writes in data_dir)."""
+    from qlora_serve.server.app import ServerConfig
+
+    kw: dict[str, Any] = {}
+    if args.get("base"):
+        kw["base"] = args["base"]
+    if args.get("data_dir"):
+        kw["data_dir"] = Path(args["data_dir"])
+    if args.get("device"):
+        kw["device"] = args["device"]
+    if args.get("key_file"):
+        kw["key_file"] = Path(args["key_file"])
+    if args.get("adapters"):  # "name=path,name=path": registered at start on every replica
+        kw["adapters"] = [tuple(item.split("=", 1)) for item in str(args["adapters"]).split(",") if item]
+    config = ServerConfig(metrics_port=None, http_port=None, **kw)
+    return deployment(config, replicas=int(args.get("replicas", 2)), num_cpus=float(args.get("num_cpus", 1)),
+                      num_gpus=float(args.get("num_gpus", 0)),
+                      shared_registry=str(args.get("shared_registry", "")).lower() in ("1", "true", "yes"))
+
+
+def grpc_options(port: int):
+    """The proxy's gRPC options: our Inference service with raw-bytes requests."""
+    from ray.serve.config import gRPCOptions
+
+    return gRPCOptions(port=port, grpc_servicer_functions=[f"{__name__}.add_inference_to_proxy"])
