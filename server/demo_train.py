@@ -47,4 +47,4 @@ def train_lm(model, batches, lr: float, steps: int, params=None) -> float:
         sched.step()
         opt.zero_grad(set_to_none=True)
     model.eval()
-    return float(loss)
+    return float(loss.detach())
