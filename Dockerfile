@@ -1,5 +1,5 @@
 # qlora-serve on an NVIDIA GPU. Build: docker build -t qlora-serve .
-# Run:   docker run --gpus all -p 50051:50051 -p 9090:9090 -v qlora-data:/data qlora-serve --base <hub id or /models/dir>
+# Run:   docker run --gpus all -p 50051:50051 -p 8000:8000 -p 9090:9090 -v qlora-data:/data qlora-serve --base <hub id or /models/dir>
 # With no --base it serves the embedded tiny demo model.
 FROM nvidia/cuda:12.6.3-cudnn-runtime-ubuntu24.04
 
@@ -24,7 +24,7 @@ USER qlora
 ENV QLORA_SERVE_DATA=/data QLORA_SERVE_CACHE=/data/cache HF_HOME=/data/hf
 WORKDIR /home/qlora
 
-EXPOSE 50051 9090
+EXPOSE 50051 8000 9090
 HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 \
   CMD ["qlora-serve", "health", "--address", "localhost:50051"]
 ENTRYPOINT ["qlora-serve", "serve", "--host", "0.0.0.0", "--metrics-address", "0.0.0.0"]

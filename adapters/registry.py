@@ -29,9 +29,10 @@ Semantics (the servicer and CLI rely on these):
 - Every refusal raises a `qlora_serve.errors` error before the
   catalogue or the store changes.
 
-Base fingerprint policy: an adapter may declare the base it was trained on in
-`adapter_config.json` under `FINGERPRINT_KEY` (our trainer writes it, value
-from `adapters.fingerprint.base_fingerprint`). A declared fingerprint that
+Base fingerprint policy: an adapter may declare the base it was trained on as
+`base_fingerprint` in `METADATA_FILE` (our trainer writes it, value from
+`adapters.fingerprint.base_fingerprint`), or, as adapters trained before that did,
+in `adapter_config.json` under `FINGERPRINT_KEY`. A declared fingerprint that
 differs from the server's is refused (FailedPrecondition) unless the registry
 was built with `allow_fingerprint_mismatch=True`. An adapter that declares none
 (any PEFT adapter from elsewhere) is accepted: absence is not a mismatch, and
@@ -425,8 +426,7 @@ class AdapterRegistry:
         Messages name `shown` (the caller's path), not the private temp dir."""
         try:
             adapter = load_lora_adapter(staged.dir, max_rank=self.max_rank, dtype=self.compute_dtype)
-            fingerprint = self._check_fingerprint(adapter.config, shown)
-            check_fits_base(adapter, self.linear_shapes)
+            meta = {}
             if METADATA_FILE in staged.files:
                 try:
                     meta = json.loads((staged.dir / METADATA_FILE).read_text())
@@ -436,6 +436,11 @@ class AdapterRegistry:
                     raise InvalidArgument(f"{staged.dir / METADATA_FILE}: the JSON is nested too deeply") from None
                 if not isinstance(meta, dict):
                     raise InvalidArgument(f"{staged.dir / METADATA_FILE} must hold a JSON object")
+            # Our trainer writes the fingerprint to the metadata file; adapters trained
+            # before that carry it in adapter_config.json, which still counts.
+            declared = adapter.config if FINGERPRINT_KEY in adapter.config else {FINGERPRINT_KEY: meta.get("base_fingerprint")}
+            fingerprint = self._check_fingerprint(declared, shown)
+            check_fits_base(adapter, self.linear_shapes)
         except QloraServeError as exc:
             raise type(exc)(str(exc).replace(str(staged.dir), shown)) from None
         return fingerprint, adapter

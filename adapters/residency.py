@@ -2,9 +2,10 @@
 
 Pure bookkeeping, owned by the engine thread (not thread-safe by design): the
 engine asks which slot to use and does the copying itself, between steps.
-Two tiers as in vLLM's LoRA model manager: a fixed number of device slots
-(LRU among unpinned adapters) and a size-bounded host cache (LRU) of parsed
-adapters, so a re-load after eviction skips disk and parsing.
+Two tiers as in vLLM's LoRA model manager: device slots bounded by a count and by
+bytes (each adapter counts its own device footprint; LRU among unpinned adapters)
+and a size-bounded host cache (LRU) of parsed adapters, so a re-load after
+eviction skips disk and parsing.
 """
 
 from __future__ import annotations
@@ -24,10 +25,17 @@ class SlotState:
 
 @dataclass
 class Residency:
-    """Device slot table plus host cache. Keys are adapter digests."""
+    """Device slot table plus host cache. Keys are adapter digests.
+
+    num_slots: most adapters on the device at once. device_bytes: bound on the sum of
+    the resident adapters' device footprints (None = no byte bound).
+    """
 
     num_slots: int
     host_cache_bytes: int
+    device_bytes: int | None = None
+    _sizes: dict = field(init=False, default_factory=dict)  # key -> device bytes
+    _device_used: int = field(init=False, default=0)
     _slots: list[SlotState | None] = field(init=False)
     _lru: "OrderedDict[str, int]" = field(init=False, default_factory=OrderedDict)  # key -> slot, oldest first
     _host: "OrderedDict[str, LoraAdapter]" = field(init=False, default_factory=OrderedDict)
@@ -48,37 +56,61 @@ class Residency:
     def touch(self, key: str) -> None:
         self._lru.move_to_end(key)
 
-    def choose_slot(self, key: str) -> tuple[int, str | None] | None:
-        """A slot for `key`: (slot, key evicted from it or None), or None when every
-        slot is pinned by running requests. Does not change state: see `assign`."""
-        if key in self._lru:
-            return self._lru[key], None
-        for i, s in enumerate(self._slots):
-            if s is None:
-                return i, None
-        for victim, slot in self._lru.items():  # oldest first
-            if self._slots[slot].pins == 0:
-                return slot, victim
-        return None
+    def device_used(self) -> int:
+        """Bytes of the resident adapters' device footprints."""
+        return self._device_used
 
-    def assign(self, key: str, slot: int) -> None:
-        """Record that `key`'s weights now occupy `slot` (after the engine copied them)."""
+    def fits_ever(self, nbytes: int) -> bool:
+        """Whether an adapter of `nbytes` fits the byte budget at all (with nothing else resident)."""
+        return self.device_bytes is None or nbytes <= self.device_bytes
+
+    def make_room(self, key: str, nbytes: int = 0) -> list[str] | None:
+        """The unpinned adapters (oldest first) to evict so that `key` (nbytes) gets a
+        free slot within the byte budget: [] when it fits now, None when running rows
+        pin too much. Does not change state: the caller releases them, then `assign`s."""
+        if key in self._lru:
+            return []
+        need_slot = None not in self._slots
+        used = self._device_used + nbytes
+        victims = []
+        for victim, slot in self._lru.items():  # oldest first
+            if not need_slot and (self.device_bytes is None or used <= self.device_bytes):
+                break
+            if self._slots[slot].pins == 0:
+                victims.append(victim)
+                used -= self._sizes.get(victim, 0)
+                need_slot = False
+        if need_slot or (self.device_bytes is not None and used > self.device_bytes):
+            return None
+        return victims
+
+    def free_slot(self) -> int | None:
+        return next((i for i, s in enumerate(self._slots) if s is None), None)
+
+    def assign(self, key: str, slot: int, nbytes: int = 0) -> None:
+        """Record that `key`'s weights (nbytes on the device) now occupy `slot`."""
         old = self._slots[slot]
         if old is not None:
-            del self._lru[old.key]
+            self._forget_slot(old.key)
         self._slots[slot] = SlotState(key)
         self._lru[key] = slot
+        self._sizes[key] = nbytes
+        self._device_used += nbytes
+
+    def _forget_slot(self, key: str) -> int:
+        slot = self._lru.pop(key)
+        self._slots[slot] = None
+        self._device_used -= self._sizes.pop(key, 0)
+        return slot
 
     def release(self, key: str) -> int | None:
-        """Forget `key`'s slot now (caller zeroes it); refuses if pinned. Returns the freed slot."""
+        """Forget `key`'s slot now (caller frees its weights); refuses if pinned. Returns the freed slot."""
         slot = self._lru.get(key)
         if slot is None:
             return None
         if self._slots[slot].pins:
             raise RuntimeError(f"adapter {key} is pinned")
-        self._slots[slot] = None
-        del self._lru[key]
-        return slot
+        return self._forget_slot(key)
 
     def pins(self, key: str) -> int:
         slot = self._lru.get(key)

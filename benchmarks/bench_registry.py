@@ -172,7 +172,7 @@ def main(argv=None) -> int:
     print(f"built base ({args.preset}) and {len(dirs)} adapters (r={args.rank}) in {time.perf_counter() - t_build:.1f}s",
           flush=True)
 
-    cfg = ServerConfig(base=str(base), port=0, metrics_port=None, compute_dtype=args.compute_dtype, device=args.device,
+    cfg = ServerConfig(base=str(base), port=0, metrics_port=None, http_port=None, compute_dtype=args.compute_dtype, device=args.device,
                        data_dir=work / "data",
                        engine=EngineConfig(max_resident_adapters=args.max_resident, max_lora_rank=max(16, args.rank),
                                            max_running=max(16, args.streams)))

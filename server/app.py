@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +36,11 @@ from qlora_serve.server.training_service import TrainingService
 from qlora_serve.v1 import inference_pb2, inference_pb2_grpc, registry_pb2, registry_pb2_grpc, training_pb2, training_pb2_grpc
 
 log = logging.getLogger("qlora_serve")
+
+# After the last in-flight call has handed its final message to gRPC, the port stays
+# open this long (within the grace) so clients read the tail before the connection
+# closes: closing at once can reset it under a client's unread last frames.
+_FLUSH_LINGER_S = 0.25
 
 SERVICE_NAMES = (
     inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name,
@@ -63,6 +69,17 @@ def default_data_dir() -> Path:
     return Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share") / "qlora-serve"
 
 
+DEMO_BASE_NAME = "qlora-serve-demo"
+
+
+def served_name(base: str | None) -> str:
+    """The base model's name in the HTTP API (`model`): a hub id as given, a local
+    directory's last component, or DEMO_BASE_NAME for the embedded demo."""
+    if base is None:
+        return DEMO_BASE_NAME
+    return Path(base).name if Path(base).is_dir() else base
+
+
 @dataclass
 class ServerConfig:
     """Everything `qlora-serve serve` can set. `base=None` = the embedded demo model."""
@@ -73,6 +90,7 @@ class ServerConfig:
     metrics_port: int | None = 9090
     # /metrics names adapters and tenants: loopback only unless the operator opens it.
     metrics_address: str = "127.0.0.1"
+    http_port: int | None = 8000  # the OpenAI-compatible HTTP API; None = off
     compute_dtype: str = "bfloat16"
     device: str = "auto"
     data_dir: Path = field(default_factory=default_data_dir)
@@ -85,6 +103,7 @@ class ServerConfig:
     grace_s: float = 30.0
     max_message_bytes: int = 8 << 20
     max_upload_bytes: int = 256 << 20
+    max_dataset_bytes: int = 256 << 20  # training data of one job (SubmitJobStream)
     max_concurrent_rpcs: int | None = None  # None = max_running + max_waiting + 16
 
     def __post_init__(self) -> None:
@@ -92,6 +111,8 @@ class ServerConfig:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             raise ValueError(f"metrics_port must be in [0, 65535], got {self.metrics_port}")
+        if self.http_port is not None and not 0 <= self.http_port <= 65535:
+            raise ValueError(f"http_port must be in [0, 65535], got {self.http_port}")
         if self.grace_s < 0:
             raise ValueError(f"grace_s must be >= 0, got {self.grace_s}")
         if self.max_concurrent_rpcs is not None and self.max_concurrent_rpcs < 1:
@@ -114,10 +135,12 @@ class QloraServer:
         # One handler thread per in-flight RPC: enough for every running and queued
         # request plus registry/health calls; beyond that gRPC answers RESOURCE_EXHAUSTED.
         workers = config.max_concurrent_rpcs or config.engine.max_running + config.engine.max_waiting + 16
+        self.guard = RequestGuard(auth, self.metrics)
+        self._workers = workers
         self.grpc = grpc.server(
             futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc"),
             # The guard is outermost so it parses, counts and logs what auth refuses too.
-            interceptors=[RequestGuard(auth, self.metrics), AuthInterceptor(auth)],
+            interceptors=[self.guard, AuthInterceptor(auth)],
             maximum_concurrent_rpcs=workers,
             options=[("grpc.max_receive_message_length", config.max_message_bytes),
                      ("grpc.max_send_message_length", config.max_message_bytes),
@@ -129,13 +152,16 @@ class QloraServer:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         inference_pb2_grpc.add_InferenceServicer_to_server(InferenceService(self.runtime), self.grpc)
         registry_pb2_grpc.add_AdapterRegistryServicer_to_server(RegistryService(self.runtime), self.grpc)
-        self.training = TrainingService(self.runtime, config.data_dir / "jobs", max_dataset_bytes=config.max_message_bytes)
+        self.training = TrainingService(self.runtime, config.data_dir / "jobs", max_dataset_bytes=config.max_dataset_bytes,
+                                        store_path=config.data_dir / "jobs.sqlite3")
         training_pb2_grpc.add_TrainingServicer_to_server(self.training, self.grpc)
         reflection.enable_server_reflection(SERVICE_NAMES + (health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc)
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         self.port = 0
         self.metrics_port: int | None = None
         self._metrics_http = None
+        self.http_port: int | None = None
+        self._http = None
 
     def _set_health(self, status) -> None:
         for name in ("",) + SERVICE_NAMES:
@@ -160,6 +186,12 @@ class QloraServer:
                               f"({exc.strerror or exc}); choose another --metrics-port (0 = any free port) "
                               f"or pass --no-metrics") from None
             self.metrics_port = self._metrics_http.server_port
+        if self.config.http_port is not None:
+            from qlora_serve.server.http_api import HttpFrontEnd  # ASGI stack only when HTTP is on
+
+            self._http = HttpFrontEnd(self.runtime, self.config.host, self.config.http_port, self._workers,
+                                      max_body_bytes=self.config.max_message_bytes).start()
+            self.http_port = self._http.port
         self.grpc.start()
         return self
 
@@ -174,12 +206,14 @@ class QloraServer:
             base_ref = str(demo.base)
             adapters = adapters or sorted((n, str(p)) for n, p in demo.adapters.items())
             log.info("no --base given: serving the embedded demo model from %s", base_ref)
+        self.runtime.base_name = served_name(cfg.base)
         base = load_base(base_ref, compute_dtype=cfg.compute_dtype, device=cfg.device)
         fp = base.footprint
         log.info("base %s resident on %s: %d quantized params in %.2f MiB (%.2f bits/param, NF4 + double quant); "
                  "whole model %.2f MiB", base_ref, base.device, fp.quantized_params, fp.quantized_bytes / 2**20,
                  fp.bits_per_param, fp.model_bytes / 2**20)
         engine = Engine(base, cfg.engine, metrics=self.metrics)
+        log.info("%s", engine.adapters.report_capacity())
         registry = AdapterRegistry(
             cfg.data_dir, base_fingerprint=base_fingerprint(base_ref, base.model.config),
             linear_shapes=engine.lora.linear_shapes, max_rank=cfg.engine.max_lora_rank,
@@ -192,8 +226,9 @@ class QloraServer:
         engine.start()
         self.runtime.engine, self.runtime.registry = engine, registry
         self._set_health(health_pb2.HealthCheckResponse.SERVING)
-        log.info("serving on %s:%d (metrics: %s)", cfg.host, self.port,
-                 f"http://{cfg.metrics_address}:{self.metrics_port}/metrics" if self.metrics_port else "off")
+        log.info("serving on %s:%d (metrics: %s, OpenAI HTTP API: %s)", cfg.host, self.port,
+                 f"http://{cfg.metrics_address}:{self.metrics_port}/metrics" if self.metrics_port else "off",
+                 f"http://{cfg.host}:{self.http_port}/v1" if self.http_port else "off")
         return self
 
     @staticmethod
@@ -216,12 +251,23 @@ class QloraServer:
     def stop(self, grace_s: float | None = None) -> None:
         """Drain: NOT_SERVING, refuse new requests, finish in-flight ones, close."""
         grace = self.config.grace_s if grace_s is None else grace_s
+        deadline = time.monotonic() + grace
         self.runtime.draining = True
         self.health.enter_graceful_shutdown()
         self.training.shutdown()  # a running training job's process must not outlive the server
         if self.runtime.engine is not None:
             self.runtime.engine.shutdown(grace)
-        self.grpc.stop(grace=1.0).wait()
+        # A row leaves the engine before its handler has sent the stream's last messages
+        # (a slow client reads them later): wait for the handlers too, within the grace.
+        pending = self.guard.in_flight()
+        if pending and deadline > time.monotonic():
+            log.info("engine drained; waiting up to %.1f s for %d in-flight call(s) to send their last messages",
+                     deadline - time.monotonic(), pending)
+            if self.guard.wait_idle(deadline - time.monotonic()):
+                time.sleep(max(0.0, min(_FLUSH_LINGER_S, deadline - time.monotonic())))
+        self.grpc.stop(grace=max(1.0, deadline - time.monotonic())).wait()
+        if self._http is not None:
+            self._http.stop()
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
         if self.runtime.registry is not None:

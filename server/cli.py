@@ -77,6 +77,10 @@ def _add_serve(sub) -> None:
                    help="address /metrics binds to; it names adapters and tenants, so open it (0.0.0.0) "
                         "only to trusted networks")
     p.add_argument("--no-metrics", action="store_true", help="do not serve /metrics")
+    p.add_argument("--http-port", type=int, default=8000,
+                   help="OpenAI-compatible HTTP API port (/v1/models, /v1/completions, /v1/chat/completions; "
+                        "0 = any free port)")
+    p.add_argument("--no-http", action="store_true", help="do not serve the OpenAI-compatible HTTP API")
     p.add_argument("--compute-dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"],
                    help="dtype the NF4 weights are dequantized to for matmuls")
     p.add_argument("--device", default="auto", help="auto (CUDA if present, else CPU), cpu, cuda, cuda:N")
@@ -92,6 +96,8 @@ def _add_serve(sub) -> None:
     p.add_argument("--grace", type=float, default=30.0, help="seconds in-flight requests get to finish on SIGTERM")
     p.add_argument("--max-message-bytes", type=int, default=8 << 20, help="largest gRPC message, bytes")
     p.add_argument("--max-upload-bytes", type=int, default=256 << 20, help="largest adapter upload, bytes")
+    p.add_argument("--max-dataset-bytes", type=int, default=256 << 20,
+                   help="largest training job's data (train + eval), bytes, uploaded in chunks")
     p.add_argument("--max-concurrent-rpcs", type=int, default=None,
                    help="RPCs in flight at once, server-wide; more get RESOURCE_EXHAUSTED "
                         "(default: max-running + max-waiting + 16)")
@@ -113,10 +119,12 @@ def _serve(args) -> int:
         config = ServerConfig(
             base=args.base, host=args.host, port=args.port,
             metrics_port=None if args.no_metrics else args.metrics_port, metrics_address=args.metrics_address,
+            http_port=None if args.no_http else args.http_port,
             compute_dtype=args.compute_dtype, device=args.device, data_dir=args.data_dir or default_data_dir(),
             adapters=args.adapter, allowed_roots=args.allowed_adapter_root,
             allow_fingerprint_mismatch=args.allow_fingerprint_mismatch, key_file=args.key_file, grace_s=args.grace,
             max_message_bytes=args.max_message_bytes, max_upload_bytes=args.max_upload_bytes,
+            max_dataset_bytes=args.max_dataset_bytes,
             max_concurrent_rpcs=args.max_concurrent_rpcs,
             engine=_config_from(args, EngineConfig), limits=_config_from(args, RequestLimits))
         server = QloraServer(config).start()
@@ -136,6 +144,9 @@ def _serve(args) -> int:
     adapters = sorted({r.name for r in server.runtime.registry.list()})
     print(f"qlora-serve {__version__} ready on {address}  (adapters: {', '.join(adapters) or 'none'})", flush=True)
     print(f"try:  {try_command(address, adapters)}", flush=True)
+    if server.http_port is not None:
+        host = address.rsplit(":", 1)[0]
+        print(f"      curl http://{host}:{server.http_port}/v1/models   (OpenAI-compatible HTTP API)", flush=True)
     stop.wait()
     log.info("shutting down: finishing in-flight requests (up to %.0f s)", args.grace)
     server.stop()

@@ -159,10 +159,18 @@ class Client:
 
         if isinstance(config_toml, Path):
             config_toml = config_toml.read_text(encoding="utf-8")
-        req = training_pb2.SubmitJobRequest(adapter_name=name, train_jsonl=data(train_jsonl),
-                                            eval_jsonl=data(eval_jsonl), config_toml=config_toml,
-                                            set_default=set_default)
-        return self.training.SubmitJob(req, **self._kw())
+        header = training_pb2.SubmitJobRequest(adapter_name=name, config_toml=config_toml, set_default=set_default)
+        train, evaluation = data(train_jsonl), data(eval_jsonl)
+
+        def messages():  # chunked (SubmitJobStream), so datasets may exceed gRPC's message limit
+            yield training_pb2.SubmitJobStreamRequest(header=header)
+            for kind, blob in ((training_pb2.DatasetChunk.DATASET_TRAIN, train),
+                               (training_pb2.DatasetChunk.DATASET_EVAL, evaluation)):
+                for i in range(0, len(blob), _UPLOAD_CHUNK):
+                    yield training_pb2.SubmitJobStreamRequest(
+                        chunk=training_pb2.DatasetChunk(dataset=kind, data=blob[i:i + _UPLOAD_CHUNK]))
+
+        return self.training.SubmitJobStream(messages(), **self._kw())
 
     def watch_job(self, job_id: str) -> Iterator[training_pb2.TrainingEvent]:
         """Every event of the job so far, then new ones until it ends (no deadline unless `timeout` is set)."""

@@ -13,7 +13,8 @@ It does four things the servicers would otherwise each repeat:
   domain error's ``reason`` (``quota``, ``queue_full``).
 * **Access log.** One line per finished RPC on the ``qlora_serve.requests``
   logger: method, request id, tenant, adapter, status code, tokens, latency.
-  Prompt text is logged only when that logger is at DEBUG.
+  Prompt text is logged only when that logger is at DEBUG. The line and the
+  refusal metric are `requests.CallLog`'s, shared with the HTTP front end.
 * **Request metric.** ``qlora_requests_total{method,adapter,tenant,code}``
   counts every finished RPC of every service, health and reflection included
   (those are counted only: not parsed, not logged). A servicer that knows more
@@ -27,31 +28,22 @@ and logs the calls authentication refuses.
 from __future__ import annotations
 
 import contextlib
-import logging
 import threading
-import time
 from typing import Any, Callable
 
 import grpc
 from google.protobuf.message import DecodeError
 
 from qlora_serve.server.auth import Authenticator
-from qlora_serve.errors import InvalidArgument, QloraServeError, Unauthenticated
+from qlora_serve.errors import InvalidArgument, Unauthenticated
+from qlora_serve.server import requests
 from qlora_serve.server.metrics import Metrics
 from qlora_serve.server.status import abort, deadline_passed
 
-access_log = logging.getLogger("qlora_serve.requests")
-
 GUARDED_PREFIX = "/qlora_serve.v1."
 
-# Statuses that mean "refused before (or instead of) doing the work". In-flight
-# failures (INTERNAL, DEADLINE_EXCEEDED, CANCELLED) are counted by code in
-# qlora_requests_total instead.
-REFUSAL_CODES = frozenset({
-    grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED,
-    grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION,
-    grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ALREADY_EXISTS,
-})
+# The refusal statuses (server/requests.py REFUSAL_CODES) as gRPC codes.
+REFUSAL_CODES = frozenset(c for c in grpc.StatusCode if c.name in requests.REFUSAL_CODES)
 
 
 _END = object()  # end of a response iterator
@@ -67,38 +59,16 @@ def note_outcome(adapter: str, code: grpc.StatusCode | None = None) -> None:
         call.noted_adapter, call.noted_code = adapter, code
 
 
-def _domain_error(exc: BaseException | None) -> QloraServeError | None:
-    """The domain error behind an abort: `status.abort` raises inside the handler's
-    ``except``, so the domain error is on the implicit ``__context__`` chain."""
-    seen = 0
-    while exc is not None and seen < 8:
-        if isinstance(exc, QloraServeError):
-            return exc
-        exc, seen = exc.__cause__ or exc.__context__, seen + 1
-    return None
-
-
 def rejection_reason(code: grpc.StatusCode | None, exc: BaseException | None = None) -> str | None:
     """The ``reason`` label for a refused call, or None when ``code`` is not a refusal."""
-    if code not in REFUSAL_CODES:
-        return None
-    err = _domain_error(exc)
-    return getattr(err, "reason", None) or code.name.lower()
+    return requests.rejection_reason(code.name if code is not None else None, exc)
 
 
-class _Call:
-    """Bookkeeping for one RPC: fills the access-log fields as it learns them."""
+class _Call(requests.CallLog):
+    """Bookkeeping for one RPC: the shared access-log line, filled from protobuf messages."""
 
     def __init__(self, method: str, tenant: str, metrics: Metrics) -> None:
-        self.method = method.rsplit("/", 1)[-1]
-        self.tenant = tenant
-        self.metrics = metrics
-        self.started = time.monotonic()
-        self.request_id = ""
-        self.adapter = ""
-        self.prompt = ""
-        self.prompt_tokens = 0
-        self.completion_tokens = 0
+        super().__init__(method, tenant, metrics)
         self.served = False  # a response named the adapter that served (else the label is "")
         self.noted_adapter: str | None = None
         self.noted_code: grpc.StatusCode | None = None
@@ -139,20 +109,7 @@ class _Call:
         return code
 
     def finish(self, code: grpc.StatusCode, exc: BaseException | None = None) -> None:
-        code = self.count(code)
-        reason = rejection_reason(code, exc)
-        if reason is not None:
-            self.metrics.rejected(reason, self.tenant)
-        latency_ms = (time.monotonic() - self.started) * 1000.0
-        fields = {"method": self.method, "request_id": self.request_id or "-", "tenant": self.tenant or "-",
-                  "adapter": self.adapter or "-", "code": code.name, "prompt_tokens": self.prompt_tokens,
-                  "completion_tokens": self.completion_tokens, "latency_ms": round(latency_ms, 1)}
-        if reason is not None:
-            fields["reason"] = reason
-        if self.prompt and access_log.isEnabledFor(logging.DEBUG):
-            fields["prompt"] = self.prompt  # prompt text only with debug logging on
-        access_log.info(" ".join(f"{k}={v}" if k != "prompt" else f"{k}={v!r}" for k, v in fields.items()),
-                        extra=fields)
+        super().finish(self.count(code).name, exc)
 
 
 _CALL_ATTR = "_qlora_serve_call"  # the guard's _Call, on the call's context, for report_usage
@@ -192,6 +149,35 @@ class RequestGuard(grpc.ServerInterceptor):
     def __init__(self, authenticator: Authenticator, metrics: Metrics) -> None:
         self._auth = authenticator
         self._metrics = metrics
+        self._active = 0  # guarded calls whose handler has not returned yet
+        self._idle = threading.Condition()
+
+    def in_flight(self) -> int:
+        """Guarded calls whose handler is still running (a stream: still sending)."""
+        with self._idle:
+            return self._active
+
+    def wait_idle(self, timeout_s: float) -> bool:
+        """Block until no guarded call is in flight or `timeout_s` seconds passed; True if idle."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self._active == 0, timeout=max(timeout_s, 0.0))
+
+    @contextlib.contextmanager
+    def _in_flight(self, counted: bool):
+        """Count a call as in flight while its handler runs. Only qlora_serve.v1 calls:
+        a health Watch stays open until the port closes and would hold every drain."""
+        if not counted:
+            yield
+            return
+        with self._idle:
+            self._active += 1
+        try:
+            yield
+        finally:
+            with self._idle:
+                self._active -= 1
+                if self._active == 0:
+                    self._idle.notify_all()
 
     def _tenant(self, metadata) -> tuple[str, bool]:
         try:
@@ -240,7 +226,7 @@ class RequestGuard(grpc.ServerInterceptor):
                 call, response = _Call(method, tenant, metrics), None
                 setattr(context, _CALL_ATTR, call)
                 try:
-                    with call.current():
+                    with self._in_flight(guarded), call.current():
                         response = inner(read(request_or_iter, context, call), context)
                 except BaseException as exc:
                     finish(call, _code_after(context, True), exc)
@@ -255,6 +241,10 @@ class RequestGuard(grpc.ServerInterceptor):
             inner = handler.unary_stream or handler.stream_stream
 
             def stream_response(request_or_iter, context):
+                with self._in_flight(guarded):
+                    yield from stream_body(request_or_iter, context)
+
+            def stream_body(request_or_iter, context):
                 call, responses = _Call(method, tenant, metrics), None
                 setattr(context, _CALL_ATTR, call)
                 try:

@@ -28,6 +28,9 @@ class Metrics:
         self.queue_depth = Gauge("qlora_queue_depth", "Requests accepted but not yet running.", registry=r)
         self.running = Gauge("qlora_running_requests", "Rows in the running batch.", registry=r)
         self.resident = Gauge("qlora_resident_adapters", "Adapters in device slots.", registry=r)
+        self.lora_bytes = Gauge("qlora_lora_device_bytes", "Device bytes held by resident adapters' LoRA weights.", registry=r)
+        self.lora_budget = Gauge("qlora_lora_budget_bytes", "Device bytes the resident adapters may hold (--lora-memory-bytes).", registry=r)
+        self.lora_fit = Gauge("qlora_lora_adapters_fit", "All-linear adapters of a rank that fit the LoRA budget.", ["rank"], registry=r)
         self.loads = Counter("qlora_adapter_loads", "Adapter reads from disk by result.", ["result"], registry=r)
         self.load_seconds = Histogram("qlora_adapter_load_seconds", "Adapter read+parse+check time (s).",
                                       buckets=_LATENCY_BUCKETS, registry=r)
@@ -48,6 +51,15 @@ class Metrics:
 
     def set_resident(self, n: int) -> None:
         self.resident.set(n)
+
+    def set_lora_bytes(self, held: int) -> None:
+        self.lora_bytes.set(held)
+
+    def set_lora_capacity(self, budget: int, fit: dict[int, int]) -> None:
+        """budget: bytes; fit: rank -> how many all-linear adapters of that rank fit."""
+        self.lora_budget.set(budget)
+        for rank, n in fit.items():
+            self.lora_fit.labels(str(rank)).set(n)
 
     def adapter_loaded(self, result: str, seconds: float) -> None:
         self.loads.labels(result).inc()

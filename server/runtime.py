@@ -13,9 +13,9 @@ from qlora_serve.server.auth import Authenticator, Principal, check_adapter_acce
 from qlora_serve.server.engine.engine import Engine
 from qlora_serve.server.engine.request import AdapterHandle, FinalEvent, Request
 from qlora_serve.errors import FailedPrecondition, Unavailable
-from qlora_serve.server.inference_service import RequestLimits
 from qlora_serve.server.metrics import Metrics
 from qlora_serve.server.quotas import Lease, QuotaBook
+from qlora_serve.server.requests import RequestLimits
 from qlora_serve.server.status import abort
 
 
@@ -62,6 +62,7 @@ class Runtime:
     engine: Engine | None = None
     registry: AdapterRegistry | None = None
     draining: bool = False
+    base_name: str = ""  # the base model's served name (the HTTP API's `model` for "no adapter")
     # digest -> why its files failed verification at load (set by the app's verified loader).
     unusable: dict[str, str] = field(default_factory=dict)
     _leases: dict[int, Lease] = field(default_factory=dict)  # id(Request) -> its quota lease
@@ -89,6 +90,14 @@ class Runtime:
 
     def authenticate(self, context) -> Principal:
         return principal_from_context(context, self.auth)
+
+    def authenticate_metadata(self, metadata) -> Principal:
+        """The principal for (key, value) request headers; any transport (Unauthenticated if bad)."""
+        return self.auth.authenticate(metadata)
+
+    def visible_adapters(self, principal: Principal) -> list[AdapterRecord]:
+        """Every adapter version the caller may use, ordered by (name, version)."""
+        return self.registry.list(owner=None if principal.is_admin else principal.tenant)
 
     def resolve_record(self, ref: str, principal: Principal) -> AdapterRecord:
         """name | name@N | name@alias -> the record, if the caller may use it

@@ -61,14 +61,18 @@ class Job:
 
 
 class JobManager:
-    """Runs queued jobs one after another on a worker thread."""
+    """Runs queued jobs one after another on a worker thread; with a `store`, every job
+    is persisted and the jobs of earlier server runs are listed again."""
 
-    def __init__(self, runtime) -> None:
+    def __init__(self, runtime, store=None) -> None:
         self._rt = runtime
         self._jobs: dict[str, Job] = {}
         self._queue: list[Job] = []
         self._cv = threading.Condition()
         self._closed = False
+        self._store = store
+        if store is not None:
+            self._restore(store)
         self._worker = threading.Thread(target=self._work, name="training-jobs", daemon=True)
         self._worker.start()
 
@@ -80,6 +84,7 @@ class JobManager:
                 raise ResourceExhausted(f"{_MAX_QUEUED_JOBS} training jobs are already queued; retry when one finishes")
             self._jobs[job.id] = job
             self._queue.append(job)
+            self._save(job)
             self._event(job, "queued", {})
             self._cv.notify_all()
         return job
@@ -135,6 +140,31 @@ class JobManager:
                 return
 
     # ---------------------------------------------------------- internals
+    def _restore(self, store) -> None:
+        """Jobs of earlier server runs; one that had not ended died with that server."""
+        for row in store.load():
+            name, version, digest = row.pop("result_name"), row.pop("result_version"), row.pop("result_digest")
+            job = Job(**{**row, "workdir": Path(row["workdir"])})
+            if name:
+                job.adapter = common_pb2.AdapterRef(name=name, version=version, digest=digest)
+            with self._cv:
+                self._jobs[job.id] = job
+                if not job.ended:
+                    was = "RUNNING at step %d" % job.step if job.state == S.JOB_STATE_RUNNING else "QUEUED"
+                    job.error = (f"interrupted: the server stopped while the job was {was}; its checkpoints are in "
+                                 f"the job's work directory; submit it again")
+                    self._end(job, S.JOB_STATE_FAILED, "error", {"message": job.error})
+                else:  # its event history is gone: one event with its final state, so WatchJob ends meaningfully
+                    kind = {S.JOB_STATE_SUCCEEDED: "registered", S.JOB_STATE_CANCELLED: "cancelled"}.get(job.state, "error")
+                    self._event(job, kind, {"restored": True})
+
+    def _save(self, job: Job) -> None:
+        if self._store is not None:
+            try:
+                self._store.save(job)
+            except Exception:  # noqa: BLE001 - a full disk must not stop the job itself
+                log.exception("training job %s: could not persist its state", job.id)
+
     def _event(self, job: Job, kind: str, details: dict) -> None:
         """Append an event (caller holds the condition)."""
         job.events.append(training_pb2.TrainingEvent(job=job.proto(), event=kind,
@@ -143,6 +173,7 @@ class JobManager:
 
     def _end(self, job: Job, state: int, kind: str, details: dict) -> None:
         job.state, job.finished_at = state, time.time()
+        self._save(job)
         self._event(job, kind, details)
 
     def _work(self) -> None:
@@ -157,6 +188,7 @@ class JobManager:
                     return
                 job = self._queue.pop(0)
                 job.state, job.started_at = S.JOB_STATE_RUNNING, time.time()
+                self._save(job)
             result = None
             try:  # anything going wrong with one job fails that job, never this worker thread
                 process = run_job_in_subprocess(TrainConfig.from_dict(job.config, source="job config"))
@@ -177,6 +209,8 @@ class JobManager:
                         if kind in ("done", "error"):
                             result = ev
                         else:
+                            if kind in ("log", "eval"):
+                                self._save(job)  # progress survives a restart (shown in ListJobs)
                             self._event(job, kind, ev)
             except Exception as exc:  # noqa: BLE001
                 log.exception("training job %s: the job runner failed", job.id)
@@ -218,17 +252,21 @@ class JobManager:
 class TrainingService(training_pb2_grpc.TrainingServicer):
     """Implements qlora_serve.v1.Training."""
 
-    def __init__(self, runtime, jobs_dir: Path, max_dataset_bytes: int) -> None:
+    def __init__(self, runtime, jobs_dir: Path, max_dataset_bytes: int, store_path: Path | None = None) -> None:
         self._rt = runtime
         self._jobs_dir = jobs_dir
+        self._store_path = store_path
         self._max_bytes = max_dataset_bytes
         self._manager: JobManager | None = None
+        self._linear_names: tuple[list[str], str | None] | None = None
         self._lock = threading.Lock()
 
     def _mgr(self) -> JobManager:
         with self._lock:
             if self._manager is None:
-                self._manager = JobManager(self._rt)
+                from qlora_serve.server.job_store import JobStore
+
+                self._manager = JobManager(self._rt, JobStore(self._store_path) if self._store_path else None)
             return self._manager
 
     def shutdown(self) -> None:
@@ -262,15 +300,46 @@ class TrainingService(training_pb2_grpc.TrainingServicer):
 
     @unary_rpc
     def SubmitJob(self, request, context, principal):
+        return self._submit(request, request.train_jsonl, request.eval_jsonl, principal)
+
+    @unary_rpc
+    def SubmitJobStream(self, request_iterator, context, principal):
+        header, data = None, {S.DatasetChunk.DATASET_TRAIN: bytearray(), S.DatasetChunk.DATASET_EVAL: bytearray()}
+        total = 0
+        for msg in request_iterator:
+            part = msg.WhichOneof("part")
+            if part == "header":
+                if header is not None:
+                    raise InvalidArgument("SubmitJobStream got two headers; send one header, then dataset chunks")
+                if msg.header.train_jsonl or msg.header.eval_jsonl:
+                    raise InvalidArgument("the SubmitJobStream header carries no data; send it in chunks")
+                header = msg.header
+            elif part == "chunk":
+                if header is None:
+                    raise InvalidArgument("SubmitJobStream must start with a header (adapter_name, config_toml)")
+                if msg.chunk.dataset not in data:
+                    raise InvalidArgument("dataset chunk: set dataset to DATASET_TRAIN or DATASET_EVAL")
+                total += len(msg.chunk.data)
+                if total > self._max_bytes:  # stop reading at the limit, not after buffering it all
+                    raise ResourceExhausted(f"datasets exceed {self._max_bytes} bytes (--max-dataset-bytes)")
+                data[msg.chunk.dataset].extend(msg.chunk.data)
+            else:
+                raise InvalidArgument("empty SubmitJobStream message: set header or chunk")
+        if header is None:
+            raise InvalidArgument("empty SubmitJobStream: send a header, then the dataset chunks")
+        return self._submit(header, bytes(data[S.DatasetChunk.DATASET_TRAIN]),
+                            bytes(data[S.DatasetChunk.DATASET_EVAL]), principal)
+
+    def _submit(self, request, train_jsonl: bytes, eval_jsonl: bytes, principal):
         from qlora_serve.adapters.records import validate_name
         from qlora_serve.training.config import TrainConfig
 
         validate_name(request.adapter_name)
-        if not request.train_jsonl:
+        if not train_jsonl:
             raise InvalidArgument("train_jsonl is empty: upload the training data (JSONL)")
-        size = len(request.train_jsonl) + len(request.eval_jsonl)
+        size = len(train_jsonl) + len(eval_jsonl)
         if size > self._max_bytes:
-            raise ResourceExhausted(f"datasets total {size} bytes; the limit is {self._max_bytes}")
+            raise ResourceExhausted(f"datasets total {size} bytes; the limit is {self._max_bytes} (--max-dataset-bytes)")
         existing = self._rt.registry.list(name=request.adapter_name)
         owner = principal.tenant if self._rt.auth.enabled else None
         if existing:
@@ -282,7 +351,7 @@ class TrainingService(training_pb2_grpc.TrainingServicer):
         job_id = uuid.uuid4().hex[:12]
         workdir = self._jobs_dir / job_id
         config.update(data=str(workdir / "train.jsonl"), out=str(workdir / "out"))
-        if request.eval_jsonl:
+        if eval_jsonl:
             config["eval_data"] = str(workdir / "eval.jsonl")
         cfg = TrainConfig.from_dict(config, source="config_toml")  # refuse bad keys now, not in the job
         max_rank = self._rt.engine.config.max_lora_rank
@@ -292,11 +361,12 @@ class TrainingService(training_pb2_grpc.TrainingServicer):
         if cfg.modules_to_save:
             raise InvalidArgument(f"config_toml sets modules_to_save={cfg.modules_to_save}: the server cannot serve "
                                   "such an adapter per request; train it locally (qlora-serve train) and merge it")
+        self._check_targets(cfg.target_modules)
         workdir.mkdir(parents=True)
         try:
-            self._write_checked(workdir / "train.jsonl", request.train_jsonl, "train_jsonl")
-            if request.eval_jsonl:
-                self._write_checked(workdir / "eval.jsonl", request.eval_jsonl, "eval_jsonl")
+            self._write_checked(workdir / "train.jsonl", train_jsonl, "train_jsonl", cfg.format)
+            if eval_jsonl:
+                self._write_checked(workdir / "eval.jsonl", eval_jsonl, "eval_jsonl", cfg.format)
             job = Job(id=job_id, adapter_name=request.adapter_name, owner=owner, set_default=request.set_default,
                       config=config, workdir=workdir, max_steps=max(cfg.max_steps, 0))
             return self._mgr().submit(job).proto()
@@ -304,17 +374,26 @@ class TrainingService(training_pb2_grpc.TrainingServicer):
             shutil.rmtree(workdir, ignore_errors=True)
             raise
 
+    def _check_targets(self, targets: list[str]) -> None:
+        """target_modules against the served base's Linear layers (a meta-device copy of
+        its architecture, built once), so a typo or the output head is refused at submit."""
+        from qlora_serve.training.model import check_target_modules, linear_module_names
+
+        with self._lock:
+            if self._linear_names is None:
+                self._linear_names = linear_module_names(self._rt.engine.base.model.config)
+        names, head = self._linear_names
+        check_target_modules(targets, names, head)
+
     @staticmethod
-    def _write_checked(path: Path, data: bytes, field_name: str) -> None:
+    def _write_checked(path: Path, data: bytes, field_name: str, fmt: str = "auto") -> None:
         """Write an uploaded dataset and check every line's JSON and record format now,
         so a malformed line is INVALID_ARGUMENT at submit (naming the line), not a failed job."""
         from qlora_serve.training.data import read_jsonl
 
         path.write_bytes(data)
         try:
-            read_jsonl(path)
-        except UnicodeDecodeError as exc:
-            raise InvalidArgument(f"{field_name} is not UTF-8 text: {exc}") from None
+            read_jsonl(path, fmt)
         except InvalidArgument as exc:
             raise InvalidArgument(str(exc).replace(str(path), field_name)) from None
 

@@ -58,8 +58,8 @@ def stop_server(server, grace_s: float = 0.0) -> None:
 
 @pytest.fixture(scope="module")
 def start_server(demo, tmp_path_factory):
-    """Factory: `start_server(**overrides)` starts and loads a real server (gRPC and
-    metrics on free loopback ports, float32 compute, the demo adapters, a fresh
+    """Factory: `start_server(**overrides)` starts and loads a real server (gRPC, the
+    OpenAI HTTP API and metrics on free loopback ports, float32 compute, the demo adapters, a fresh
     data dir); `engine=` / `limits=` take dicts of EngineConfig / RequestLimits
     fields. Every server it started is stopped when the module ends."""
     from qlora_serve.server.app import QloraServer, ServerConfig
@@ -74,7 +74,7 @@ def start_server(demo, tmp_path_factory):
         if isinstance(adapters, dict):
             adapters = sorted((n, str(p)) for n, p in adapters.items())
         cfg = ServerConfig(**{
-            "base": str(demo.base), "port": 0, "metrics_port": 0, "compute_dtype": "float32",
+            "base": str(demo.base), "port": 0, "metrics_port": 0, "http_port": 0, "compute_dtype": "float32",
             "data_dir": tmp_path_factory.mktemp("server-data"), "adapters": list(adapters),
             "engine": EngineConfig(**(engine or {})), "limits": RequestLimits(**(limits or {})), **overrides})
         server = QloraServer(cfg)

@@ -355,6 +355,25 @@ def test_per_row_sampling_parameters_are_honoured_within_one_batch(server, clien
     assert list(r_top1.token_ids) == alone["greedy_a"]  # top_k=1 is greedy whatever the temperature
 
 
+def test_running_rows_are_grouped_by_adapter_slot(server, client, engine_gate):
+    """Rows arriving interleaved (pirate, base, poet, ...) join a running base row and
+    run sorted by adapter slot, so multi-LoRA sees each adapter's rows as one segment."""
+    for name in ("pirate", "poet"):
+        client.load(name)
+    engine = server.runtime.engine
+    orders: list[list[int]] = []  # slots of the running rows at each forward pass (engine thread)
+    hook = engine.base.model.register_forward_pre_hook(
+        lambda m, a, k: orders.append([r.slot for r in engine._running]), with_kwargs=True)
+    try:
+        gate = engine_gate(server)
+        calls = [("one two", dict(adapter=a, max_new_tokens=8)) for a in ("pirate", "", "poet", "pirate", "poet", "")]
+        _batched(server, client, gate, calls)
+    finally:
+        hook.remove()
+    assert any(len(set(o)) >= 3 for o in orders), orders  # base, pirate and poet rows ran together
+    assert all(o == sorted(o) for o in orders), orders
+
+
 def test_per_row_max_new_tokens_in_one_batch(server, client, engine_gate):
     gate = engine_gate(server)
     lengths = [3, 9, 1, 5]

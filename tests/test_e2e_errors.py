@@ -129,7 +129,7 @@ def test_cli_serve_with_a_bad_adapter_exits_with_a_one_line_error(demo, tmp_path
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONIOENCODING": "utf-8"}
     proc = subprocess.run(
         [sys.executable, "-m", "qlora_serve.server.cli", "serve", "--base", str(demo.base), "--adapter", f"x={bad}",
-         "--port", "0", "--no-metrics", "--compute-dtype", "float32", "--data-dir", str(tmp_path / "data")],
+         "--port", "0", "--no-metrics", "--no-http", "--compute-dtype", "float32", "--data-dir", str(tmp_path / "data")],
         capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr, proc.stderr

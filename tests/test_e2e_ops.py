@@ -217,7 +217,7 @@ def test_cli_serve_on_a_corrupted_registry_names_the_file(demo, tmp_path):
     data = tmp_path / "data"
     data.mkdir()
     (data / "registry.sqlite3").write_bytes(b"this is not a database\n" * 512)
-    proc = _cli("serve", "--base", str(demo.base), "--port", "0", "--no-metrics", "--compute-dtype", "float32",
+    proc = _cli("serve", "--base", str(demo.base), "--port", "0", "--no-metrics", "--no-http", "--compute-dtype", "float32",
                 "--data-dir", str(data))
     err = _text(proc.stderr)
     assert proc.returncode == 2 and "Traceback" not in err, err

@@ -44,7 +44,8 @@ class ServerProcess:
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "qlora_serve.server.cli", "serve", "--base", str(base), "--port", "0",
-             "--no-metrics", "--data-dir", str(data_dir), "--compute-dtype", "float32", "--grace", "0", *extra],
+             "--no-metrics", "--no-http", "--data-dir", str(data_dir), "--compute-dtype", "float32", "--grace", "0",
+             *extra],
             stdout=subprocess.PIPE, stderr=open(log, "ab"), text=True, env=env)
         lines: queue.Queue = queue.Queue()
         threading.Thread(target=lambda: [lines.put(line) for line in self.proc.stdout], daemon=True).start()

@@ -270,6 +270,13 @@ def test_chat_on_a_base_without_template_is_invalid_argument(start_server, demo,
         code, details = status_of(lambda: c.chat([("user", "hi")], max_new_tokens=2))
         assert code == grpc.StatusCode.INVALID_ARGUMENT and "has no chat template" in details, details
         assert c.generate("hi", max_new_tokens=2).completion_tokens == 2
+    # The same refusal over HTTP: a 400 naming `messages` that points at /v1/completions.
+    import openai
+
+    oai = openai.OpenAI(base_url=f"http://127.0.0.1:{server.http_port}/v1", api_key=keys["acme"], max_retries=0)
+    with pytest.raises(openai.BadRequestError) as e:
+        oai.chat.completions.create(model="", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+    assert e.value.param == "messages" and "use /v1/completions" in e.value.message
 
 
 # -------------------------------------------------------------- model info

@@ -16,6 +16,7 @@ through REAL servers on loopback with authentication on, real safetensors, no mo
 from __future__ import annotations
 
 import json
+import sys
 import threading
 
 import grpc
@@ -209,7 +210,7 @@ def test_prompt_bytes_are_bounded_before_tokenizing(sec):
     assert clients["alpha"].generate("ab " * 10, max_new_tokens=2).completion_tokens == 2
     # The default is derived from --max-prompt-tokens; the flag sets it.
     from qlora_serve.server.cli import build_parser
-    from qlora_serve.server.inference_service import PROMPT_BYTES_PER_TOKEN, RequestLimits
+    from qlora_serve.server.requests import PROMPT_BYTES_PER_TOKEN, RequestLimits
 
     assert server.runtime.limits.max_prompt_bytes == PROMPT_BYTES_PER_TOKEN * MAX_PROMPT_TOKENS
     assert RequestLimits(max_prompt_bytes=5).max_prompt_bytes == 5
@@ -226,6 +227,12 @@ class HeldTokenizer:
         base.tokenizer = self
 
     def __call__(self, *args, **kw):
+        # The handler's gRPC context, found up the stack: the test waits until the server
+        # itself has seen the cancel (it crosses the network) before releasing the call.
+        frame = sys._getframe(1)
+        while frame is not None and not hasattr(frame.f_locals.get("context"), "is_active"):
+            frame = frame.f_back
+        self.context = frame.f_locals["context"] if frame is not None else None
         self.entered.set()
         assert self._go.wait(60), "HeldTokenizer was never released"
         return self.real(*args, **kw)
@@ -251,6 +258,7 @@ def test_a_client_gone_while_its_prompt_was_tokenized_queues_nothing(sec, engine
         assert held.entered.wait(30)
         future.cancel()
         wait_until(lambda: future.done(), what="the client call ended")
+        wait_until(lambda: not held.context.is_active(), what="the server saw the cancel")
     finally:
         held.restore()
     wait_until(lambda: cancelled() == before + 1, what="the handler finished as CANCELLED")

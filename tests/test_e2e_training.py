@@ -38,6 +38,7 @@ from qlora_serve.server.engine.loader import disable_cpu_bf16_repack  # why: see
 from qlora_serve.v1 import training_pb2 as T
 
 HELD_OUT = 30
+MAX_DATASET_BYTES = 12 << 20  # above gRPC's 8 MiB message limit: such datasets go in chunks
 LONG = {**RECIPE, "max_steps": 100000, "logging_steps": 2}  # a job that only ends when cancelled or killed
 
 
@@ -62,7 +63,7 @@ def data(tmp_path_factory) -> dict:
 
 @pytest.fixture(scope="module")
 def srv(start_server, char_base):
-    server = start_server(base=str(char_base), adapters=[])
+    server = start_server(base=str(char_base), adapters=[], max_dataset_bytes=MAX_DATASET_BYTES)
     assert disable_cpu_bf16_repack(server.runtime.engine.base.model) > 0  # before any forward pass
     return server
 
@@ -157,6 +158,11 @@ def test_bad_submissions_are_invalid_argument_and_create_no_job(srv, client, dat
         (dict(train_jsonl=b""), "train_jsonl"),
         (dict(eval_jsonl=b'[1, 2]\n'), "eval_jsonl:1"),
         (dict(name="../escape"), "is invalid"),
+        (dict(config_toml='target_modules = ["q_projj"]\n'), "did you mean 'q_proj'"),  # the base's names, at submit
+        (dict(config_toml='target_modules = ["q_proj", "lm_head"]\n'), "is the output head"),  # not servable
+        (dict(config_toml="lora_rank = 8\n"), "did you mean 'lora_r'?"),
+        (dict(train_jsonl=b'{"text": "ok"}\n{"text": "caf\xe9"}\n'), "train_jsonl:2: not UTF-8"),
+        (dict(config_toml='format = "alpaca"\n'), "train_jsonl:1: alpaca format needs"),
     ]
     before = len(client.list_jobs())
     for kw, needle in cases:
@@ -165,12 +171,32 @@ def test_bad_submissions_are_invalid_argument_and_create_no_job(srv, client, dat
             client.submit_job(args.pop("name"), args.pop("train_jsonl"), **args)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (kw, err.value.details())
         assert needle in err.value.details(), (kw, err.value.details())
+    with pytest.raises(grpc.RpcError) as err:
+        client.submit_job("bad", good, config_toml="bogus_key = 1\n")
+    valid = err.value.details().split("valid keys are: ")[1].split(", ")
+    assert "lora_r" in valid and not {"base", "data", "eval_data", "out", "name", "register", "resume"} & set(valid)
     assert len(client.list_jobs()) == before
     assert not _jobs_dir(srv).exists() or not any(_jobs_dir(srv).iterdir())  # no leftovers from refused jobs
     for call in (client.get_job, client.cancel_job, lambda i: list(client.watch_job(i))):
         with pytest.raises(grpc.RpcError) as err:
             call("no-such-job")
         assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_dataset_over_the_grpc_message_limit_is_uploaded_in_chunks(srv, client, data):
+    # Few long lines: quick to tokenize (and truncate), so the job reaches its first step soon.
+    line = (json.dumps({"text": "abcd efgh " * 100_000}) + "\n").encode()
+    big = line * (9 * 2**20 // len(line) + 1)  # > 8 MiB, the server's gRPC message limit
+    assert 8 << 20 < len(big) < MAX_DATASET_BYTES
+    job = client.submit_job("bigdata", big, config_toml=toml_of({**LONG, "max_seq_len": 64}))
+    assert job.state in (T.JOB_STATE_QUEUED, T.JOB_STATE_RUNNING)
+    assert client.cancel_job(job.id).id == job.id
+    watch_until(client, job.id)
+    assert (_jobs_dir(srv) / job.id / "train.jsonl").stat().st_size == len(big)
+    too_big = line * (MAX_DATASET_BYTES // len(line) + 1)
+    with pytest.raises(grpc.RpcError) as err:
+        client.submit_job("bigdata", too_big)
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "--max-dataset-bytes" in err.value.details()
 
 
 # -------------------------------- (2) Done when: train --register, generate

@@ -82,3 +82,14 @@ def test_the_checker_sees_a_violation(tmp_path, monkeypatch):
     found = _violations("adapters")
     assert found == ["adapters/bad.py imports qlora_serve.server.app", "adapters/bad.py imports qlora_serve.server.app.QloraServer",
                      "adapters/bad.py imports grpc"]
+
+
+def test_the_request_core_and_the_http_front_end_load_without_grpc():
+    """Transport-neutral means importable without grpc or the generated stubs at all."""
+    import subprocess
+    import sys
+
+    code = ("import sys, qlora_serve.server.requests, qlora_serve.server.http_api; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'grpc' or m.startswith('qlora_serve.v1')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

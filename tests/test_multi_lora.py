@@ -2,7 +2,7 @@
 
 Tolerance: our logits must match PEFT's within ATOL=1e-4, rtol=0 (fp32 compute; logits
 are O(1), observed max difference ~1e-6). The only legitimate difference is float
-summation order (gathered bmm over zero-padded ranks vs PEFT's per-adapter matmuls).
+summation order (grouped GEMM over rank classes vs PEFT's per-adapter matmuls).
 Base-only rows are checked bit for bit (torch.equal).
 
 Why the fp32 kernel is pinned: on CPUs with AVX512-BF16, bitsandbytes' eval-mode 4-bit
@@ -30,10 +30,10 @@ from qlora_serve.errors import FailedPrecondition, InvalidArgument
 
 ATOL = 1e-4  # fp32 compute, see the module docstring
 BF16_KERNEL_ATOL = 5e-2  # bnb's bf16 CPU kernel amplifies ulp differences (module docstring)
-MAX_RANK = 16
+MAX_RANK = 64
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
-# Eight adapters: ranks 2..16 (12 exercises zero padding inside max_rank), different
+# Ten adapters: ranks 2..64 (12 exercises zero padding inside its rank class 16), different
 # alphas, rsLoRA, rank_pattern/alpha_pattern, and different target sets.
 ADAPTER_CONFIGS = [
     dict(r=8, lora_alpha=16, target_modules=ALL),
@@ -45,6 +45,8 @@ ADAPTER_CONFIGS = [
     dict(r=16, lora_alpha=4, target_modules="all-linear"),
     dict(r=2, lora_alpha=1, target_modules=["k_proj", "o_proj"]),
     dict(r=12, lora_alpha=30, use_rslora=True, target_modules=["up_proj", "v_proj"]),
+    dict(r=64, lora_alpha=32, target_modules=ALL),
+    dict(r=32, lora_alpha=64, target_modules=["q_proj", "v_proj", "down_proj"]),
 ]
 NAMES = [f"ad{i}" for i in range(len(ADAPTER_CONFIGS))]
 
@@ -197,21 +199,29 @@ def test_eight_distinct_adapters_equal_per_row_runs(built, peft_ref, wrapped):
 
 
 def _slot_state(lora: MultiLoRA, slot: int) -> dict[str, tuple[torch.Tensor, ...]]:
-    return {n: (m.lora_a[slot].clone(), m.lora_b[slot].clone(), m.scaling[slot].clone()) for n, m in lora._layers.items()}
+    """Per layer: the (A, B, scaling) entry that `slot` holds (layers it does not target are absent)."""
+    key, entry = lora._where[slot]
+    return {n: tuple(t[entry].clone() for t in m.stacks[key]) for n, m in lora._layers.items() if key in m.stacks}
 
 
-def test_unload_zeroes_slot(built, wrapped):
+def test_unload_frees_memory_and_keeps_other_slots(built, wrapped, adapters):
     model, lora = wrapped
-    other = _slot_state(lora, 1)
+    others = {s: _slot_state(lora, s) for s in lora.loaded_slots if s != 0}
+    before = lora.nbytes()
     lora.unload(0)
     assert 0 not in lora.loaded_slots
-    for state in _slot_state(lora, 0).values():
-        assert all(not t.any() for t in state)
-    assert all(torch.equal(x, y) for n in other for x, y in zip(other[n], _slot_state(lora, 1)[n]))
+    assert before - lora.nbytes() == lora.footprint(adapters[0])  # memory really given back
+    for s, state in others.items():  # swap-removal moved entries, not contents
+        after = _slot_state(lora, s)
+        assert state.keys() == after.keys()
+        assert all(torch.equal(x, y) for n in state for x, y in zip(state[n], after[n]))
     with pytest.raises(ValueError, match="not loaded"):
         with lora.row_slots([0]):
             pass
     lora.unload(0)  # idempotent
+    for s in list(lora.loaded_slots):
+        lora.unload(s)
+    assert lora.nbytes() == 0 and all(not m.stacks for m in lora._layers.values())
 
 
 def test_load_refusals_leave_slot_intact(built, adapters, wrapped):
@@ -250,46 +260,81 @@ def test_load_refusals_leave_slot_intact(built, adapters, wrapped):
     assert 0 not in small.loaded_slots
 
 
-def test_reload_replaces_slot_and_untargeted_modules_stay_zero(wrapped, adapters):
+def test_reload_replaces_slot_and_untargeted_modules_hold_nothing(wrapped, adapters):
     model, lora = wrapped
-    lora.load(0, adapters[6])  # k_proj/o_proj only, over the all-module adapter 0
+    lora.load(0, adapters[6])  # k_proj/o_proj only, r=2, over the all-module r=8 adapter 0
+    key = lora.slot_class(0)
+    assert key[0] == 8  # MIN_RANK_CLASS: grouped_mm's 16-byte stride rule
     for name, layer in lora._layers.items():
-        touched = name in adapters[6].modules
-        assert bool(layer.lora_a[0].any()) == touched and bool(layer.scaling[0]) == touched
-        if touched:
-            r = adapters[6].modules[name].rank
-            assert not layer.lora_a[0, r:].any() and not layer.lora_b[0, :, r:].any()  # zero padding
+        assert (key in layer.stacks) == (name in adapters[6].modules)
+    state = _slot_state(lora, 0)
+    for name, (a, b, s) in state.items():
+        m = adapters[6].modules[name]
+        assert torch.equal(a[: m.rank], m.lora_a) and torch.equal(b[: m.rank], m.lora_b.t())  # B kept transposed
+        assert not a[m.rank :].any() and not b[m.rank :].any()  # zero padding up to the class rank
+        assert float(s) == pytest.approx(m.scaling)
 
 
-def test_cached_gathers_match_peft_and_follow_slot_changes(peft_ref, wrapped, adapters):
-    """A decode step reuses the previous step's per-row gathers while the composition
-    is unchanged; a load into a slot must invalidate them (no stale weights)."""
+def test_cost_follows_each_adapters_own_rank(wrapped, adapters):
+    """Rank classes: an adapter's stacks are its rank rounded to a power of two, never max_rank."""
+    model, lora = wrapped
+    for slot, ad in enumerate(adapters):
+        r, names = lora.slot_class(slot)
+        assert r == max(8, 1 << (ad.rank - 1).bit_length()) and set(names) == set(ad.modules)
+        for name, (a, b, _) in _slot_state(lora, slot).items():
+            assert a.shape == (r, lora.linear_shapes[name][0]) and b.shape == (r, lora.linear_shapes[name][1])  # B^T
+    # Memory accounting: exactly the resident adapters' footprints; for power-of-two
+    # ranks that is the adapters' own bytes (in the slot dtype) plus one scale per module.
+    assert lora.nbytes() == sum(lora.footprint(ad) for ad in adapters)
+    pow2 = [ad for ad in adapters if ad.rank >= 8 and ad.rank & (ad.rank - 1) == 0 and all(m.rank == ad.rank for m in ad.modules.values())]
+    own = sum(m.lora_a.numel() + m.lora_b.numel() for ad in pow2 for m in ad.modules.values()) * 4
+    assert sum(lora.footprint(ad) for ad in pow2) <= 1.01 * own
+
+
+@pytest.mark.parametrize("loop_max", [0, 100], ids=["grouped_mm", "matmul-loop"])
+def test_rows_in_any_order_match_peft_prefill_and_decode(built, peft_ref, adapters, loop_max):
+    """Rows of every class in shuffled order (index path) and sorted order (slice path),
+    prefill (T=7) then one decode token through the KV cache, against PEFT."""
+    from transformers import DynamicCache
+
+    model = _load_4bit(built[0])
+    lora = MultiLoRA(model, max_slots=len(adapters), max_rank=MAX_RANK, loop_max_adapters=loop_max)
+    for slot, ad in enumerate(adapters):
+        lora.load(slot, ad)
+    shuffled = [9, -1, 3, 8, 0, 8, -1, 5, 1, 0, 9, 4, 2, 6, 7, 3]
+    for slots in (shuffled, sorted(shuffled)):
+        names = [NAMES[s] if s >= 0 else "__base__" for s in slots]
+        ids = _ids(len(slots), seed=11)
+        step = _ids(len(slots), seq=1, seed=12)
+        with torch.no_grad():
+            cache = DynamicCache(config=peft_ref.config)
+            exp_pre = peft_ref(input_ids=ids, adapter_names=names, past_key_values=cache, use_cache=True).logits
+            exp_dec = peft_ref(input_ids=step, adapter_names=names, past_key_values=cache, use_cache=True).logits
+            cache = DynamicCache(config=model.config)
+            with lora.row_slots(slots):
+                got_pre = model(input_ids=ids, past_key_values=cache, use_cache=True).logits
+                got_dec = model(input_ids=step, past_key_values=cache, use_cache=True).logits
+        torch.testing.assert_close(got_pre, exp_pre, atol=ATOL, rtol=0)
+        torch.testing.assert_close(got_dec, exp_dec, atol=ATOL, rtol=0)
+        base = _logits(model, ids)
+        for row, s in enumerate(slots):
+            assert (s == -1) == torch.equal(got_pre[row], base[row]), row
+
+
+def test_plan_reused_and_invalidated_by_loads(peft_ref, wrapped, adapters):
+    """A decode step reuses the previous step's row plan while the slots are unchanged;
+    a load into a slot must invalidate it (no stale entries)."""
     model, lora = wrapped
     slots = [0, 1, -1, 2, 0]
     ids = _ids(len(slots), seed=5)
-    names = [NAMES[s] if s >= 0 else "__base__" for s in slots]
-    with torch.no_grad():
-        expected = peft_ref(input_ids=ids, adapter_names=names).logits
     first = _logits(model, ids, lora, slots)
-    rows = lora._recent[(tuple(slots), lora._version)]
-    assert rows.cache_gathers and rows.gathered  # filled by the first pass
-    torch.testing.assert_close(first, expected, atol=ATOL, rtol=0)
-    torch.testing.assert_close(_logits(model, ids, lora, slots), first, atol=0, rtol=0)  # served from the cache
-    lora.load(0, adapters[3])  # slot 0 now holds adapter 3
+    assert (tuple(slots), lora._version) in lora._recent
+    torch.testing.assert_close(_logits(model, ids, lora, slots), first, atol=0, rtol=0)
+    lora.load(0, adapters[3])  # slot 0 now holds adapter 3 (another class)
     names = [NAMES[3] if s == 0 else NAMES[s] if s >= 0 else "__base__" for s in slots]
     with torch.no_grad():
         expected = peft_ref(input_ids=ids, adapter_names=names).logits
     torch.testing.assert_close(_logits(model, ids, lora, slots), expected, atol=ATOL, rtol=0)
-
-
-def test_gathers_over_the_budget_are_not_cached(built, adapters):
-    model = _load_4bit(built[0])
-    lora = MultiLoRA(model, max_slots=2, max_rank=MAX_RANK, gather_cache_bytes=0)
-    lora.load(0, adapters[0])
-    lora.load(1, adapters[1])
-    _logits(model, _ids(2), lora, [0, 1])
-    rows = lora._recent[((0, 1), lora._version)]
-    assert not rows.cache_gathers and not rows.gathered
 
 
 def test_layer_shapes_2d_3d_and_row_checks(wrapped, adapters):
@@ -339,7 +384,7 @@ def test_bf16_stacks(built, adapters, peft_ref):
     model = _load_4bit(built[0])
     lora = MultiLoRA(model, max_slots=2, max_rank=MAX_RANK, dtype=torch.bfloat16)
     lora.load(0, adapters[0])
-    assert lora._layers["model.layers.0.self_attn.q_proj"].lora_a.dtype == torch.bfloat16
+    assert all(t.dtype == torch.bfloat16 for t in _slot_state(lora, 0)["model.layers.0.self_attn.q_proj"])
     ids = _ids(2, seed=5)
     got = _logits(model, ids, lora, [0, -1])
     assert got.dtype == torch.float32
@@ -379,3 +424,46 @@ def test_built_inside_inference_mode(built, adapters):
     lora.unload(0)
     with torch.inference_mode():
         lora.load(0, adapters[1])
+
+
+def test_residency_byte_budget_evicts_lru_unpinned_until_it_fits():
+    """The device tier is bounded by bytes (each adapter's own footprint) as well as by count."""
+    from qlora_serve.adapters.residency import Residency
+
+    res = Residency(num_slots=8, host_cache_bytes=0, device_bytes=100)
+    for i, (key, size) in enumerate([("a", 40), ("b", 30), ("c", 20)]):
+        assert res.make_room(key, size) == []
+        res.assign(key, res.free_slot(), size)
+    assert res.device_used() == 90
+    res.pin("a")  # running: never evicted; "b" is now the oldest unpinned
+    assert res.make_room("d", 10) == []  # 100 <= 100
+    assert res.make_room("d", 40) == ["b"]  # 90 + 40 > 100; without "b": 100
+    assert res.make_room("d", 55) == ["b", "c"]
+    assert res.make_room("d", 61) is None  # "a" is pinned: cannot fit now
+    assert res.fits_ever(100) and not res.fits_ever(101)
+    for victim in res.make_room("d", 55):
+        res.release(victim)
+    res.assign("d", res.free_slot(), 55)
+    assert res.device_used() == 95 and set(res.resident_keys()) == {"a", "d"}
+    full = Residency(num_slots=1, host_cache_bytes=0)  # count bound alone, as before
+    full.assign("x", 0)
+    assert full.make_room("y") == ["x"]
+    full.pin("x")
+    assert full.make_room("y") is None
+
+
+def test_engine_config_lora_knobs():
+    from qlora_serve.server.engine.config import EngineConfig
+
+    cfg = EngineConfig()
+    assert cfg.lora_memory_bytes == 0 and cfg.lora_dtype == "float32" and cfg.max_resident_adapters >= 64
+    with pytest.raises(ValueError, match="lora_dtype"):
+        EngineConfig(lora_dtype="fp8")
+    with pytest.raises(ValueError, match="lora_memory_bytes"):
+        EngineConfig(lora_memory_bytes=-1)
+
+
+def test_compute_dtype_slots(built, adapters):
+    """dtype='compute' takes the base's compute dtype (float32 for this fp32-compute base)."""
+    lora = MultiLoRA(_load_4bit(built[0]), max_slots=1, max_rank=MAX_RANK, dtype="compute")
+    assert lora.dtype == lora.compute_dtype == torch.float32

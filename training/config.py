@@ -17,9 +17,11 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 from qlora_serve.errors import InvalidArgument
+
+from .data import FORMATS
 
 COMPUTE_DTYPES = ("bfloat16", "float32")
 OPTIMIZERS = ("paged_adamw_8bit", "paged_adamw_32bit")
@@ -43,8 +45,11 @@ class TrainConfig:
 
     # --- what to train on, where to write ---
     base: str | None = _f(None, "Base model: a local directory or a hub id. Default: the embedded tiny demo base.")
-    data: str | None = _f(None, "Training data, JSONL (one {text} | {prompt, completion} | {messages} object per line). Required.")
-    eval_data: str | None = _f(None, "Optional validation JSONL (same formats): reports eval loss and perplexity.")
+    data: str | None = _f(None, "Training data: JSONL, JSONL.gz, JSON array or CSV of {text} | {prompt, completion} | {messages} | alpaca | sharegpt records. Required.")
+    format: str = _f("auto", "Record format of the data files: auto (detected from the keys), text, prompt_completion, messages, alpaca or sharegpt.")
+    eval_data: str | None = _f(None, "Optional validation data (same file types and formats): reports eval loss and perplexity.")
+    val_fraction: float = _f(0.0, "Hold out this fraction of the training examples (seeded shuffle) as validation data, in [0, 0.5]; instead of eval_data.")
+    train_on_inputs: bool = _f(False, "Put the loss on prompt / user tokens too, not only on completions / assistant turns.")
     out: str | None = _f(None, "Output directory for the adapter, metadata, metrics and checkpoints. Required.")
     name: str | None = _f(None, "Adapter name recorded in the metadata (and used by --register). Default: the out dir's name.")
     # --- quantization / precision ---
@@ -54,7 +59,7 @@ class TrainConfig:
     lora_r: int = _f(16, "LoRA rank r (>= 1).")
     lora_alpha: float = _f(32.0, "LoRA alpha; the update is scaled by alpha / r.")
     lora_dropout: float = _f(0.05, "Dropout on the LoRA input, in [0, 1).")
-    target_modules: list[str] = _f([], "Module name suffixes to adapt (comma-separated on the CLI). Empty: every Linear layer except the output head.")
+    target_modules: list[str] = _f([], "Module name suffixes to adapt (comma-separated on the CLI). Empty or all-linear: every Linear layer except the output head (which cannot be served per request).")
     modules_to_save: list[str] = _f([], "Modules trained in full and saved with the adapter (e.g. lm_head). Such adapters can be merged but not served per request.")
     # --- optimization ---
     optim: str = _f("paged_adamw_8bit", "Optimizer: paged_adamw_8bit or paged_adamw_32bit (bitsandbytes; non-paged on CPU).")
@@ -76,7 +81,8 @@ class TrainConfig:
     save_steps: int = _f(200, "Write a resumable checkpoint (weights, optimizer, scheduler, RNG) every N optimizer steps.")
     save_total_limit: int = _f(2, "Keep at most this many checkpoints (oldest deleted).")
     eval_steps: int = _f(0, "Evaluate every N optimizer steps (0: only at the end). Needs eval_data.")
-    resume: bool = _f(False, "Resume from the last checkpoint in OUT/checkpoints, optimizer state included.")
+    resume: bool = _f(False, "Resume from the last checkpoint in OUT/checkpoints, optimizer state included. Refused when the settings or the data differ from the checkpoint's run.")
+    resume_allow_changes: bool = _f(False, "With resume: accept changed optimization settings or data (LoRA shape, base and optimizer must still match).")
     progress_bar: bool = _f(True, "Show a tqdm progress bar.")
     register: str | None = _f(None, "gRPC ADDRESS of a running qlora-serve to register the finished adapter with.")
 
@@ -129,6 +135,12 @@ class TrainConfig:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
         if self.max_grad_norm < 0:
             raise ValueError(f"max_grad_norm must be >= 0 (0 disables clipping), got {self.max_grad_norm!r}")
+        if self.format not in FORMATS:
+            raise ValueError(f"format must be one of {FORMATS}, got {self.format!r}")
+        if not (0 <= self.val_fraction <= 0.5):
+            raise ValueError(f"val_fraction must be in [0, 0.5], got {self.val_fraction!r}")
+        if self.val_fraction and self.eval_data:
+            raise ValueError("val_fraction and eval_data are exclusive: give held-out data, or a fraction to split off")
         if self.max_steps == -1 and not (self.epochs > 0):
             raise ValueError(f"epochs must be > 0 when max_steps is -1, got {self.epochs!r}")
         if self.register and self.modules_to_save:
@@ -165,21 +177,24 @@ class TrainConfig:
         return [f.name for f in dataclasses.fields(cls)]
 
     @classmethod
-    def check_keys(cls, keys, *, source: str = "config", settable=None) -> None:
+    def check_keys(cls, keys, *, source: str = "config", settable=None, hidden: Iterable[str] = ()) -> None:
         """Refuse a key that is not a field (`-` accepted for `_`), naming the closest
-        settable one. `settable`: the fields this source may set (default: all)."""
-        valid = sorted(settable if settable is not None else cls.field_names())
+        settable one. `settable`: the fields this source may set (default: all);
+        `hidden`: keys the caller sets itself, accepted but not offered in the message."""
+        accepted = set(settable if settable is not None else cls.field_names())
+        valid = sorted(accepted - set(hidden))
         for key in keys:
-            if key.replace("-", "_") in valid:
+            if key.replace("-", "_") in accepted:
                 continue
             close = difflib.get_close_matches(key.replace("-", "_"), valid, n=1)
             hint = f"did you mean {close[0]!r}? " if close else ""
             raise InvalidArgument(f"{source}: unknown key {_shown(key)}; {hint}valid keys are: {', '.join(valid)}")
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any], *, source: str = "config") -> "TrainConfig":
-        """Build from a dict whose keys are field names (`-` accepted for `_`); unknown keys are an error."""
-        cls.check_keys(values, source=source)
+    def from_dict(cls, values: dict[str, Any], *, source: str = "config", hidden: Iterable[str] = ()) -> "TrainConfig":
+        """Build from a dict whose keys are field names (`-` accepted for `_`); unknown keys are an error
+        naming the closest valid key. `hidden`: keys the caller sets itself, left out of the valid list."""
+        cls.check_keys(values, source=source, hidden=hidden)
         try:
             return cls(**{key.replace("-", "_"): value for key, value in values.items()})
         except (ValueError, TypeError) as exc:

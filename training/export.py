@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any
 
 from qlora_serve.adapters.fingerprint import base_fingerprint
-from qlora_serve.adapters.registry import FINGERPRINT_KEY
 
 METADATA_FILE = "qlora_serve_metadata.json"
 METADATA_VERSION = 1
@@ -21,16 +20,12 @@ def fingerprint_of(base: str, model_config) -> dict[str, str]:
 
 def save_adapter(peft_model, out_dir: Path, metadata: dict[str, Any]) -> Path:
     """Save adapter_config.json + adapter_model.safetensors (loadable by
-    `PeftModel.from_pretrained`) and the metadata file into `out_dir`. The base
-    fingerprint also goes into adapter_config.json (an extra key PEFT ignores), so
-    a server with a different base refuses the adapter at registration."""
+    `PeftModel.from_pretrained`) and the metadata file into `out_dir`.
+    adapter_config.json stays exactly PEFT's (an extra key makes PEFT warn on every
+    load); the base fingerprint lives in the metadata file, where the registry reads
+    it, so a server with a different base refuses the adapter at registration."""
     out_dir.mkdir(parents=True, exist_ok=True)
     peft_model.save_pretrained(out_dir, safe_serialization=True)
-    if metadata.get("base_fingerprint"):
-        cfg_path = out_dir / "adapter_config.json"
-        cfg = json.loads(cfg_path.read_text())
-        cfg[FINGERPRINT_KEY] = metadata["base_fingerprint"]
-        cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True))
     write_metadata(out_dir, metadata)
     return out_dir
 

@@ -7,6 +7,7 @@ missing base or a typo in target_modules fails before any weight is read.
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 
 import torch
@@ -71,21 +72,40 @@ def linear_module_names(model_config) -> tuple[list[str], str | None]:
 
 def resolve_target_modules(cfg: TrainConfig, model_config) -> list[str]:
     """The LoRA target suffixes: cfg.target_modules checked against the model, or
-    (when empty) every Linear suffix except the output head's (the QLoRA paper's choice)."""
+    (when empty or ["all-linear"], PEFT's preset) every Linear suffix except the output
+    head's (the QLoRA paper's choice). The head is refused: the server applies LoRA
+    only to the base's quantized Linear layers, so such an adapter could not be served."""
     names, head = linear_module_names(model_config)
+    return check_target_modules(cfg.target_modules, names, head)
+
+
+def check_target_modules(targets: list[str], names: list[str], head: str | None) -> list[str]:
+    """`targets` checked against the Linear module `names` of a base whose output
+    head is `head` (see resolve_target_modules); InvalidArgument on a bad one."""
     suffixes = sorted({n.rsplit(".", 1)[-1] for n in names if n != head})
-    if not cfg.target_modules:
+    if not targets or targets == ["all-linear"]:
         if not suffixes:
             raise InvalidArgument("the base model has no Linear layers besides the output head; nothing for LoRA to adapt")
         return suffixes
+    if "all-linear" in targets:
+        raise InvalidArgument("target_modules 'all-linear' is PEFT's preset for every Linear layer; give it alone, not with names")
+    head_suffix = head.rsplit(".", 1)[-1] if head else None
+    on_head = [t for t in targets if head and t in (head, head_suffix) and t not in suffixes]
+    if on_head:
+        raise InvalidArgument(
+            f"target_modules {on_head} is the output head ({head}): the server cannot serve LoRA on it per request "
+            f"(only the base's quantized Linear layers); adapt the others ({', '.join(suffixes)})"
+        )
     all_suffixes = {n.rsplit(".", 1)[-1] for n in names}
-    unknown = [t for t in cfg.target_modules if t not in all_suffixes and t not in names]
+    unknown = [t for t in targets if t not in all_suffixes and t not in names]
     if unknown:
+        close = {t: difflib.get_close_matches(t, suffixes, n=1) for t in unknown}
+        hint = "; ".join(f"{t!r}: did you mean {c[0]!r}?" for t, c in close.items() if c)
         raise InvalidArgument(
             f"target_modules {unknown} match no Linear layer of the base model; "
-            f"available: {', '.join(suffixes)}" + (f" (output head: {head})" if head else "")
+            f"available: {', '.join(suffixes)}" + (f" (output head: {head})" if head else "") + (f" ({hint})" if hint else "")
         )
-    return list(cfg.target_modules)
+    return list(targets)
 
 
 def check_modules_to_save(cfg: TrainConfig, model_config) -> None:

@@ -22,6 +22,7 @@ from qlora_serve.errors import InvalidArgument
 from .collate import make_collator, packing_is_isolated
 from .config import TrainConfig
 from .data import Dataset, load_dataset
+from .resume import check_resume_settings, metrics_before, run_settings, split_validation, write_run_settings
 from .export import fingerprint_of, save_adapter
 from .feedback import EventSink, FeedbackCallback, MetricsFile, QuietProgressCallback, peak_memory_mb
 from .model import (
@@ -80,10 +81,12 @@ def prepare(cfg: TrainConfig) -> PreparedRun:
     base = resolve_base(cfg.base)
     tokenizer = load_tokenizer(base)
     model_config = load_base_config(base)
-    train_data = load_dataset(cfg.data, tokenizer, cfg.max_seq_len)
-    eval_data = load_dataset(cfg.eval_data, tokenizer, cfg.max_seq_len) if cfg.eval_data else None
+    train_data = load_dataset(cfg.data, tokenizer, cfg.max_seq_len, cfg.format, cfg.train_on_inputs)
+    eval_data = load_dataset(cfg.eval_data, tokenizer, cfg.max_seq_len, cfg.format, cfg.train_on_inputs) if cfg.eval_data else None
+    if cfg.val_fraction:
+        train_data, eval_data = split_validation(train_data, cfg.val_fraction, cfg.seed)
     if cfg.eval_steps and eval_data is None:
-        raise InvalidArgument("eval_steps is set but eval_data is not; pass --eval-data FILE.jsonl")
+        raise InvalidArgument("eval_steps is set but there is no validation data; pass --eval-data FILE.jsonl or --val-fraction")
     target_modules = resolve_target_modules(cfg, model_config)
     check_modules_to_save(cfg, model_config)
     out = Path(cfg.out)
@@ -95,6 +98,7 @@ def prepare(cfg: TrainConfig) -> PreparedRun:
         resume_from = get_last_checkpoint(str(ckpts)) if ckpts.is_dir() else None
         if resume_from is None:
             raise InvalidArgument(f"resume is set but {ckpts} holds no checkpoint-N directory; run without --resume to start fresh")
+        check_resume_settings(ckpts, run_settings(cfg, base, model_config, train_data, target_modules), cfg.resume_allow_changes)
     if cfg.register:
         from .register import check_server_ready
 
@@ -162,7 +166,10 @@ def train(
     run = prepare(cfg)
     emit = on_event or (lambda e: None)
     run.out.mkdir(parents=True, exist_ok=True)
-    metrics = MetricsFile(run.out / METRICS_FILE)
+    # A resumed run keeps the history up to its checkpoint; the steps after it are re-run.
+    metrics = MetricsFile(run.out / METRICS_FILE, log=metrics_before(run.out / METRICS_FILE, run.resume_from))
+    write_run_settings(run.out / CHECKPOINT_DIR, run_settings(cfg, run.base, run.model_config, run.train_data,
+                                                                run.target_modules))
     if run.train_data.truncated_examples:
         print(f"truncated {run.train_data.truncated_examples} example(s) to max_seq_len={cfg.max_seq_len}, "
               f"dropping {run.train_data.truncated_tokens} token(s)", file=stream)
@@ -202,7 +209,9 @@ def train(
     train_loss = losses[-1] if losses else float(out.training_loss)
     eval_loss = None
     if run.eval_data is not None:
-        eval_loss = float(trainer.evaluate()["eval_loss"])
+        # When eval_steps divides the last step, the Trainer has just evaluated: don't run it twice.
+        last = [e for e in metrics.log if e.get("event") == "eval" and e["step"] == state.global_step]
+        eval_loss = last[-1]["eval_loss"] if last else float(trainer.evaluate()["eval_loss"])
     wall = time.perf_counter() - t0
 
     metadata = {

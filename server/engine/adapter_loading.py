@@ -44,6 +44,24 @@ class LoadWaiter:
     future: Future  # its result: the device slot
 
 
+def build_lora(model, config) -> tuple[MultiLoRA, Residency]:
+    """The engine's MultiLoRA and Residency from its EngineConfig: slot dtype, byte budget
+    (lora_memory_bytes, or auto: a fraction of free GPU memory / a fixed CPU amount)."""
+    import torch
+
+    from qlora_serve.server.engine.config import AUTO_LORA_CPU_BYTES, AUTO_LORA_GPU_FRACTION
+
+    lora = MultiLoRA(model, max_slots=config.max_resident_adapters, max_rank=config.max_lora_rank,
+                     dtype="compute" if config.lora_dtype == "compute" else torch.float32)
+    budget = config.lora_memory_bytes
+    if budget == 0:
+        if lora.device.type == "cuda":
+            budget = int(torch.cuda.mem_get_info(lora.device)[0] * AUTO_LORA_GPU_FRACTION)
+        else:
+            budget = AUTO_LORA_CPU_BYTES
+    return lora, Residency(config.max_resident_adapters, config.host_cache_bytes, device_bytes=budget)
+
+
 class AdapterSlots:
     """Device slots (MultiLoRA + Residency), the host cache and the reads in flight."""
 
@@ -162,8 +180,9 @@ class AdapterSlots:
             slot = self.install(waiter.adapter.key)
             if slot is None:
                 raise ResourceExhausted(
-                    f"all {self.lora.max_slots} adapter slots are used by running requests; "
-                    "retry later or raise --max-resident-adapters")
+                    f"the device's adapter slots ({self.lora.max_slots}) or LoRA memory ({self.residency.device_bytes} "
+                    "bytes) are held by adapters of running requests; retry later or raise --max-resident-adapters "
+                    "or --lora-memory-bytes")
         except Exception as exc:
             waiter.future.set_exception(exc)
         else:
@@ -183,15 +202,23 @@ class AdapterSlots:
         if slot is not None:
             self.residency.touch(key)
             return slot
-        choice = self.residency.choose_slot(key)
-        if choice is None:
+        adapter = self._ready.get(key) or self.residency.host_get(key)
+        nbytes = self.lora.footprint(adapter)
+        if not self.residency.fits_ever(nbytes):
+            raise ResourceExhausted(
+                f"adapter needs {nbytes} bytes of device memory, more than the whole LoRA budget of "
+                f"{self.residency.device_bytes} bytes; raise --lora-memory-bytes")
+        victims = self.residency.make_room(key, nbytes)
+        if victims is None:
             return None
-        slot, victim = choice
-        adapter = self._ready.pop(key, None) or self.residency.host_get(key)
-        self.lora.load(slot, adapter)
-        self.residency.assign(key, slot)
-        if self.metrics and victim:
-            self.metrics.evicted("device", 1)
+        for victim in victims:
+            self.lora.unload(self.residency.release(victim))
+        slot = self.residency.free_slot()
+        self._ready.pop(key, None)
+        self.lora.load(slot, adapter)  # raises before writing anything when the adapter is refused
+        self.residency.assign(key, slot, nbytes)
+        if self.metrics and victims:
+            self.metrics.evicted("device", len(victims))
         self._set_resident_gauge()
         return slot
 
@@ -241,3 +268,15 @@ class AdapterSlots:
     def _set_resident_gauge(self) -> None:
         if self.metrics:
             self.metrics.set_resident(len(self.residency.resident_keys()))
+            self.metrics.set_lora_bytes(self.lora.nbytes())
+
+    def report_capacity(self) -> str:
+        """Start-up report (log line and /metrics gauges): the LoRA budget and how many
+        adapters of typical ranks (targeting every Linear) fit it."""
+        budget = self.residency.device_bytes
+        fit = {r: min(self.lora.max_slots, budget // self.lora.full_footprint(r)) for r in (8, 16, 64) if r <= self.lora.max_rank}
+        if self.metrics:
+            self.metrics.set_lora_capacity(budget, fit)
+            self.metrics.set_lora_bytes(self.lora.nbytes())
+        return (f"LoRA device memory: budget {budget / 2**20:.0f} MiB in {self.lora.dtype}, up to {self.lora.max_slots} "
+                "adapters; all-linear adapters that fit: " + ", ".join(f"r={r}: {n}" for r, n in fit.items()))

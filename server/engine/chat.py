@@ -7,6 +7,10 @@ from qlora_serve.errors import InvalidArgument
 _MAX_ERROR_CHARS = 200  # a template's own error message, quoted in ours
 
 
+class NoChatTemplate(InvalidArgument):
+    """The base (and adapter) ship no chat template: messages cannot be rendered."""
+
+
 def render_chat(tokenizer, messages, *, template: str | None = None) -> list[int]:
     """Render [(role, content), ...] (or dicts with role/content) with the chat
     template (`template`, else the tokenizer's), ending with the generation prompt
@@ -21,8 +25,8 @@ def render_chat(tokenizer, messages, *, template: str | None = None) -> list[int
             raise InvalidArgument(f"messages[{i}].role is empty: set it (e.g. system, user, assistant)")
     template = template or getattr(tokenizer, "chat_template", None)
     if not template:
-        raise InvalidArgument("the base model's tokenizer has no chat template, so messages cannot be rendered; "
-                              "send prompt (text) or prompt_token_ids instead")
+        raise NoChatTemplate("the base model's tokenizer has no chat template, so messages cannot be rendered; "
+                             "send prompt (text) or prompt_token_ids instead")
     try:
         ids = tokenizer.apply_chat_template(msgs, chat_template=template, add_generation_prompt=True,
                                             tokenize=True, return_dict=False)

@@ -23,13 +23,11 @@ import torch
 from transformers import DynamicCache
 
 from qlora_serve.adapters.peft_format import LoraAdapter
-from qlora_serve.adapters.residency import Residency
-from qlora_serve.server.engine.adapter_loading import AdapterLoader, AdapterSlots, LoadWaiter
+from qlora_serve.server.engine.adapter_loading import AdapterLoader, AdapterSlots, LoadWaiter, build_lora
 from qlora_serve.server.engine.config import EngineConfig
 from qlora_serve.server.engine.detokenizer import IncrementalDetokenizer
-from qlora_serve.server.engine.kv_batch import PaddedKVBatch
+from qlora_serve.server.engine.kv_batch import KVRow, PagedKVBatch
 from qlora_serve.server.engine.loader import LoadedBase
-from qlora_serve.server.engine.multi_lora import MultiLoRA
 from qlora_serve.server.engine.request import (
     AdapterHandle,
     ErrorEvent,
@@ -64,6 +62,7 @@ class _Row:
     sampler: RowSampler
     detok: IncrementalDetokenizer
     slot: int  # adapter slot, -1 = base
+    kv: KVRow | None = None  # its pages in the KV pool, once prefilled
     generated: list[int] = field(default_factory=list)
     logprobs: list = field(default_factory=list)  # TokenLogprob per generated token, when asked for
     first_token_at: float | None = None
@@ -87,8 +86,7 @@ class Engine:
         self.base = base
         self.config = config
         self.metrics = metrics
-        self.lora = MultiLoRA(base.model, max_slots=config.max_resident_adapters, max_rank=config.max_lora_rank)
-        self.residency = Residency(config.max_resident_adapters, config.host_cache_bytes)
+        self.lora, self.residency = build_lora(base.model, config)
         self.adapters = AdapterSlots(self.lora, self.residency, metrics=metrics,
                                      on_done=lambda key, fut, handle: self._post("loaded", (key, fut, handle)))
         if adapter_loader is not None:
@@ -106,8 +104,8 @@ class Engine:
         # Fair across tenants (VTC); never fuller than _queued allows, so push cannot overflow.
         self._waiting: FairQueue[Request] = FairQueue(config.max_waiting + config.max_running)
         self._admitted: list[_Row] = []  # taken from the queue and pinned, not yet prefilled
-        self._running: list[_Row] = []
-        self._kv = PaddedKVBatch()
+        self._running: list[_Row] = []  # sorted by adapter slot (contiguous LoRA segments)
+        self._kv = PagedKVBatch(max_tokens=config.max_kv_tokens)
         # id(request) -> request: cancels match the Request object, never the client-chosen
         # request_id, which need not be unique (a retry, or two clients, may reuse one).
         self._cancelled: dict[int, Request] = {}
@@ -355,7 +353,8 @@ class Engine:
         (it keeps its place) so that base requests and requests for resident adapters
         behind it still run."""
         prefill_tokens = 0
-        worst = max((r.final_len for r in self._running), default=0)
+        # KV pages every row may come to hold: paged, so the sum, not rows x longest.
+        kv_tokens = sum(self._kv.slots_for(r.final_len) for r in self._running)
         no_slot: set[int] = set()  # id() of requests passed over
         while len(self._running) + len(self._admitted) < self.config.max_running:
             req = self._waiting.peek(skip=no_slot)
@@ -364,7 +363,7 @@ class Engine:
             n = len(req.prompt_ids)
             final_len = n + req.params.max_new_tokens
             rows = len(self._running) + len(self._admitted) + 1
-            if rows > 1 and rows * max(worst, final_len) > self.config.max_kv_tokens:
+            if rows > 1 and kv_tokens + self._kv.slots_for(final_len) > self.config.max_kv_tokens:
                 break  # KV budget full: wait for rows to finish (never over-commit memory)
             if self._admitted and prefill_tokens + n > self.config.max_prefill_tokens:
                 break
@@ -391,7 +390,7 @@ class Engine:
                 self.adapters.pin(req.adapter_key)
             self._admitted.append(row)
             prefill_tokens += n
-            worst = max(worst, final_len)
+            kv_tokens += self._kv.slots_for(final_len)
 
     def _slot_for(self, req: Request) -> int | None:
         """Device slot for the request's adapter (-1 = base); None if no slot can be
@@ -409,7 +408,8 @@ class Engine:
     def _prefill(self) -> None:
         """One left-padded forward pass over the admitted prompts; samples each row's
         first token. If the forward fails, only these rows fail."""
-        rows, device = self._admitted, self.base.device
+        # Rows sorted by adapter slot: each adapter's rows form one contiguous segment.
+        rows, device = sorted(self._admitted, key=lambda r: r.slot), self.base.device
         length = max(len(r.request.prompt_ids) for r in rows)
         ids = torch.full((len(rows), length), self._pad_id, dtype=torch.long)
         mask = torch.zeros((len(rows), length), dtype=torch.long)
@@ -419,7 +419,7 @@ class Engine:
             mask[i, length - len(p):] = 1
         ids, mask = ids.to(device), mask.to(device)
         positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
-        cache = DynamicCache(config=self.base.model.config)
+        cache = DynamicCache()  # every layer keeps all tokens: join copies them into the pool
         try:
             with self.lora.row_slots([r.slot for r in rows]):
                 out = self.base.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
@@ -429,8 +429,10 @@ class Engine:
             self._admitted = []
             self._fail_rows(rows, exc)
             return
-        self._kv.join(cache, mask)
-        self._running.extend(rows)
+        for row, kv in zip(rows, self._kv.join(cache, mask)):
+            row.kv = kv
+        # Stable sort: new rows go after running rows of the same adapter; leaving keeps order.
+        self._running = sorted(self._running + rows, key=lambda r: r.slot)
         self._admitted = []
         self._emit(rows, sample_rows([r.sampler for r in rows], out.logits[:, -1, :]))
 
@@ -439,11 +441,12 @@ class Engine:
         """One token for every running row, in one forward pass."""
         rows = self._running
         ids = torch.tensor([[r.generated[-1]] for r in rows], dtype=torch.long, device=self.base.device)
-        mask = self._kv.decode_mask()
+        kv = [r.kv for r in rows]
+        cache, mask, positions = self._kv.decode(kv)
         with self.lora.row_slots([r.slot for r in rows]):
-            out = self.base.model(input_ids=ids, attention_mask=mask, position_ids=self._kv.positions(),
-                                  cache=self._kv.cache, use_cache=True)
-        self._kv.advance(mask)
+            out = self.base.model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                                  cache=cache, use_cache=True)
+        self._kv.advance(kv)
         self._emit(rows, sample_rows([r.sampler for r in rows], out.logits[:, -1, :]))
 
     def _emit(self, rows: list[_Row], picked: tuple[list[int | Exception], list]) -> None:
@@ -495,8 +498,9 @@ class Engine:
         for r in self._running:
             if r.done:
                 self._release(r)
+                if r.kv is not None:
+                    self._kv.leave(r.kv)  # frees its pages; no other row's KV moves
         self._running = [self._running[i] for i in keep]
-        self._kv.keep(keep)
 
     def _release(self, row: _Row) -> None:
         with self._lock:
@@ -517,7 +521,7 @@ class Engine:
         rows = self._admitted + self._running
         log.exception("engine step failed; failing %d request(s) and continuing", len(rows))
         self._admitted, self._running = [], []
-        self._kv = PaddedKVBatch()
+        self._kv.clear()
         self._fail_rows(rows, exc)
 
     def _fail_everything(self, err: QloraServeError) -> None:

@@ -25,31 +25,37 @@ _sym_db = _symbol_database.Default()
 from qlora_serve.v1 import common_pb2 as qlora__serve_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dqlora_serve/v1/training.proto\x12\x0eqlora_serve.v1\x1a\x1bqlora_serve/v1/common.proto\"{\n\x10SubmitJobRequest\x12\x14\n\x0c\x61\x64\x61pter_name\x18\x01 \x01(\t\x12\x13\n\x0btrain_jsonl\x18\x02 \x01(\x0c\x12\x12\n\neval_jsonl\x18\x03 \x01(\x0c\x12\x13\n\x0b\x63onfig_toml\x18\x04 \x01(\t\x12\x13\n\x0bset_default\x18\x05 \x01(\x08\"\xa2\x02\n\x0bTrainingJob\x12\n\n\x02id\x18\x01 \x01(\t\x12\x14\n\x0c\x61\x64\x61pter_name\x18\x02 \x01(\t\x12\'\n\x05state\x18\x03 \x01(\x0e\x32\x18.qlora_serve.v1.JobState\x12\x0c\n\x04step\x18\x04 \x01(\x04\x12\x11\n\tmax_steps\x18\x05 \x01(\x04\x12\x0c\n\x04loss\x18\x06 \x01(\x02\x12\x11\n\teval_loss\x18\x07 \x01(\x02\x12\r\n\x05\x65rror\x18\x08 \x01(\t\x12\x12\n\ncreated_at\x18\t \x01(\x01\x12\x12\n\nstarted_at\x18\n \x01(\x01\x12\x13\n\x0b\x66inished_at\x18\x0b \x01(\x01\x12+\n\x07\x61\x64\x61pter\x18\x0c \x01(\x0b\x32\x1a.qlora_serve.v1.AdapterRef\x12\r\n\x05owner\x18\r \x01(\t\"^\n\rTrainingEvent\x12(\n\x03job\x18\x01 \x01(\x0b\x32\x1b.qlora_serve.v1.TrainingJob\x12\r\n\x05\x65vent\x18\x02 \x01(\t\x12\x14\n\x0c\x64\x65tails_json\x18\x03 \x01(\t\"\x1d\n\x0fWatchJobRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\x11\n\x0fListJobsRequest\"=\n\x10ListJobsResponse\x12)\n\x04jobs\x18\x01 \x03(\x0b\x32\x1b.qlora_serve.v1.TrainingJob\"\x1b\n\rGetJobRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\x1e\n\x10\x43\x61ncelJobRequest\x12\n\n\x02id\x18\x01 \x01(\t*\x9a\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_STATE_QUEUED\x10\x01\x12\x15\n\x11JOB_STATE_RUNNING\x10\x02\x12\x17\n\x13JOB_STATE_SUCCEEDED\x10\x03\x12\x14\n\x10JOB_STATE_FAILED\x10\x04\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x05\x32\x85\x03\n\x08Training\x12J\n\tSubmitJob\x12 .qlora_serve.v1.SubmitJobRequest\x1a\x1b.qlora_serve.v1.TrainingJob\x12L\n\x08WatchJob\x12\x1f.qlora_serve.v1.WatchJobRequest\x1a\x1d.qlora_serve.v1.TrainingEvent0\x01\x12M\n\x08ListJobs\x12\x1f.qlora_serve.v1.ListJobsRequest\x1a .qlora_serve.v1.ListJobsResponse\x12\x44\n\x06GetJob\x12\x1d.qlora_serve.v1.GetJobRequest\x1a\x1b.qlora_serve.v1.TrainingJob\x12J\n\tCancelJob\x12 .qlora_serve.v1.CancelJobRequest\x1a\x1b.qlora_serve.v1.TrainingJobb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dqlora_serve/v1/training.proto\x12\x0eqlora_serve.v1\x1a\x1bqlora_serve/v1/common.proto\"{\n\x10SubmitJobRequest\x12\x14\n\x0c\x61\x64\x61pter_name\x18\x01 \x01(\t\x12\x13\n\x0btrain_jsonl\x18\x02 \x01(\x0c\x12\x12\n\neval_jsonl\x18\x03 \x01(\x0c\x12\x13\n\x0b\x63onfig_toml\x18\x04 \x01(\t\x12\x13\n\x0bset_default\x18\x05 \x01(\x08\"\x83\x01\n\x16SubmitJobStreamRequest\x12\x32\n\x06header\x18\x01 \x01(\x0b\x32 .qlora_serve.v1.SubmitJobRequestH\x00\x12-\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x1c.qlora_serve.v1.DatasetChunkH\x00\x42\x06\n\x04part\"\x9c\x01\n\x0c\x44\x61tasetChunk\x12\x35\n\x07\x64\x61taset\x18\x01 \x01(\x0e\x32$.qlora_serve.v1.DatasetChunk.Dataset\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"G\n\x07\x44\x61taset\x12\x17\n\x13\x44\x41TASET_UNSPECIFIED\x10\x00\x12\x11\n\rDATASET_TRAIN\x10\x01\x12\x10\n\x0c\x44\x41TASET_EVAL\x10\x02\"\xa2\x02\n\x0bTrainingJob\x12\n\n\x02id\x18\x01 \x01(\t\x12\x14\n\x0c\x61\x64\x61pter_name\x18\x02 \x01(\t\x12\'\n\x05state\x18\x03 \x01(\x0e\x32\x18.qlora_serve.v1.JobState\x12\x0c\n\x04step\x18\x04 \x01(\x04\x12\x11\n\tmax_steps\x18\x05 \x01(\x04\x12\x0c\n\x04loss\x18\x06 \x01(\x02\x12\x11\n\teval_loss\x18\x07 \x01(\x02\x12\r\n\x05\x65rror\x18\x08 \x01(\t\x12\x12\n\ncreated_at\x18\t \x01(\x01\x12\x12\n\nstarted_at\x18\n \x01(\x01\x12\x13\n\x0b\x66inished_at\x18\x0b \x01(\x01\x12+\n\x07\x61\x64\x61pter\x18\x0c \x01(\x0b\x32\x1a.qlora_serve.v1.AdapterRef\x12\r\n\x05owner\x18\r \x01(\t\"^\n\rTrainingEvent\x12(\n\x03job\x18\x01 \x01(\x0b\x32\x1b.qlora_serve.v1.TrainingJob\x12\r\n\x05\x65vent\x18\x02 \x01(\t\x12\x14\n\x0c\x64\x65tails_json\x18\x03 \x01(\t\"\x1d\n\x0fWatchJobRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\x11\n\x0fListJobsRequest\"=\n\x10ListJobsResponse\x12)\n\x04jobs\x18\x01 \x03(\x0b\x32\x1b.qlora_serve.v1.TrainingJob\"\x1b\n\rGetJobRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\x1e\n\x10\x43\x61ncelJobRequest\x12\n\n\x02id\x18\x01 \x01(\t*\x9a\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_STATE_QUEUED\x10\x01\x12\x15\n\x11JOB_STATE_RUNNING\x10\x02\x12\x17\n\x13JOB_STATE_SUCCEEDED\x10\x03\x12\x14\n\x10JOB_STATE_FAILED\x10\x04\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x05\x32\xdf\x03\n\x08Training\x12J\n\tSubmitJob\x12 .qlora_serve.v1.SubmitJobRequest\x1a\x1b.qlora_serve.v1.TrainingJob\x12X\n\x0fSubmitJobStream\x12&.qlora_serve.v1.SubmitJobStreamRequest\x1a\x1b.qlora_serve.v1.TrainingJob(\x01\x12L\n\x08WatchJob\x12\x1f.qlora_serve.v1.WatchJobRequest\x1a\x1d.qlora_serve.v1.TrainingEvent0\x01\x12M\n\x08ListJobs\x12\x1f.qlora_serve.v1.ListJobsRequest\x1a .qlora_serve.v1.ListJobsResponse\x12\x44\n\x06GetJob\x12\x1d.qlora_serve.v1.GetJobRequest\x1a\x1b.qlora_serve.v1.TrainingJob\x12J\n\tCancelJob\x12 .qlora_serve.v1.CancelJobRequest\x1a\x1b.qlora_serve.v1.TrainingJobb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'qlora_serve.v1.training_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_JOBSTATE']._serialized_start=767
-  _globals['_JOBSTATE']._serialized_end=921
+  _globals['_JOBSTATE']._serialized_start=1060
+  _globals['_JOBSTATE']._serialized_end=1214
   _globals['_SUBMITJOBREQUEST']._serialized_start=78
   _globals['_SUBMITJOBREQUEST']._serialized_end=201
-  _globals['_TRAININGJOB']._serialized_start=204
-  _globals['_TRAININGJOB']._serialized_end=494
-  _globals['_TRAININGEVENT']._serialized_start=496
-  _globals['_TRAININGEVENT']._serialized_end=590
-  _globals['_WATCHJOBREQUEST']._serialized_start=592
-  _globals['_WATCHJOBREQUEST']._serialized_end=621
-  _globals['_LISTJOBSREQUEST']._serialized_start=623
-  _globals['_LISTJOBSREQUEST']._serialized_end=640
-  _globals['_LISTJOBSRESPONSE']._serialized_start=642
-  _globals['_LISTJOBSRESPONSE']._serialized_end=703
-  _globals['_GETJOBREQUEST']._serialized_start=705
-  _globals['_GETJOBREQUEST']._serialized_end=732
-  _globals['_CANCELJOBREQUEST']._serialized_start=734
-  _globals['_CANCELJOBREQUEST']._serialized_end=764
-  _globals['_TRAINING']._serialized_start=924
-  _globals['_TRAINING']._serialized_end=1313
+  _globals['_SUBMITJOBSTREAMREQUEST']._serialized_start=204
+  _globals['_SUBMITJOBSTREAMREQUEST']._serialized_end=335
+  _globals['_DATASETCHUNK']._serialized_start=338
+  _globals['_DATASETCHUNK']._serialized_end=494
+  _globals['_DATASETCHUNK_DATASET']._serialized_start=423
+  _globals['_DATASETCHUNK_DATASET']._serialized_end=494
+  _globals['_TRAININGJOB']._serialized_start=497
+  _globals['_TRAININGJOB']._serialized_end=787
+  _globals['_TRAININGEVENT']._serialized_start=789
+  _globals['_TRAININGEVENT']._serialized_end=883
+  _globals['_WATCHJOBREQUEST']._serialized_start=885
+  _globals['_WATCHJOBREQUEST']._serialized_end=914
+  _globals['_LISTJOBSREQUEST']._serialized_start=916
+  _globals['_LISTJOBSREQUEST']._serialized_end=933
+  _globals['_LISTJOBSRESPONSE']._serialized_start=935
+  _globals['_LISTJOBSRESPONSE']._serialized_end=996
+  _globals['_GETJOBREQUEST']._serialized_start=998
+  _globals['_GETJOBREQUEST']._serialized_end=1025
+  _globals['_CANCELJOBREQUEST']._serialized_start=1027
+  _globals['_CANCELJOBREQUEST']._serialized_end=1057
+  _globals['_TRAINING']._serialized_start=1217
+  _globals['_TRAINING']._serialized_end=1696
 # @@protoc_insertion_point(module_scope)

@@ -37,6 +37,30 @@ class SubmitJobRequest(_message.Message):
     set_default: bool
     def __init__(self, adapter_name: _Optional[str] = ..., train_jsonl: _Optional[bytes] = ..., eval_jsonl: _Optional[bytes] = ..., config_toml: _Optional[str] = ..., set_default: _Optional[bool] = ...) -> None: ...
 
+class SubmitJobStreamRequest(_message.Message):
+    __slots__ = ("header", "chunk")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    header: SubmitJobRequest
+    chunk: DatasetChunk
+    def __init__(self, header: _Optional[_Union[SubmitJobRequest, _Mapping]] = ..., chunk: _Optional[_Union[DatasetChunk, _Mapping]] = ...) -> None: ...
+
+class DatasetChunk(_message.Message):
+    __slots__ = ("dataset", "data")
+    class Dataset(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        DATASET_UNSPECIFIED: _ClassVar[DatasetChunk.Dataset]
+        DATASET_TRAIN: _ClassVar[DatasetChunk.Dataset]
+        DATASET_EVAL: _ClassVar[DatasetChunk.Dataset]
+    DATASET_UNSPECIFIED: DatasetChunk.Dataset
+    DATASET_TRAIN: DatasetChunk.Dataset
+    DATASET_EVAL: DatasetChunk.Dataset
+    DATASET_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    dataset: DatasetChunk.Dataset
+    data: bytes
+    def __init__(self, dataset: _Optional[_Union[DatasetChunk.Dataset, str]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
 class TrainingJob(_message.Message):
     __slots__ = ("id", "adapter_name", "state", "step", "max_steps", "loss", "eval_loss", "error", "created_at", "started_at", "finished_at", "adapter", "owner")
     ID_FIELD_NUMBER: _ClassVar[int]

@@ -39,6 +39,11 @@ class TrainingStub:
                 request_serializer=qlora__serve_dot_v1_dot_training__pb2.SubmitJobRequest.SerializeToString,
                 response_deserializer=qlora__serve_dot_v1_dot_training__pb2.TrainingJob.FromString,
                 _registered_method=True)
+        self.SubmitJobStream = channel.stream_unary(
+                '/qlora_serve.v1.Training/SubmitJobStream',
+                request_serializer=qlora__serve_dot_v1_dot_training__pb2.SubmitJobStreamRequest.SerializeToString,
+                response_deserializer=qlora__serve_dot_v1_dot_training__pb2.TrainingJob.FromString,
+                _registered_method=True)
         self.WatchJob = channel.unary_stream(
                 '/qlora_serve.v1.Training/WatchJob',
                 request_serializer=qlora__serve_dot_v1_dot_training__pb2.WatchJobRequest.SerializeToString,
@@ -66,6 +71,15 @@ class TrainingServicer:
 
     def SubmitJob(self, request, context):
         """Queue a job. Jobs run one at a time, in submission order.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SubmitJobStream(self, request_iterator, context):
+        """SubmitJob for datasets of any size (up to the server's --max-dataset-bytes):
+        the first message is the header (a SubmitJobRequest without data), then
+        chunks of the training and validation data in order.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -104,6 +118,11 @@ def add_TrainingServicer_to_server(servicer, server):
             'SubmitJob': grpc.unary_unary_rpc_method_handler(
                     servicer.SubmitJob,
                     request_deserializer=qlora__serve_dot_v1_dot_training__pb2.SubmitJobRequest.FromString,
+                    response_serializer=qlora__serve_dot_v1_dot_training__pb2.TrainingJob.SerializeToString,
+            ),
+            'SubmitJobStream': grpc.stream_unary_rpc_method_handler(
+                    servicer.SubmitJobStream,
+                    request_deserializer=qlora__serve_dot_v1_dot_training__pb2.SubmitJobStreamRequest.FromString,
                     response_serializer=qlora__serve_dot_v1_dot_training__pb2.TrainingJob.SerializeToString,
             ),
             'WatchJob': grpc.unary_stream_rpc_method_handler(
@@ -153,6 +172,33 @@ class Training:
             target,
             '/qlora_serve.v1.Training/SubmitJob',
             qlora__serve_dot_v1_dot_training__pb2.SubmitJobRequest.SerializeToString,
+            qlora__serve_dot_v1_dot_training__pb2.TrainingJob.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubmitJobStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/qlora_serve.v1.Training/SubmitJobStream',
+            qlora__serve_dot_v1_dot_training__pb2.SubmitJobStreamRequest.SerializeToString,
             qlora__serve_dot_v1_dot_training__pb2.TrainingJob.FromString,
             options,
             channel_credentials,

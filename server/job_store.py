@@ -1,0 +1,78 @@
+"""Training jobs persisted in SQLite (`DATA_DIR/jobs.sqlite3`, beside the adapter
+registry), so a restarted server lists every job and its result.
+
+A job that was QUEUED or RUNNING when the server stopped cannot continue (its process
+died with the server): on load it is marked FAILED with that reason; its checkpoints
+stay in its work directory.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from pathlib import Path
+from typing import Any
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY,
+    adapter_name TEXT NOT NULL,
+    owner TEXT,
+    set_default INTEGER NOT NULL,
+    config TEXT NOT NULL,
+    workdir TEXT NOT NULL,
+    state INTEGER NOT NULL,
+    step INTEGER NOT NULL,
+    max_steps INTEGER NOT NULL,
+    loss REAL NOT NULL,
+    eval_loss REAL NOT NULL,
+    error TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    started_at REAL NOT NULL,
+    finished_at REAL NOT NULL,
+    result_name TEXT NOT NULL,
+    result_version INTEGER NOT NULL,
+    result_digest TEXT NOT NULL
+)
+"""
+_FIELDS = ("id", "adapter_name", "owner", "set_default", "config", "workdir", "state", "step", "max_steps", "loss",
+           "eval_loss", "error", "created_at", "started_at", "finished_at", "result_name", "result_version",
+           "result_digest")
+
+
+class JobStore:
+    """One row per job; `save` upserts, `load` returns every row as a dict (oldest first)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute(_SCHEMA)
+
+    def save(self, job) -> None:
+        """Upsert `job` (a training_service.Job)."""
+        row = (job.id, job.adapter_name, job.owner, int(job.set_default), json.dumps(job.config), str(job.workdir),
+               int(job.state), int(job.step), int(job.max_steps), float(job.loss), float(job.eval_loss), job.error,
+               job.created_at, job.started_at, job.finished_at, job.adapter.name, int(job.adapter.version),
+               job.adapter.digest)
+        marks = ", ".join("?" * len(_FIELDS))
+        with self._lock:
+            self._db.execute(f"INSERT OR REPLACE INTO jobs ({', '.join(_FIELDS)}) VALUES ({marks})", row)
+
+    def load(self) -> list[dict[str, Any]]:
+        with self._lock:
+            rows = self._db.execute(f"SELECT {', '.join(_FIELDS)} FROM jobs ORDER BY created_at").fetchall()
+        out = []
+        for row in rows:
+            d = dict(zip(_FIELDS, row))
+            d["config"] = json.loads(d["config"])
+            d["set_default"] = bool(d["set_default"])
+            out.append(d)
+        return out
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
