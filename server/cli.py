@@ -13,7 +13,7 @@ import threading
 from pathlib import Path
 
 from qlora_serve import __version__
-from qlora_serve.server.cli_checks import CliError, check_utf8, local_adapter_dir
+from qlora_serve.server.cli_checks import CliError, check_utf8, local_adapter_dir, terminal_text
 from qlora_serve.server.client import DEFAULT_ADDRESS
 
 log = logging.getLogger("qlora_serve")
@@ -223,14 +223,14 @@ def _generate(args) -> int:
     with _client(args) as client:
         if args.stream:
             for chunk in client.stream(prompt, **kw):
-                print(json.dumps(MessageToDict(chunk)) if args.json else chunk.text, end="\n" if args.json else "",
-                      flush=True)
+                print(json.dumps(MessageToDict(chunk)) if args.json else terminal_text(chunk.text),
+                      end="\n" if args.json else "", flush=True)
                 logprobs += chunk.logprobs
             if not args.json:
                 print()
         else:
             resp = client.generate(prompt, **kw)
-            print(json.dumps(MessageToDict(resp), indent=2) if args.json else resp.text)
+            print(json.dumps(MessageToDict(resp), indent=2) if args.json else terminal_text(resp.text))
             logprobs = resp.logprobs
     if not args.json:
         for lp in logprobs:  # token text as JSON strings: no raw control characters reach the terminal

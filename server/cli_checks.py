@@ -3,7 +3,12 @@ one-line messages (`qlora-serve: error: ...`, exit status 2)."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
+
+# C0 and C1 controls except tab and newline, DEL, and the bidi overrides/isolates
+# that reorder what a terminal shows.
+_TERMINAL_UNSAFE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
 
 
 class CliError(Exception):
@@ -41,3 +46,10 @@ def check_utf8(args) -> None:
                     shown = text.encode("utf-8", "backslashreplace").decode()[:80]
                     raise CliError(f"{key.replace('_', '-')} is not valid UTF-8 text ({shown!r}); the server takes "
                                    "UTF-8 only: check the terminal's encoding (locale) or the bytes passed") from None
+
+
+def terminal_text(text: str) -> str:
+    """`text` with control characters (all but newline and tab) written as escapes
+    (ESC -> `\\x1b`), so model output cannot move the cursor, recolour or retitle the
+    terminal. For terminal output only: `--json` prints the text unchanged (JSON-escaped)."""
+    return _TERMINAL_UNSAFE.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)

@@ -1,14 +1,20 @@
 """The embedded default: a tiny Llama-architecture base and demo adapters, built offline.
 
 `qlora-serve serve` with no flags must work on a fresh machine with no model hub,
-so the demo model is *built* here (random weights, a BPE tokenizer trained with the
-`tokenizers` library on an embedded corpus), written with `save_pretrained`, and
-loaded back through the same `from_pretrained` path a real hub id or local
-directory takes. Builds are deterministic and cached, so a second start is instant.
+so the demo model is *built* here: a word-level tokenizer over an embedded corpus
+(server/demo_corpus.py), a tiny Llama trained briefly on it so greedy output is
+readable words, and two LoRA adapters trained on the corpus's pirate and poet
+variants (server/demo_train.py), written with `save_pretrained` and loaded back
+through the same `from_pretrained` path a real hub id or local directory takes.
+Builds are deterministic and cached, so a second start is instant.
+
+`build_tiny_base` / `build_random_adapter` (random weights, byte-level BPE) stay for
+tests that need a model of a given shape rather than one that reads.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -17,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 # Bump when the recipe changes so stale caches are rebuilt, never reused.
-DEMO_RECIPE_VERSION = 2
+DEMO_RECIPE_VERSION = 3  # 2: chat template; 3: word-level tokenizer, trained base and adapters
 
 # "role: content" lines, then "assistant: " to prompt a reply: the layout the trainer
 # uses for `messages` data when a tokenizer has no template (training/data.py).
@@ -26,6 +32,7 @@ DEMO_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}assistant: {% endif %}"
 )
 
+# The byte-level BPE corpus of the random-weight builds (`build_tiny_base`).
 _CORPUS = [
     "hello world, this is qlora-serve, a server for many LoRA adapters on one quantized base.",
     "The quick brown fox jumps over the lazy dog while the model counts tokens.",
@@ -53,7 +60,8 @@ class TinyModelSpec:
 
 @dataclass(frozen=True)
 class DemoAdapterSpec:
-    """A demo LoRA adapter: random (not zero) B so it visibly changes the output."""
+    """A demo LoRA adapter. `style` ("pirate" / "poet", server/demo_corpus.py): trained
+    on that style's text; empty: random A and B (scale `init_scale`), for tests."""
 
     name: str
     r: int
@@ -61,12 +69,20 @@ class DemoAdapterSpec:
     target_modules: tuple[str, ...] = ("q_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     seed: int = 1
     init_scale: float = 0.5
+    style: str = ""
 
 
 DEMO_ADAPTERS = (
-    DemoAdapterSpec(name="pirate", r=8, alpha=16, seed=11),
-    DemoAdapterSpec(name="poet", r=4, alpha=8, seed=22, target_modules=("q_proj", "k_proj", "v_proj", "o_proj")),
+    DemoAdapterSpec(name="pirate", r=8, alpha=16, seed=11, style="pirate"),
+    DemoAdapterSpec(name="poet", r=4, alpha=8, seed=22, target_modules=("q_proj", "k_proj", "v_proj", "o_proj"),
+                    style="poet"),
 )
+# The demo base's shape; its vocabulary is the word list's size (vocab_size is unused).
+DEMO_BASE = TinyModelSpec()
+# Training runs (steps, batch rows, tokens per row, peak lr): measured to build in
+# seconds on 2 cores and give greedy output that reads (tests/test_demo.py).
+BASE_RUN = dict(steps=150, batch=16, seq_len=32, lr=3e-3)
+ADAPTER_RUN = dict(steps=60, batch=16, seq_len=32, lr=1e-2)
 
 
 @dataclass(frozen=True)
@@ -107,15 +123,36 @@ def build_tokenizer(out_dir: Path, vocab_size: int):
     return fast
 
 
-def build_tiny_base(out_dir: Path, spec: TinyModelSpec = TinyModelSpec()) -> Path:
-    """Write a random-weight tiny Llama model plus tokenizer to `out_dir` (fp32 safetensors)."""
+def build_word_tokenizer(out_dir: Path):
+    """A word-level tokenizer over the demo corpus's words (lower-cased input, words
+    and punctuation split apart, unknown words as <unk>), saved to `out_dir`."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from qlora_serve.server.demo_corpus import all_words
+
+    specials = ["<s>", "</s>", "<pad>", "<unk>"]
+    vocab = {w: i for i, w in enumerate(specials + all_words())}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    # Joins words with spaces, no space before punctuation ("hello, world!").
+    tok.decoder = decoders.WordPiece(prefix="##", cleanup=True)
+    tok.add_special_tokens(specials)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>")
+    fast.chat_template = DEMO_CHAT_TEMPLATE  # so chat `messages` requests work on the demo
+    fast.save_pretrained(out_dir)
+    return fast
+
+
+def _new_llama(spec: TinyModelSpec, tok, vocab_size: int):
+    """A fresh fp32 tiny Llama (seeded init) whose special ids are `tok`'s."""
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tok = build_tokenizer(out_dir, spec.vocab_size)
     config = LlamaConfig(
-        vocab_size=spec.vocab_size,
+        vocab_size=vocab_size,
         hidden_size=spec.hidden_size,
         intermediate_size=spec.intermediate_size,
         num_hidden_layers=spec.num_hidden_layers,
@@ -129,17 +166,88 @@ def build_tiny_base(out_dir: Path, spec: TinyModelSpec = TinyModelSpec()) -> Pat
     )
     torch.manual_seed(spec.seed)
     model = LlamaForCausalLM(config)
+    model.generation_config = GenerationConfig(
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id
+    )
+    return model
+
+
+def build_tiny_base(out_dir: Path, spec: TinyModelSpec = TinyModelSpec()) -> Path:
+    """Write a random-weight tiny Llama model plus byte-level BPE tokenizer to `out_dir`
+    (fp32 safetensors): a model of a given shape for tests, not one that reads."""
+    import torch
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tok = build_tokenizer(out_dir, spec.vocab_size)
+    model = _new_llama(spec, tok, spec.vocab_size)
     # A wider init than the default makes the random model's greedy output vary
     # with the prompt instead of collapsing onto one token.
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() == 2:
                 p.normal_(0.0, 0.08)
-    model.generation_config = GenerationConfig(
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id
-    )
     model.save_pretrained(out_dir)
     return out_dir
+
+
+def _corpus_ids(tok, style: str, n_lines: int, seed: int) -> list[list[int]]:
+    from qlora_serve.server.demo_corpus import corpus
+
+    return [tok(line, add_special_tokens=False)["input_ids"] for line in corpus(style, n_lines, seed)]
+
+
+def build_demo_base(out_dir: Path, spec: TinyModelSpec = DEMO_BASE):
+    """Write the demo base to `out_dir` and return (model, tokenizer): the word-level
+    tokenizer and a tiny Llama trained (fp32) mostly on plain sentences, with some
+    pirate and poet lines so every word has a trained embedding for the adapters to
+    steer towards. No eos in the text: the base writes on until max_new_tokens."""
+    from qlora_serve.server.demo_train import train_lm, windows
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tok = build_word_tokenizer(out_dir)
+    model = _new_llama(spec, tok, len(tok))
+    lines = _corpus_ids(tok, "plain", 300, 1) + _corpus_ids(tok, "pirate", 60, 2) + _corpus_ids(tok, "poet", 60, 3)
+    run = BASE_RUN
+    train_lm(model, windows(lines, run["seq_len"], run["batch"], run["steps"], spec.seed), run["lr"], run["steps"])
+    model.save_pretrained(out_dir)
+    return model, tok
+
+
+def _save_adapter(peft_model, out_dir: Path) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    peft_model.save_pretrained(out_dir)
+    # PEFT records the base path it saw; the tmp build path means nothing to users.
+    cfg_path = out_dir / "adapter_config.json"
+    data = json.loads(cfg_path.read_text())
+    data["base_model_name_or_path"] = "qlora-serve-demo-tiny-llama"
+    cfg_path.write_text(json.dumps(data, indent=2, sort_keys=True))
+    return out_dir
+
+
+def build_style_adapter(base_dir: Path, out_dir: Path, spec: DemoAdapterSpec) -> Path:
+    """Train a PEFT LoRA adapter on `spec.style`'s lines of the demo corpus (fp32 base,
+    the LoRA weights only) and save it to `out_dir` as a plain PEFT adapter."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    return _train_style_adapter(model, AutoTokenizer.from_pretrained(base_dir), out_dir, spec)
+
+
+def _train_style_adapter(model, tok, out_dir: Path, spec: DemoAdapterSpec) -> Path:
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from qlora_serve.server.demo_train import train_lm, windows
+
+    torch.manual_seed(spec.seed)
+    cfg = LoraConfig(r=spec.r, lora_alpha=spec.alpha, target_modules=list(spec.target_modules), lora_dropout=0.0)
+    peft_model = get_peft_model(model, cfg)
+    run = ADAPTER_RUN
+    batches = windows(_corpus_ids(tok, spec.style, 300, spec.seed), run["seq_len"], run["batch"], run["steps"],
+                      spec.seed)
+    train_lm(peft_model, batches, run["lr"], run["steps"])
+    return _save_adapter(peft_model, out_dir)
 
 
 def build_random_adapter(base_dir: Path, out_dir: Path, spec: DemoAdapterSpec) -> Path:
@@ -159,14 +267,23 @@ def build_random_adapter(base_dir: Path, out_dir: Path, spec: DemoAdapterSpec) -
         for name, p in peft_model.named_parameters():
             if "lora_A" in name or "lora_B" in name:
                 p.copy_(torch.randn(p.shape, generator=gen) * spec.init_scale / (p.shape[-1] ** 0.5))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    peft_model.save_pretrained(out_dir)
-    # PEFT records the base path it saw; the tmp build path means nothing to users.
-    cfg_path = out_dir / "adapter_config.json"
-    data = json.loads(cfg_path.read_text())
-    data["base_model_name_or_path"] = "qlora-serve-demo-tiny-llama"
-    cfg_path.write_text(json.dumps(data, indent=2, sort_keys=True))
-    return out_dir
+    return _save_adapter(peft_model, out_dir)
+
+
+def _build_demo(root: Path) -> None:
+    """Build the base and the demo adapters under `root`, on one torch thread: these
+    matmuls are too small to gain from more, and on a busy machine (CI, shared
+    hosts) threads that spin-wait for each other made the build 10x slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model, tok = build_demo_base(root / "base")
+        for spec in DEMO_ADAPTERS:  # each on its own copy of the trained base (no reload)
+            _train_style_adapter(copy.deepcopy(model), tok, root / "adapters" / spec.name, spec)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def ensure_demo(cache_dir: Path | None = None) -> DemoPaths:
@@ -180,11 +297,9 @@ def ensure_demo(cache_dir: Path | None = None) -> DemoPaths:
     # Build in a sibling temp dir and rename, so a crash never leaves a half-built demo.
     tmp = Path(tempfile.mkdtemp(prefix=".demo-build-", dir=root.parent))
     try:
-        build_tiny_base(tmp / "base")
-        for spec in DEMO_ADAPTERS:
-            build_random_adapter(tmp / "base", tmp / "adapters" / spec.name, spec)
+        _build_demo(tmp)
         (tmp / "READY.json").write_text(
-            json.dumps({"recipe": DEMO_RECIPE_VERSION, "base": asdict(TinyModelSpec())}, indent=2)
+            json.dumps({"recipe": DEMO_RECIPE_VERSION, "base": asdict(DEMO_BASE)}, indent=2)
         )
         if root.exists() and not marker.exists():
             shutil.rmtree(root)  # an interrupted build from an older layout

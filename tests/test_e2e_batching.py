@@ -448,8 +448,9 @@ def test_cancel_of_one_request_spares_another_with_the_same_request_id(server, c
 
 # --------------------------------------------------------------- KV budget
 def test_kv_budget_full_queues_the_request_instead_of_over_committing(start_server, engine_gate):
-    """max_kv_tokens=60 holds one request of 4 + 40 tokens but not two (2 x 44 > 60):
-    the second waits for the first to leave, then runs; nothing fails."""
+    """max_kv_tokens=60 holds one request of prompt + 40 tokens but not two (2 x 42 > 60
+    with the demo's 2-token prompt): the second waits for the first to leave, then
+    runs; nothing fails."""
     server = start_server(engine={"max_kv_tokens": 60})
     gate = engine_gate(server)
     with Client(f"127.0.0.1:{server.port}", timeout=60) as c:
@@ -459,7 +460,7 @@ def test_kv_budget_full_queues_the_request_instead_of_over_committing(start_serv
         a, b = first.result(60), second.result(60)
         # Beyond the budget even alone: refused at once, naming the flag.
         with pytest.raises(grpc.RpcError) as err:
-            c.generate("hello world", max_new_tokens=58)
+            c.generate("hello world", max_new_tokens=61 - alone.prompt_tokens)
     assert a.completion_tokens == b.completion_tokens == 40
     assert list(b.token_ids) == list(alone.token_ids)  # queued, not truncated or mixed up
     assert max(gate.batch_sizes) == 1, gate.batch_sizes  # never two rows in the cache at once

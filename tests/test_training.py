@@ -210,11 +210,16 @@ def test_messages_plain_format_trains_assistant_turns_only(demo, tmp_path):
     tok = AutoTokenizer.from_pretrained(demo.base)
     tok.chat_template = None  # without a template the documented plain format applies
     msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
-            {"role": "user", "content": "two"}, {"role": "assistant", "content": "three"}]
+            {"role": "user", "content": "two"}, {"role": "assistant", "content": "world"}]
     ex = load_dataset(_jsonl(tmp_path / "d.jsonl", [{"messages": msgs}]), tok, 128).examples[0]
-    trained = tok.decode([t for t, lab in zip(ex.input_ids, ex.labels) if lab != IGNORE_INDEX])
-    assert trained == "hello</s>three</s>"
-    assert tok.decode(ex.input_ids).startswith("user: hi\nassistant: hello</s>")
+
+    def ids(text):  # compared as ids: the demo's word-level decoder puts spaces between words
+        return tok(text, add_special_tokens=False)["input_ids"]
+
+    eos = tok.eos_token_id
+    trained = [t for t, lab in zip(ex.input_ids, ex.labels) if lab != IGNORE_INDEX]
+    assert trained == ids("hello") + [eos] + ids("world") + [eos]
+    assert ex.input_ids[:len(ids("user: hi\nassistant: hello")) + 1] == ids("user: hi\nassistant: hello") + [eos]
 
 
 def test_messages_with_chat_template(demo, tmp_path):
@@ -225,8 +230,9 @@ def test_messages_with_chat_template(demo, tmp_path):
                          "{% if add_generation_prompt %}<s>assistant\n{% endif %}")
     msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
     ex = load_dataset(_jsonl(tmp_path / "d.jsonl", [{"messages": msgs}]), tok, 128).examples[0]
-    trained = tok.decode([t for t, lab in zip(ex.input_ids, ex.labels) if lab != IGNORE_INDEX])
-    assert trained == "hello</s>"  # the generation prompt "<s>assistant\n" is context, not target
+    trained = [t for t, lab in zip(ex.input_ids, ex.labels) if lab != IGNORE_INDEX]
+    # The generation prompt "<s>assistant\n" is context, not target.
+    assert trained == tok("hello", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
     assert ex.input_ids[-1] == tok.eos_token_id and ex.input_ids.count(tok.eos_token_id) == 2
 
 
