@@ -93,7 +93,7 @@ def test_save_to_disk_folder_and_parquet_are_read(tmp_path, tok):
     datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "d.parquet"))
     for path in (tmp_path / "hf", tmp_path / "hfdict", tmp_path / "d.parquet"):
         ds = load_dataset(path, tok, 64)
-        assert len(ds) == 2 and _trained(tok, ds.examples[1]) == "hello</s>" and len(ds.digest) == 64
+        assert len(ds) == 2 and _trained(tok, ds.examples[1]) == _ids(tok, "hello", eos=True) and len(ds.digest) == 64
     datasets.DatasetDict({"test": datasets.Dataset.from_list(rows)}).save_to_disk(str(tmp_path / "notrain"))
     with pytest.raises(InvalidArgument, match="without a 'train' split"):
         read_jsonl(tmp_path / "notrain")
@@ -141,22 +141,34 @@ def test_chat_template_training_prefix_equals_serving_encoding(demo, tmp_path, t
 
 
 # ---------------------------------------------------------------- formats
-def _trained(tok, ex) -> str:
-    return tok.decode([t for t, lab in zip(ex.input_ids, ex.labels) if lab != IGNORE_INDEX])
+def _trained(tok, ex) -> list[int]:
+    """The token ids the example trains on (compared as ids: the demo's word-level
+    decoder puts spaces between words)."""
+    return [t for t, lab in zip(ex.input_ids, ex.labels) if lab != IGNORE_INDEX]
+
+
+def _ids(tok, text: str, eos: bool = False) -> list[int]:
+    return tok(text, add_special_tokens=False)["input_ids"] + ([tok.eos_token_id] if eos else [])
+
+
+def _starts_with(tok, ex, text: str) -> bool:
+    want = _ids(tok, text)
+    ids = [t for t in ex.input_ids if t != tok.bos_token_id]
+    return ids[:len(want)] == want
 
 
 def test_alpaca_and_sharegpt_are_detected_and_train_the_answer(tmp_path, tok):
     alpaca = _jsonl(tmp_path / "a.jsonl", [{"instruction": "add", "input": "one two", "output": "three"},
                                             {"instruction": "say hi", "output": "hello"}])
     ds = load_dataset(alpaca, tok, 128)
-    assert ds.format == "messages" and _trained(tok, ds.examples[0]) == "three</s>"
-    assert tok.decode(ds.examples[0].input_ids).startswith("user: add\n\none two\nassistant: three")
+    assert ds.format == "messages" and _trained(tok, ds.examples[0]) == _ids(tok, "three", eos=True)
+    assert _starts_with(tok, ds.examples[0], "user: add\n\none two\nassistant: three")
     share = _jsonl(tmp_path / "s.jsonl", [{"conversations": [{"from": "system", "value": "be brief"},
                                                              {"from": "human", "value": "hi"},
                                                              {"from": "gpt", "value": "hello"}]}])
     ds = load_dataset(share, tok, 128)
-    assert _trained(tok, ds.examples[0]) == "hello</s>"
-    assert tok.decode(ds.examples[0].input_ids).startswith("system: be brief\nuser: hi\nassistant: hello")
+    assert _trained(tok, ds.examples[0]) == _ids(tok, "hello", eos=True)
+    assert _starts_with(tok, ds.examples[0], "system: be brief\nuser: hi\nassistant: hello")
     bad = _jsonl(tmp_path / "b.jsonl", [{"conversations": [{"from": "robot", "value": "x"}]}])
     with pytest.raises(InvalidArgument, match=r"b.jsonl:1: conversations\[0\] must be"):
         read_jsonl(bad)
@@ -167,7 +179,7 @@ def test_ambiguous_record_needs_format_and_format_selects(tmp_path, tok):
     with pytest.raises(InvalidArgument, match=r"fit formats \['prompt_completion', 'text'\]; pass --format"):
         read_jsonl(path)
     assert read_jsonl(path, "text")[0] == "text"
-    assert _trained(tok, load_dataset(path, tok, 64, fmt="prompt_completion").examples[0]) == " two</s>"
+    assert _trained(tok, load_dataset(path, tok, 64, fmt="prompt_completion").examples[0]) == _ids(tok, " two", eos=True)
     with pytest.raises(ValueError, match="format must be one of"):
         TrainConfig(format="yaml")
 
@@ -179,7 +191,7 @@ def test_json_array_and_csv_files(tmp_path, tok):
     csv_path = tmp_path / "d.csv"
     csv_path.write_text('instruction,input,output\nadd,"one, two",three\nsay hi,,hello\n')
     ds = load_dataset(csv_path, tok, 64, fmt="alpaca")
-    assert len(ds) == 2 and _trained(tok, ds.examples[1]) == "hello</s>"
+    assert len(ds) == 2 and _trained(tok, ds.examples[1]) == _ids(tok, "hello", eos=True)
     bad = tmp_path / "e.csv"
     bad.write_text("prompt,completion\none,\n")
     with pytest.raises(InvalidArgument, match=r"e.csv:2: 'completion' is empty"):
