@@ -175,6 +175,10 @@ class AdapterRegistry:
         self.max_upload_bytes = max_upload_bytes
         self.compute_dtype = compute_dtype
         self._lock = threading.RLock()
+        # digest -> why its stored files failed `verify` (adapter health). Its own lock:
+        # the engine's reader thread marks, gRPC threads read, without waiting on SQLite.
+        self._unusable: dict[str, str] = {}
+        self._health_lock = threading.Lock()
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self._lock_fd = self._acquire_dir_lock()
         try:
@@ -394,7 +398,9 @@ class AdapterRegistry:
                     version = same[0][1]
                     # Record and aliases read under this lock hold: a delete racing this
                     # registration lands before or after it, never between (no NOT_FOUND).
-                    return self.set_alias(name, DEFAULT_ALIAS, version) if set_default else self.get(name, version)
+                    record = self.set_alias(name, DEFAULT_ALIAS, version) if set_default else self.get(name, version)
+                    self.mark_usable(digest)
+                    return record
                 self._store.commit(staged)
                 committed = True
                 record = AdapterRecord(
@@ -414,6 +420,7 @@ class AdapterRegistry:
                     if digest not in self._referenced_digests():
                         self._store.remove(digest)
                     raise
+                self.mark_usable(digest)
                 log.info("registered adapter %s (digest %s, %d bytes)", record.ref, digest[:12], record.size_bytes)
                 return record
         finally:
@@ -612,6 +619,7 @@ class AdapterRegistry:
                     conn.execute("DELETE FROM adapters WHERE name=? AND version=?", (rec.name, rec.version))
             referenced = self._referenced_digests()
             for digest in {rec.digest for rec in victims} - referenced:
+                self.mark_usable(digest)
                 try:
                     self._store.remove(digest)
                 except OSError as exc:  # the rows are gone; the next open's GC retries
@@ -619,10 +627,38 @@ class AdapterRegistry:
             log.info("deleted adapter versions %s", [rec.ref for rec in victims])
             return victims
 
+    # -- adapter health ------------------------------------------------------
+
+    def mark_unusable(self, digest: str, reason: str) -> None:
+        """Record that `digest`'s stored files cannot be served (`reason` says why);
+        inference refuses it at once until it verifies again, is registered again
+        (which re-commits its files) or is deleted. Thread-safe."""
+        with self._health_lock:
+            self._unusable[digest] = reason
+
+    def mark_usable(self, digest: str) -> None:
+        """Clear `digest`'s unusable mark, if any. Thread-safe."""
+        with self._health_lock:
+            self._unusable.pop(digest, None)
+
+    def unusable_reason(self, digest: str) -> str | None:
+        """Why `digest` is marked unusable, or None when it is not. Thread-safe."""
+        with self._health_lock:
+            return self._unusable.get(digest)
+
     def verify(self, record: AdapterRecord) -> None:
         """Check a record is servable by this server, before loading it: its
         store files re-hash to its digest and its base fingerprint is the running
-        base's (unless mismatches are allowed). FailedPrecondition otherwise."""
+        base's (unless mismatches are allowed). FailedPrecondition otherwise, and
+        the digest is marked unusable; a pass clears the mark."""
+        try:
+            self._verify(record)
+        except FailedPrecondition as exc:
+            self.mark_unusable(record.digest, str(exc))
+            raise
+        self.mark_usable(record.digest)
+
+    def _verify(self, record: AdapterRecord) -> None:
         if record.base_fingerprint != self.base_fingerprint and not self.allow_fingerprint_mismatch:
             raise FailedPrecondition(
                 f"adapter {record.ref} was registered for base {record.base_fingerprint} but this server runs base "
