@@ -63,14 +63,17 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from qlora_serve.adapters.paths import real_roots, resolve_adapter_dir, resolve_adapter_file
-from qlora_serve.adapters.peft_format import (
+from qlora_serve.adapters.layout import (  # noqa: F401 (FINGERPRINT_KEY, METADATA_FILE: re-exported)
+    ADAPTER_FILES,
     CONFIG_FILE,
+    FINGERPRINT_KEY,
+    METADATA_FILE,
     PICKLE_WEIGHTS,
+    REQUIRED_FILES,
     WEIGHTS_FILE,
-    check_fits_base,
-    load_lora_adapter,
 )
+from qlora_serve.adapters.paths import real_roots, resolve_adapter_dir, resolve_adapter_file
+from qlora_serve.adapters.peft_format import check_fits_base, load_lora_adapter
 from qlora_serve.adapters.records import (
     ALIAS_RE,
     AdapterRecord,
@@ -97,13 +100,6 @@ LOCK_FILE = "registry.lock"
 SCHEMA_VERSION = 1
 DEFAULT_ALIAS = "default"
 LATEST = "latest"
-# Key in adapter_config.json naming the base the adapter was trained on.
-FINGERPRINT_KEY = "qlora_serve_base_fingerprint"
-REQUIRED_FILES = (CONFIG_FILE, WEIGHTS_FILE)
-# Optional files copied with the adapter (stored, but not part of its digest); anything
-# else in a source directory (checkpoints, tokenizer, training_args.bin) is ignored.
-METADATA_FILE = "qlora_serve_metadata.json"  # written by training/export.py
-OPTIONAL_FILES = ("README.md", METADATA_FILE)
 DEFAULT_MAX_UPLOAD_BYTES = 256 << 20  # 256 MiB
 LIST_HINT = "list adapters with `qlora-serve adapters list`"
 
@@ -314,7 +310,7 @@ class AdapterRegistry:
         else:
             src_dir = resolve_adapter_dir(shown, self.allowed_roots)
         roots = None if trusted else self.allowed_roots
-        present = [f for f in REQUIRED_FILES + OPTIONAL_FILES if os.path.lexists(src_dir / f)]
+        present = [f for f in ADAPTER_FILES if os.path.lexists(src_dir / f)]
         files = {f: resolve_adapter_file(src_dir, f, roots) for f in present}
         if any(f not in files for f in REQUIRED_FILES):
             # Raises the precise message (missing config, pickle weights, ...)
@@ -339,12 +335,12 @@ class AdapterRegistry:
         source: str = "upload",
     ) -> AdapterRecord:
         """Register a new version of `name` from uploaded file contents
-        {file name: bytes}. Accepted names: REQUIRED_FILES + OPTIONAL_FILES.
+        {file name: bytes}. Accepted names: ADAPTER_FILES.
         Over `max_upload_bytes` in total -> ResourceExhausted (checked before
         anything is written; a streaming servicer should also stop reading at
         the limit)."""
         validate_name(name)
-        allowed = REQUIRED_FILES + OPTIONAL_FILES
+        allowed = ADAPTER_FILES
         for fname, data in files.items():
             if fname in PICKLE_WEIGHTS:
                 raise InvalidArgument(
@@ -432,7 +428,7 @@ class AdapterRegistry:
         Messages name `shown` (the caller's path), not the private temp dir."""
         try:
             adapter = load_lora_adapter(staged.dir, max_rank=self.max_rank, dtype=self.compute_dtype)
-            fingerprint = self._check_fingerprint(adapter.config, shown)
+            fingerprint = self._check_fingerprint(adapter.config.base_fingerprint, shown)
             check_fits_base(adapter, self.linear_shapes)
             if METADATA_FILE in staged.files:
                 try:
@@ -447,8 +443,8 @@ class AdapterRegistry:
             raise type(exc)(str(exc).replace(str(staged.dir), shown)) from None
         return fingerprint, adapter
 
-    def _check_fingerprint(self, config: dict, shown: str) -> str:
-        claimed = config.get(FINGERPRINT_KEY)
+    def _check_fingerprint(self, claimed, shown: str) -> str:
+        """The fingerprint to record for an adapter declaring `claimed` (None = none)."""
         if claimed is None:
             return self.base_fingerprint  # absence is not a mismatch (see module docstring)
         if not isinstance(claimed, str) or not claimed:

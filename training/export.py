@@ -7,9 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from qlora_serve.adapters.fingerprint import base_fingerprint
-from qlora_serve.adapters.registry import FINGERPRINT_KEY
-
-METADATA_FILE = "qlora_serve_metadata.json"
+from qlora_serve.adapters.layout import CONFIG_FILE, FINGERPRINT_KEY, METADATA_FILE  # noqa: F401 (re-export)
 METADATA_VERSION = 1
 
 
@@ -27,7 +25,7 @@ def save_adapter(peft_model, out_dir: Path, metadata: dict[str, Any]) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     peft_model.save_pretrained(out_dir, safe_serialization=True)
     if metadata.get("base_fingerprint"):
-        cfg_path = out_dir / "adapter_config.json"
+        cfg_path = out_dir / CONFIG_FILE
         cfg = json.loads(cfg_path.read_text())
         cfg[FINGERPRINT_KEY] = metadata["base_fingerprint"]
         cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True))
