@@ -286,5 +286,6 @@ class Catalogue:
             if not self._versions(name):
                 raise self._not_found(name)
             return dict(self._query("SELECT alias, version FROM aliases WHERE name=? ORDER BY alias", (name,)))
+
     def _referenced_digests(self) -> set[str]:
         return {r[0] for r in self._query("SELECT DISTINCT digest FROM adapters")}
