@@ -1,5 +1,5 @@
 """Adapter registry library: real files, real SQLite, the real demo base and
-PEFT adapters (no mocks). Crash safety lives in test_registry_crash.py."""
+PEFT adapters (no mocks). Crash safety lives in test_registry_crash_points.py."""
 
 from __future__ import annotations
 
