@@ -165,7 +165,7 @@ class QloraServer:
             linear_shapes=engine.lora.linear_shapes, max_rank=cfg.engine.max_lora_rank,
             allowed_roots=cfg.allowed_roots, allow_fingerprint_mismatch=cfg.allow_fingerprint_mismatch,
             max_upload_bytes=cfg.max_upload_bytes, compute_dtype=engine.lora.compute_dtype)
-        engine.adapter_loader = self._verified_loader(registry, engine)
+        engine.adapter_reader = self._verified_reader(registry, engine)
         for name, path in adapters:
             record = registry.register_path(name, path, source="startup", trusted=True)
             log.info("adapter %s registered from %s (digest %s)", record.ref, path, record.digest[:12])
@@ -178,7 +178,7 @@ class QloraServer:
         return self
 
     @staticmethod
-    def _verified_loader(registry: AdapterRegistry, engine: Engine):
+    def _verified_reader(registry: AdapterRegistry, engine: Engine):
         """Re-hash the stored files before parsing: on-disk corruption after
         registration is refused (FAILED_PRECONDITION) instead of served, and the
         registry marks the digest unusable until a load verifies again, it is

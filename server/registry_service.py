@@ -148,7 +148,7 @@ class RegistryService(registry_pb2_grpc.AdapterRegistryServicer):
     @unary_rpc
     def LoadAdapter(self, request, context, principal):
         rec = self._rt.resolve_record(request.adapter, principal)
-        # Read on the engine's loader thread (shared with requests waiting for it); only
+        # Read on the engine's reader thread (shared with requests waiting for it); only
         # the copy into a slot runs between engine steps.
         self._wait(self._rt.engine.load_adapter(handle_of(rec)), f"loading adapter {request.adapter!r}")
         return self._info(rec)

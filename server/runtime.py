@@ -47,7 +47,7 @@ def streaming_rpc(fn):
 
 def handle_of(record: AdapterRecord) -> AdapterHandle:
     """The engine's view of a registered adapter version (its digest keys the weights)."""
-    return AdapterHandle(name=record.name, version=record.version, key=record.digest, path=str(record.path))
+    return AdapterHandle(name=record.name, version=record.version, digest=record.digest, path=str(record.path))
 
 
 @dataclass

@@ -24,7 +24,7 @@ from transformers import DynamicCache
 
 from qlora_serve.adapters.peft_format import LoraAdapter
 from qlora_serve.adapters.residency import Residency
-from qlora_serve.server.engine.adapter_loading import AdapterLoader, AdapterSlots, LoadWaiter
+from qlora_serve.server.engine.adapter_loading import AdapterReader, AdapterSlots, LoadWaiter
 from qlora_serve.server.engine.config import EngineConfig
 from qlora_serve.server.engine.detokenizer import IncrementalDetokenizer
 from qlora_serve.server.engine.kv_batch import KVRow, PagedKVBatch
@@ -84,7 +84,7 @@ class Engine:
     """Owns the model; thread-safe entry points: submit, cancel, call, load_adapter, shutdown, stats."""
 
     def __init__(self, base: LoadedBase, config: EngineConfig, *, metrics=None,
-                 adapter_loader: AdapterLoader | None = None) -> None:
+                 adapter_reader: AdapterReader | None = None) -> None:
         self.base = base
         self.config = config
         self.metrics = metrics
@@ -92,8 +92,8 @@ class Engine:
         self.residency = Residency(config.max_resident_adapters, config.host_cache_bytes)
         self.adapters = AdapterSlots(self.lora, self.residency, metrics=metrics,
                                      on_done=lambda key, fut, handle: self._post("loaded", (key, fut, handle)))
-        if adapter_loader is not None:
-            self.adapter_loader = adapter_loader
+        if adapter_reader is not None:
+            self.adapter_reader = adapter_reader
         self._pad_id = next(i for i in (base.tokenizer.pad_token_id, base.tokenizer.eos_token_id, 0) if i is not None)
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._lock = threading.Lock()
@@ -120,17 +120,17 @@ class Engine:
         return self
 
     @property
-    def adapter_loader(self) -> AdapterLoader:
-        """Reads an adapter (loader thread). Settable before start(): the server wraps
+    def adapter_reader(self) -> AdapterReader:
+        """Reads an adapter (reader thread). Settable before start(): the server wraps
         `read_adapter` with a digest check against the registry."""
-        return self.adapters.loader
+        return self.adapters.reader
 
-    @adapter_loader.setter
-    def adapter_loader(self, loader: AdapterLoader) -> None:
-        self.adapters.loader = loader
+    @adapter_reader.setter
+    def adapter_reader(self, reader: AdapterReader) -> None:
+        self.adapters.reader = reader
 
     def read_adapter(self, handle: AdapterHandle) -> LoraAdapter:
-        """Default loader: parse from disk, check it fits this base and its slots' dtype."""
+        """Default reader: parse from disk, check it fits this base and its slots' dtype."""
         return self.adapters.read_adapter(handle)
 
     def validate_lengths(self, prompt_len: int, max_new_tokens: int) -> None:
@@ -173,7 +173,7 @@ class Engine:
 
     def load_adapter(self, handle: AdapterHandle) -> Future:
         """Put an adapter in a device slot (LoadAdapter RPC); the future holds the slot.
-        The read runs on the loader thread, shared with requests waiting for the same
+        The read runs on the reader thread, shared with requests waiting for the same
         adapter; only the copy into the slot runs on the engine thread."""
         fut: Future = Future()
         if not self._post("load", LoadWaiter(handle, fut)):
@@ -307,7 +307,7 @@ class Engine:
             payload[1].set_exception(err)
 
     def _enqueue(self, req: Request) -> None:
-        key = req.adapter_key
+        key = req.adapter_digest
         if key is None or self.adapters.available(key):
             if self.metrics and key is not None:
                 self.metrics.host_cache("hit" if self.residency.slot_of(key) is None else "device")
@@ -348,7 +348,7 @@ class Engine:
                 row.done = True
         self._cancelled.clear()
         if left:  # read adapters nobody waits for any more are not kept
-            self.adapters.drop_unclaimed({r.adapter_key for r in self._waiting})
+            self.adapters.drop_unclaimed({r.adapter_digest for r in self._waiting})
 
     def _admit(self) -> None:
         """Move waiting requests into `_admitted`, in fair order, while every limit holds.
@@ -389,8 +389,8 @@ class Engine:
             with self._lock:  # one step: from queued to a row
                 self._queued -= 1
                 self._rows += 1
-            if req.adapter_key is not None:
-                self.adapters.pin(req.adapter_key)
+            if req.adapter_digest is not None:
+                self.adapters.pin(req.adapter_digest)
             self._admitted.append(row)
             prefill_tokens += n
             kv_tokens += self._kv.slots_for(final_len)
@@ -398,7 +398,7 @@ class Engine:
     def _slot_for(self, req: Request) -> int | None:
         """Device slot for the request's adapter (-1 = base); None if no slot can be
         freed now, _REPARKED if its weights left the host (it waits for a new read)."""
-        key = req.adapter_key
+        key = req.adapter_digest
         if key is None:
             return -1
         if not self.adapters.available(key):
@@ -508,8 +508,8 @@ class Engine:
     def _release(self, row: _Row) -> None:
         with self._lock:
             self._rows -= 1
-        if row.request.adapter_key is not None:
-            self.adapters.unpin(row.request.adapter_key)
+        if row.request.adapter_digest is not None:
+            self.adapters.unpin(row.request.adapter_digest)
 
     def _fail_rows(self, rows: list[_Row], exc: Exception) -> None:
         """Answer INTERNAL (naming the request id) to each row not yet answered; unpin all."""
