@@ -20,7 +20,8 @@ import grpc
 from qlora_serve.adapters.layout import ADAPTER_FILES, CONFIG_FILE, PICKLE_WEIGHTS, WEIGHTS_FILE
 from qlora_serve.v1 import inference_pb2, inference_pb2_grpc, registry_pb2, registry_pb2_grpc, training_pb2, training_pb2_grpc
 
-DEFAULT_ADDRESS = "localhost:50051"
+DEFAULT_PORT = 50051  # the port `qlora-serve serve` binds by default (ServerConfig.port)
+DEFAULT_ADDRESS = f"localhost:{DEFAULT_PORT}"
 _UPLOAD_CHUNK = 1 << 20  # bytes per streamed chunk, well under gRPC's 4 MiB default message limit
 
 

@@ -12,10 +12,9 @@ from pathlib import Path
 
 from qlora_serve.adapters.registry import DEFAULT_MAX_UPLOAD_BYTES
 from qlora_serve.options import option
+from qlora_serve.server.client import DEFAULT_PORT
 from qlora_serve.server.engine.config import COMPUTE_DTYPES, EngineConfig
 from qlora_serve.server.requests import RequestLimits
-
-DEFAULT_PORT = 50051
 
 
 def default_data_dir() -> Path:
