@@ -17,9 +17,8 @@ import torch
 
 from qlora_serve.errors import FailedPrecondition, InvalidArgument, clip, clip_repr
 
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
-PICKLE_WEIGHTS = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
+from qlora_serve.adapters.layout import CONFIG_FILE, FINGERPRINT_KEY, PICKLE_WEIGHTS, WEIGHTS_FILE
+
 _KEY_PREFIX = "base_model.model."
 # Config switches whose behaviour our batched LoRA does not implement. Refusing is
 # better than serving an adapter that silently computes something else.
@@ -50,7 +49,7 @@ class LoraAdapter:
     name as in `model.named_modules()`, e.g. "model.layers.0.self_attn.q_proj"."""
 
     path: Path
-    config: dict
+    config: AdapterConfig
     modules: dict[str, LoraModule] = field(repr=False)
 
     @property
@@ -60,7 +59,7 @@ class LoraAdapter:
 
     @property
     def alpha(self) -> float:
-        return float(self.config.get("lora_alpha", self.config.get("r", 8)))
+        return self.config.lora_alpha
 
     @property
     def target_modules(self) -> list[str]:
@@ -79,7 +78,87 @@ class LoraAdapter:
         return sum(storages.values())
 
 
-def read_adapter_config(adapter_dir: Path) -> dict:
+def _pattern(cfg: dict, key: str, cfg_path: Path) -> dict[str, float]:
+    """A rank_pattern / alpha_pattern: {module name or regex: number} ({} when absent)."""
+    value = cfg.get(key) or {}
+    if not isinstance(value, dict) or not all(
+            isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool) for k, v in value.items()):
+        raise InvalidArgument(f"{cfg_path}: field {key!r} must map module names to numbers, got {clip_repr(value)}")
+    return value
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    """adapter_config.json, parsed and checked once (as vLLM's `PEFTHelper`): the
+    fields that decide how the adapter computes. `raw` keeps the whole object.
+
+    r: default rank; lora_alpha: scaling numerator (default r); use_rslora: scale by
+    alpha / sqrt(rank) instead of alpha / rank; rank_pattern / alpha_pattern: per-module
+    overrides (PEFT's key rules); target_modules: list of name suffixes, a regex, or
+    None; base_fingerprint: the base it declares it was trained on (FINGERPRINT_KEY),
+    None when it declares none."""
+
+    r: int
+    lora_alpha: float
+    target_modules: tuple[str, ...] | str | None
+    use_rslora: bool = False
+    rank_pattern: dict = field(default_factory=dict)
+    alpha_pattern: dict = field(default_factory=dict)
+    base_fingerprint: object = None  # checked by the registry, which names the server's base
+    raw: dict = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def parse(cls, cfg: object, cfg_path: Path) -> "AdapterConfig":
+        """Check a decoded adapter_config.json; InvalidArgument naming `cfg_path` and the field."""
+        if not isinstance(cfg, dict):
+            raise InvalidArgument(f"{cfg_path} must hold a JSON object")
+        peft_type = str(cfg.get("peft_type", "")).upper()
+        if peft_type != "LORA":
+            raise InvalidArgument(f"{cfg_path}: peft_type is {cfg.get('peft_type')!r}; only LORA adapters are served")
+        r = cfg.get("r")
+        if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
+            raise InvalidArgument(f"{cfg_path}: field 'r' must be a positive integer, got {r!r}")
+        alpha = cfg.get("lora_alpha", r)
+        # Any finite number: PEFT accepts a negative (or zero) alpha and scales by it as it is.
+        if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha):
+            raise InvalidArgument(f"{cfg_path}: field 'lora_alpha' must be a finite number, got {clip_repr(alpha)}")
+        # use_dora is one of these: DoRA's magnitude vector is not plain LoRA.
+        for key in _UNSUPPORTED_TRUE:
+            if cfg.get(key):
+                raise InvalidArgument(f"{cfg_path}: '{key}: {clip(json.dumps(cfg[key]), 40)}' is not supported by the serving engine; retrain without it or merge the adapter (qlora-serve merge)")
+        if cfg.get("modules_to_save"):
+            raise InvalidArgument(f"{cfg_path}: modules_to_save={cfg['modules_to_save']} replaces whole base modules, which a shared base cannot do per request; retrain without modules_to_save or merge the adapter (qlora-serve merge)")
+        if cfg.get("bias", "none") != "none":
+            raise InvalidArgument(f"{cfg_path}: bias={cfg['bias']!r} trains base biases, which a shared base cannot apply per request; use bias='none'")
+        targets = cfg.get("target_modules")
+        if not (targets is None or isinstance(targets, str)
+                or (isinstance(targets, list) and all(isinstance(t, str) for t in targets))):
+            raise InvalidArgument(f"{cfg_path}: field 'target_modules' must be a list of module names or a regex "
+                                  f"string, got {clip_repr(targets)}")
+        return cls(r=r, lora_alpha=float(alpha), target_modules=tuple(targets) if isinstance(targets, list) else targets,
+                   use_rslora=bool(cfg.get("use_rslora")), rank_pattern=_pattern(cfg, "rank_pattern", cfg_path),
+                   alpha_pattern=_pattern(cfg, "alpha_pattern", cfg_path),
+                   base_fingerprint=cfg.get(FINGERPRINT_KEY), raw=cfg)
+
+    def rank_of(self, module_name: str) -> int:
+        """The rank the config gives a module: its rank_pattern entry, else r (PEFT's key rule)."""
+        from peft.utils.other import get_pattern_key
+
+        if not self.rank_pattern:
+            return self.r
+        return self.rank_pattern.get(get_pattern_key(self.rank_pattern.keys(), module_name), self.r)
+
+    def scaling(self, module_name: str, rank: int) -> float:
+        """PEFT's rule: alpha_pattern overrides lora_alpha by key; rsLoRA divides by sqrt(rank)."""
+        from peft.utils.other import get_pattern_key
+
+        alpha = self.lora_alpha
+        if self.alpha_pattern:
+            alpha = self.alpha_pattern.get(get_pattern_key(self.alpha_pattern.keys(), module_name), alpha)
+        return float(alpha) / (math.sqrt(rank) if self.use_rslora else rank)
+
+
+def read_adapter_config(adapter_dir: Path) -> AdapterConfig:
     """Parse and check `adapter_config.json`; raise InvalidArgument naming the file and field."""
     adapter_dir = Path(adapter_dir)
     if not adapter_dir.is_dir():
@@ -93,35 +172,7 @@ def read_adapter_config(adapter_dir: Path) -> dict:
         raise InvalidArgument(f"{cfg_path} is not valid JSON: {exc}") from None
     except RecursionError:  # json recurses per nesting level: deep nesting is bad input, not a crash
         raise InvalidArgument(f"{cfg_path}: the JSON is nested too deeply; a PEFT adapter config is a flat object") from None
-    if not isinstance(cfg, dict):
-        raise InvalidArgument(f"{cfg_path} must hold a JSON object")
-    peft_type = str(cfg.get("peft_type", "")).upper()
-    if peft_type != "LORA":
-        raise InvalidArgument(f"{cfg_path}: peft_type is {cfg.get('peft_type')!r}; only LORA adapters are served")
-    r = cfg.get("r")
-    if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
-        raise InvalidArgument(f"{cfg_path}: field 'r' must be a positive integer, got {r!r}")
-    alpha = cfg.get("lora_alpha", r)
-    # Any finite number: PEFT accepts a negative (or zero) alpha and scales by it as it is.
-    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha):
-        raise InvalidArgument(f"{cfg_path}: field 'lora_alpha' must be a finite number, got {clip_repr(alpha)}")
-    for key in _UNSUPPORTED_TRUE:
-        if cfg.get(key):
-            raise InvalidArgument(f"{cfg_path}: '{key}: {clip(json.dumps(cfg[key]), 40)}' is not supported by the serving engine; retrain without it or merge the adapter (qlora-serve merge)")
-    if cfg.get("modules_to_save"):
-        raise InvalidArgument(f"{cfg_path}: modules_to_save={cfg['modules_to_save']} replaces whole base modules, which a shared base cannot do per request; retrain without modules_to_save or merge the adapter (qlora-serve merge)")
-    if cfg.get("bias", "none") != "none":
-        raise InvalidArgument(f"{cfg_path}: bias={cfg['bias']!r} trains base biases, which a shared base cannot apply per request; use bias='none'")
-    return cfg
-
-
-def _scaling(cfg: dict, module_name: str, rank: int) -> float:
-    """PEFT's rule: alpha_pattern/rank_pattern override by key; rsLoRA divides by sqrt(r)."""
-    from peft.utils.other import get_pattern_key
-
-    alpha_pattern = cfg.get("alpha_pattern") or {}
-    alpha = alpha_pattern.get(get_pattern_key(alpha_pattern.keys(), module_name), cfg.get("lora_alpha", cfg["r"]))
-    return float(alpha) / (math.sqrt(rank) if cfg.get("use_rslora") else rank)
+    return AdapterConfig.parse(cfg, cfg_path)
 
 
 def load_lora_adapter(adapter_dir: Path, *, max_rank: int | None = None, dtype: torch.dtype | None = None) -> LoraAdapter:
@@ -183,21 +234,20 @@ def load_lora_adapter(adapter_dir: Path, *, max_rank: int | None = None, dtype: 
             raise InvalidArgument(f"{weights}: module {name!r} has NaN or Inf weights; the adapter is corrupt or diverged in training")
         if dtype is not None and dtype != torch.float32:
             check_finite_in(a, b, dtype, f"{weights}: module {name!r}")
-        modules[name] = LoraModule(lora_a=a, lora_b=b, scaling=_scaling(cfg, name, rank))
+        modules[name] = LoraModule(lora_a=a, lora_b=b, scaling=cfg.scaling(name, rank))
         check_delta_range(modules[name], dtype or torch.float32, f"{weights}: module {name!r}")
     return LoraAdapter(path=adapter_dir, config=cfg, modules=modules)
 
 
-def check_config_rank(cfg: dict, module_name: str, rank: int, weights: Path) -> None:
+def check_config_rank(cfg: AdapterConfig, module_name: str, rank: int, weights: Path) -> None:
     """Refuse tensors whose rank is not the one the config gives the module (`r`, or
     its `rank_pattern` entry): PEFT refuses such an adapter, so must we."""
     from peft.utils.other import get_pattern_key
 
-    pattern = cfg.get("rank_pattern") or {}
-    key = get_pattern_key(pattern.keys(), module_name) if pattern else module_name
-    expected = pattern.get(key, cfg["r"])
+    expected = cfg.rank_of(module_name)
     if expected != rank:
-        field_name = f"rank_pattern[{key!r}]" if key in pattern else "r"
+        key = get_pattern_key(cfg.rank_pattern.keys(), module_name) if cfg.rank_pattern else module_name
+        field_name = f"rank_pattern[{key!r}]" if key in cfg.rank_pattern else "r"
         raise InvalidArgument(
             f"{weights}: module {module_name!r} has rank-{rank} tensors but adapter_config.json field "
             f"'{field_name}' says {clip_repr(expected)}; fix the config to match the tensors")
@@ -252,12 +302,9 @@ def check_targets(adapter: LoraAdapter, linear_shapes: dict[str, tuple[int, int]
     """Refuse `target_modules` that names no Linear layer of the base (PEFT refuses
     it) or that leaves out a module the tensors adapt (PEFT would ignore them)."""
     where = adapter.path / CONFIG_FILE
-    targets = adapter.config.get("target_modules")
+    targets = adapter.config.target_modules
     if targets is None:
         return
-    if not (isinstance(targets, str) or (isinstance(targets, list) and all(isinstance(t, str) for t in targets))):
-        raise InvalidArgument(f"{where}: field 'target_modules' must be a list of module names or a regex string, "
-                              f"got {clip_repr(targets)}")
     try:
         if not any(_targeted(targets, name) for name in linear_shapes):
             raise InvalidArgument(

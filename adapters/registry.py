@@ -1,5 +1,5 @@
 """The adapter registry: a SQLite catalogue of versioned, validated LoRA adapters
-over a content-addressed store (`adapters/store.py`).
+over a content-addressed store (`adapters/store.py`); file names in `adapters/layout.py`.
 
 Layout under `data_dir`:
     registry.sqlite3 (+ -wal, -shm)   the catalogue, WAL mode, synchronous=FULL
@@ -29,10 +29,9 @@ Semantics (the servicer and CLI rely on these):
 - Every refusal raises a `qlora_serve.errors` error before the
   catalogue or the store changes.
 
-Base fingerprint policy: an adapter may declare the base it was trained on as
-`base_fingerprint` in `METADATA_FILE` (our trainer writes it, value from
-`adapters.fingerprint.base_fingerprint`), or, as adapters trained before that did,
-in `adapter_config.json` under `FINGERPRINT_KEY`. A declared fingerprint that
+Base fingerprint policy: an adapter may declare the base it was trained on in
+`adapter_config.json` under `FINGERPRINT_KEY` (our trainer writes it, value
+from `adapters.fingerprint.base_fingerprint`). A declared fingerprint that
 differs from the server's is refused (FailedPrecondition) unless the registry
 was built with `allow_fingerprint_mismatch=True`. An adapter that declares none
 (any PEFT adapter from elsewhere) is accepted: absence is not a mismatch, and
@@ -49,99 +48,47 @@ registration (copying, hashing, parsing tensors, validating) runs outside the
 lock, so concurrent registrations overlap; only the final store rename + row
 insert is serialized. One process per data_dir: the constructor takes an
 exclusive flock and raises FailedPrecondition if another registry holds it.
+
+Adapter health: the registry owns which digests failed `verify()` (their stored files
+are corrupt or unreadable): `unusable_reason(digest)`, under a lock of its own.
+
+Files: the schema and the catalogue queries are in `catalogue.py` (`Catalogue`, the
+base class); this module adds registration, deletion, verification and health.
 """
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
-from qlora_serve.adapters.paths import real_roots, resolve_adapter_dir, resolve_adapter_file
-from qlora_serve.adapters.peft_format import (
+from qlora_serve.adapters.catalogue import _COLUMNS, DB_FILE, DEFAULT_ALIAS, Catalogue
+from qlora_serve.adapters.layout import (  # noqa: F401 (FINGERPRINT_KEY, METADATA_FILE: re-exported)
+    ADAPTER_FILES,
     CONFIG_FILE,
+    FINGERPRINT_KEY,
+    METADATA_FILE,
     PICKLE_WEIGHTS,
+    REQUIRED_FILES,
     WEIGHTS_FILE,
-    check_fits_base,
-    load_lora_adapter,
 )
-from qlora_serve.adapters.records import (
-    ALIAS_RE,
-    AdapterRecord,
-    _validate_labels,
-    _validate_owner,
-    parse_ref,
-    validate_name,
-)
+from qlora_serve.adapters.paths import real_roots, resolve_adapter_dir, resolve_adapter_file
+from qlora_serve.adapters.peft_format import check_fits_base, load_lora_adapter
+from qlora_serve.adapters.records import AdapterRecord, _validate_labels, _validate_owner, validate_name
 from qlora_serve.adapters.store import ContentStore, StagedAdapter
-from qlora_serve.errors import (
-    AlreadyExists,
-    FailedPrecondition,
-    InvalidArgument,
-    NotFound,
-    QloraServeError,
-    ResourceExhausted,
-    clip_repr,
-)
+from qlora_serve.errors import FailedPrecondition, InvalidArgument, QloraServeError, ResourceExhausted, clip_repr
 
 log = logging.getLogger(__name__)
 
-DB_FILE = "registry.sqlite3"
-LOCK_FILE = "registry.lock"
-SCHEMA_VERSION = 1
-DEFAULT_ALIAS = "default"
-LATEST = "latest"
-# Key in adapter_config.json naming the base the adapter was trained on.
-FINGERPRINT_KEY = "qlora_serve_base_fingerprint"
-REQUIRED_FILES = (CONFIG_FILE, WEIGHTS_FILE)
-# Optional files copied with the adapter (stored, but not part of its digest); anything
-# else in a source directory (checkpoints, tokenizer, training_args.bin) is ignored.
-METADATA_FILE = "qlora_serve_metadata.json"  # written by training/export.py
-OPTIONAL_FILES = ("README.md", METADATA_FILE)
 DEFAULT_MAX_UPLOAD_BYTES = 256 << 20  # 256 MiB
-LIST_HINT = "list adapters with `qlora-serve adapters list`"
 
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS names (
-    name         TEXT PRIMARY KEY,
-    next_version INTEGER NOT NULL           -- never decreases: versions are not reused
-);
-CREATE TABLE IF NOT EXISTS adapters (
-    name             TEXT    NOT NULL REFERENCES names(name),
-    version          INTEGER NOT NULL,
-    digest           TEXT    NOT NULL,      -- store/<digest>/
-    source           TEXT    NOT NULL,
-    base_fingerprint TEXT    NOT NULL,
-    rank             INTEGER NOT NULL,
-    alpha            REAL    NOT NULL,
-    target_modules   TEXT    NOT NULL,      -- JSON list
-    size_bytes       INTEGER NOT NULL,
-    created_at       REAL    NOT NULL,      -- unix seconds
-    owner            TEXT,                  -- NULL = public
-    labels           TEXT    NOT NULL,      -- JSON object
-    PRIMARY KEY (name, version)
-);
-CREATE INDEX IF NOT EXISTS adapters_digest ON adapters(digest);
-CREATE TABLE IF NOT EXISTS aliases (
-    name    TEXT    NOT NULL,
-    alias   TEXT    NOT NULL,
-    version INTEGER NOT NULL,
-    PRIMARY KEY (name, alias),
-    FOREIGN KEY (name, version) REFERENCES adapters(name, version) ON DELETE CASCADE
-);
-"""
-_COLUMNS = "name, version, digest, source, base_fingerprint, rank, alpha, target_modules, size_bytes, created_at, owner, labels"
-
-
-class AdapterRegistry:
+class AdapterRegistry(Catalogue):
     """The catalogue + store. See the module docstring for semantics.
 
     data_dir: where registry.sqlite3, store/ and tmp/ live (created if absent).
@@ -178,7 +125,11 @@ class AdapterRegistry:
         self.max_upload_bytes = max_upload_bytes
         self.compute_dtype = compute_dtype
         self._lock = threading.RLock()
-        if read_only:  # a reader beside the one writer (which holds the lock): see open_reader
+        # digest -> why its stored files failed `verify` (adapter health). Its own lock:
+        # the engine's reader thread marks, gRPC threads read, without waiting on SQLite.
+        self._unusable: dict[str, str] = {}
+        self._health_lock = threading.Lock()
+        if read_only:  # a reader beside the one writer (which holds the lock): see _open_reader
             self._lock_fd = None
             self._conn = self._open_reader()
             self._store = ContentStore(self.data_dir)
@@ -201,110 +152,8 @@ class AdapterRegistry:
         except BaseException:
             self.close()
             raise
-
-    # -- lifecycle -----------------------------------------------------------
-
-    def _acquire_dir_lock(self) -> int:
-        fd = os.open(self.data_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise FailedPrecondition(
-                f"the adapter registry in {self.data_dir} is open in another process (or another registry object); "
-                f"stop that server or use another --data-dir"
-            ) from None
-        return fd
-
-    def _open_reader(self) -> sqlite3.Connection:
-        """read_only=True: a read-only connection to the catalogue a writer process
-        (`qlora-serve serve` on this data_dir) keeps. Every query sees the writer's
-        last commit (WAL), so a registration, alias move or delete reaches readers at
-        once. Local filesystem only: WAL readers share memory with the writer."""
-        db = self.data_dir / DB_FILE
-        if not db.is_file():
-            raise FailedPrecondition(f"no adapter registry at {db}: start its writer first "
-                                     f"(qlora-serve serve --data-dir {self.data_dir})")
-        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, check_same_thread=False, isolation_level=None)
-        version = conn.execute("PRAGMA user_version").fetchone()[0]
-        if version != SCHEMA_VERSION:
-            conn.close()
-            raise FailedPrecondition(f"{db} has schema {version}, this qlora-serve reads {SCHEMA_VERSION}; "
-                                     f"run the same qlora-serve version as the registry's writer")
-        return conn
-
-    def _init_db(self) -> None:
-        conn = self._conn
-        mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-        if mode.lower() != "wal":
-            raise FailedPrecondition(f"{self.data_dir / DB_FILE}: SQLite refused WAL mode ({mode}); put --data-dir on a local filesystem")
-        # FULL: a registration reported as done survives power loss, not only a crash.
-        conn.execute("PRAGMA synchronous=FULL")
-        conn.execute("PRAGMA foreign_keys=ON")
-        version = conn.execute("PRAGMA user_version").fetchone()[0]
-        if version > SCHEMA_VERSION:
-            raise FailedPrecondition(f"{self.data_dir / DB_FILE} has schema {version}, newer than this qlora-serve ({SCHEMA_VERSION}); upgrade qlora-serve")
-        with self._tx():
-            # Statement by statement: executescript() would COMMIT our transaction.
-            for statement in _SCHEMA.split(";"):
-                if statement.strip():
-                    conn.execute(statement)
-            conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-
-    def close(self) -> None:
-        """Close the database and release the data_dir lock. Idempotent."""
-        with self._lock:
-            conn, self._conn = getattr(self, "_conn", None), None
-            if conn is not None:
-                conn.close()
-            fd, self._lock_fd = getattr(self, "_lock_fd", None), None
-            if fd is not None:
-                os.close(fd)  # releases the flock
-
     def __enter__(self) -> "AdapterRegistry":
         return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction; rolled back on any exception."""
-        if self.read_only:
-            raise FailedPrecondition("this adapter registry is read-only (it reads another process's); register, "
-                                     "alias and delete adapters on the registry's writer (qlora-serve serve)")
-        with self._lock:
-            if self._conn is None:
-                raise FailedPrecondition("the adapter registry is closed")
-            self._conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._conn
-            except BaseException:
-                self._conn.execute("ROLLBACK")
-                raise
-            self._conn.execute("COMMIT")
-
-    @contextmanager
-    def _snapshot(self) -> Iterator[None]:
-        """Reads inside see one state of the catalogue: one read transaction, and
-        writers (which take the same lock) wait until it ends."""
-        with self._lock:
-            if self._conn is None:
-                raise FailedPrecondition("the adapter registry is closed")
-            if self._conn.in_transaction:  # already inside a write transaction: same state
-                yield
-                return
-            self._conn.execute("BEGIN")
-            try:
-                yield
-            finally:
-                self._conn.execute("COMMIT")
-
-    def _query(self, sql: str, args: Sequence = ()) -> list[tuple]:
-        with self._lock:
-            if self._conn is None:
-                raise FailedPrecondition("the adapter registry is closed")
-            return self._conn.execute(sql, args).fetchall()
 
     # -- registration --------------------------------------------------------
 
@@ -338,7 +187,7 @@ class AdapterRegistry:
         else:
             src_dir = resolve_adapter_dir(shown, self.allowed_roots)
         roots = None if trusted else self.allowed_roots
-        present = [f for f in REQUIRED_FILES + OPTIONAL_FILES if os.path.lexists(src_dir / f)]
+        present = [f for f in ADAPTER_FILES if os.path.lexists(src_dir / f)]
         files = {f: resolve_adapter_file(src_dir, f, roots) for f in present}
         if any(f not in files for f in REQUIRED_FILES):
             # Raises the precise message (missing config, pickle weights, ...)
@@ -363,12 +212,12 @@ class AdapterRegistry:
         source: str = "upload",
     ) -> AdapterRecord:
         """Register a new version of `name` from uploaded file contents
-        {file name: bytes}. Accepted names: REQUIRED_FILES + OPTIONAL_FILES.
+        {file name: bytes}. Accepted names: ADAPTER_FILES.
         Over `max_upload_bytes` in total -> ResourceExhausted (checked before
         anything is written; a streaming servicer should also stop reading at
         the limit)."""
         validate_name(name)
-        allowed = REQUIRED_FILES + OPTIONAL_FILES
+        allowed = ADAPTER_FILES
         for fname, data in files.items():
             if fname in PICKLE_WEIGHTS:
                 raise InvalidArgument(
@@ -422,7 +271,9 @@ class AdapterRegistry:
                     version = same[0][1]
                     # Record and aliases read under this lock hold: a delete racing this
                     # registration lands before or after it, never between (no NOT_FOUND).
-                    return self.set_alias(name, DEFAULT_ALIAS, version) if set_default else self.get(name, version)
+                    record = self.set_alias(name, DEFAULT_ALIAS, version) if set_default else self.get(name, version)
+                    self.mark_usable(digest)
+                    return record
                 self._store.commit(staged)
                 committed = True
                 record = AdapterRecord(
@@ -442,6 +293,7 @@ class AdapterRegistry:
                     if digest not in self._referenced_digests():
                         self._store.remove(digest)
                     raise
+                self.mark_usable(digest)
                 log.info("registered adapter %s (digest %s, %d bytes)", record.ref, digest[:12], record.size_bytes)
                 return record
         finally:
@@ -463,17 +315,17 @@ class AdapterRegistry:
                     raise InvalidArgument(f"{staged.dir / METADATA_FILE}: the JSON is nested too deeply") from None
                 if not isinstance(meta, dict):
                     raise InvalidArgument(f"{staged.dir / METADATA_FILE} must hold a JSON object")
-            # Our trainer writes the fingerprint to the metadata file; adapters trained
-            # before that carry it in adapter_config.json, which still counts.
-            declared = adapter.config if FINGERPRINT_KEY in adapter.config else {FINGERPRINT_KEY: meta.get("base_fingerprint")}
-            fingerprint = self._check_fingerprint(declared, shown)
+            # Our trainer writes the fingerprint to the metadata file (adapter_config.json
+            # stays exactly PEFT's); adapters trained before that carry it in the config.
+            declared = adapter.config.base_fingerprint
+            fingerprint = self._check_fingerprint(meta.get("base_fingerprint") if declared is None else declared, shown)
             check_fits_base(adapter, self.linear_shapes)
         except QloraServeError as exc:
             raise type(exc)(str(exc).replace(str(staged.dir), shown)) from None
         return fingerprint, adapter
 
-    def _check_fingerprint(self, config: dict, shown: str) -> str:
-        claimed = config.get(FINGERPRINT_KEY)
+    def _check_fingerprint(self, claimed, shown: str) -> str:
+        """The fingerprint to record for an adapter declaring `claimed` (None = none)."""
         if claimed is None:
             return self.base_fingerprint  # absence is not a mismatch (see module docstring)
         if not isinstance(claimed, str) or not claimed:
@@ -486,147 +338,6 @@ class AdapterRegistry:
                 )
             log.warning("%s declares base %s, server runs %s: accepted (mismatch allowed)", shown, claimed, self.base_fingerprint)
         return claimed
-
-    def _check_owner(self, name: str, owner: str | None) -> None:
-        rows = self._query("SELECT DISTINCT owner FROM adapters WHERE name=?", (name,))
-        if rows and any(r[0] != owner for r in rows):
-            raise AlreadyExists(
-                f"adapter name {name!r} already exists and belongs to {'the public namespace' if rows[0][0] is None else 'another owner'}; "
-                f"choose another name"
-            )
-
-    def _insert_version(self, conn: sqlite3.Connection, record: AdapterRecord) -> AdapterRecord:
-        """Allocate the next version of record.name and insert it (inside a transaction)."""
-        conn.execute("INSERT OR IGNORE INTO names (name, next_version) VALUES (?, 1)", (record.name,))
-        (version,) = conn.execute("SELECT next_version FROM names WHERE name=?", (record.name,)).fetchone()
-        conn.execute("UPDATE names SET next_version=? WHERE name=?", (version + 1, record.name))
-        conn.execute(
-            f"INSERT INTO adapters ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (record.name, version, record.digest, record.source, record.base_fingerprint, record.rank, record.alpha,
-             json.dumps(list(record.target_modules)), record.size_bytes, record.created_at, record.owner,
-             json.dumps(record.labels, sort_keys=True)),
-        )
-        return AdapterRecord(**{**record.__dict__, "version": version})
-
-    # -- lookup --------------------------------------------------------------
-
-    def _row_to_record(self, row: tuple, aliases: Sequence[str] = ()) -> AdapterRecord:
-        name, version, digest, source, fp, rank, alpha, targets, size, created, owner, labels = row
-        return AdapterRecord(
-            name=name, version=version, digest=digest, source=source, base_fingerprint=fp, rank=rank,
-            alpha=alpha, target_modules=tuple(json.loads(targets)), size_bytes=size, created_at=created,
-            owner=owner, labels=json.loads(labels), path=self._store.path(digest), aliases=tuple(sorted(aliases)),
-        )
-
-    def _alias_map(self, name: str | None = None) -> dict[tuple[str, int], list[str]]:
-        """(name, version) -> its aliases; call inside `_snapshot` with the rows it goes with."""
-        sql, args = "SELECT name, alias, version FROM aliases", ()
-        if name is not None:
-            sql, args = sql + " WHERE name=?", (name,)
-        out: dict[tuple[str, int], list[str]] = {}
-        for n, alias, version in self._query(sql, args):
-            out.setdefault((n, version), []).append(alias)
-        return out
-
-    def _versions(self, name: str) -> list[int]:
-        return [r[0] for r in self._query("SELECT version FROM adapters WHERE name=? ORDER BY version", (name,))]
-
-    def _not_found(self, name: str) -> NotFound:
-        return NotFound(f"adapter {name!r} is not registered; {LIST_HINT}")
-
-    def resolve(self, ref: str) -> AdapterRecord:
-        """The record a ref names: "name" (the "default" alias, else the highest
-        version), "name@3", "name@latest" or "name@<alias>"."""
-        name, selector = parse_ref(ref)
-        with self._snapshot():
-            versions = self._versions(name)
-            if not versions:
-                raise self._not_found(name)
-            if selector is None:
-                aliased = self._query("SELECT version FROM aliases WHERE name=? AND alias=?", (name, DEFAULT_ALIAS))
-                version = aliased[0][0] if aliased else versions[-1]
-            elif selector == LATEST:
-                version = versions[-1]
-            elif selector.isdigit():
-                version = int(selector)
-                if version not in versions:
-                    raise NotFound(f"adapter {name!r} has no version {version} (versions: {', '.join(map(str, versions))}); {LIST_HINT}")
-            else:
-                aliased = self._query("SELECT version FROM aliases WHERE name=? AND alias=?", (name, selector))
-                if not aliased:
-                    known = ", ".join(f"{a}->{v}" for a, v in sorted(self.aliases(name).items())) or "none"
-                    raise NotFound(f"adapter {name!r} has no alias {selector!r} (aliases: {known}); {LIST_HINT}")
-                version = aliased[0][0]
-            rows = self._query(f"SELECT {_COLUMNS} FROM adapters WHERE name=? AND version=?", (name, version))
-            return self._row_to_record(rows[0], self._alias_map(name).get((name, version), ()))
-
-    def owner_of(self, ref: str) -> str | None:
-        """The owner (None = public) of the name a ref names, read before anything
-        else about it, so access can be decided before versions or aliases are
-        revealed; NotFound (naming only the name) when it has no versions."""
-        name, _ = parse_ref(ref)
-        rows = self._query("SELECT owner FROM adapters WHERE name=? LIMIT 1", (name,))
-        if not rows:
-            raise self._not_found(name)
-        return rows[0][0]
-
-    def get(self, name: str, version: int | None = None) -> AdapterRecord:
-        """`name@version`, or what plain `name` resolves to when version is None."""
-        validate_name(name)
-        if version is None:
-            return self.resolve(name)
-        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
-            raise InvalidArgument(f"version must be a positive integer, got {version!r}")
-        return self.resolve(f"{name}@{version}")
-
-    def list(self, *, name: str | None = None, owner: str | None = None, include_public: bool = True) -> list[AdapterRecord]:
-        """Records ordered by (name, version), with their aliases, read in one
-        transaction (a snapshot). `name` restricts to one name.
-        owner=None: every record (operator view). owner="t": records owned by
-        "t", plus public ones (owner None) when include_public."""
-        sql, args = f"SELECT {_COLUMNS} FROM adapters WHERE 1=1", []
-        if name is not None:
-            sql += " AND name=?"
-            args.append(validate_name(name))
-        if owner is not None:
-            sql += " AND (owner=? OR owner IS NULL)" if include_public else " AND owner=?"
-            args.append(owner)
-        with self._snapshot():
-            rows = self._query(sql + " ORDER BY name, version", args)
-            aliases = self._alias_map(name)
-        return [self._row_to_record(r, aliases.get((r[0], r[1]), ())) for r in rows]
-
-    # -- aliases -------------------------------------------------------------
-
-    def set_alias(self, name: str, alias: str, version: int) -> AdapterRecord:
-        """Point `name@alias` at `version` (creating or moving it) and return that
-        record. "default" decides what plain `name` serves; "latest" is reserved."""
-        validate_name(name)
-        if not isinstance(alias, str) or not ALIAS_RE.match(alias):
-            raise InvalidArgument(f"alias {clip_repr(alias)} is invalid: use 1-64 characters from letters, digits, '.', '_', '-', starting with a letter")
-        if alias == LATEST:
-            raise InvalidArgument(f"alias {LATEST!r} is reserved: it always means the highest version")
-        with self._lock:
-            self.get(name, version)  # NotFound / InvalidArgument before any change
-            with self._tx() as conn:
-                conn.execute("INSERT OR REPLACE INTO aliases (name, alias, version) VALUES (?, ?, ?)", (name, alias, version))
-            return self.get(name, version)  # with the alias just set
-
-    def delete_alias(self, name: str, alias: str) -> None:
-        """Remove `name@alias`; removing "default" makes plain `name` serve the highest version."""
-        validate_name(name)
-        with self._tx() as conn:
-            if conn.execute("DELETE FROM aliases WHERE name=? AND alias=?", (name, alias)).rowcount == 0:
-                raise NotFound(f"adapter {name!r} has no alias {clip_repr(alias)}; {LIST_HINT}")
-
-    def aliases(self, name: str) -> dict[str, int]:
-        """{alias: version} of `name` ({} if it has none); NotFound for an unknown name."""
-        validate_name(name)
-        with self._lock:
-            if not self._versions(name):
-                raise self._not_found(name)
-            return dict(self._query("SELECT alias, version FROM aliases WHERE name=? ORDER BY alias", (name,)))
-
     # -- delete / verify -----------------------------------------------------
 
     def delete(self, name: str, version: int | None = None) -> list[AdapterRecord]:
@@ -644,6 +355,7 @@ class AdapterRegistry:
                     conn.execute("DELETE FROM adapters WHERE name=? AND version=?", (rec.name, rec.version))
             referenced = self._referenced_digests()
             for digest in {rec.digest for rec in victims} - referenced:
+                self.mark_usable(digest)
                 try:
                     self._store.remove(digest)
                 except OSError as exc:  # the rows are gone; the next open's GC retries
@@ -651,10 +363,38 @@ class AdapterRegistry:
             log.info("deleted adapter versions %s", [rec.ref for rec in victims])
             return victims
 
+    # -- adapter health ------------------------------------------------------
+
+    def mark_unusable(self, digest: str, reason: str) -> None:
+        """Record that `digest`'s stored files cannot be served (`reason` says why);
+        inference refuses it at once until it verifies again, is registered again
+        (which re-commits its files) or is deleted. Thread-safe."""
+        with self._health_lock:
+            self._unusable[digest] = reason
+
+    def mark_usable(self, digest: str) -> None:
+        """Clear `digest`'s unusable mark, if any. Thread-safe."""
+        with self._health_lock:
+            self._unusable.pop(digest, None)
+
+    def unusable_reason(self, digest: str) -> str | None:
+        """Why `digest` is marked unusable, or None when it is not. Thread-safe."""
+        with self._health_lock:
+            return self._unusable.get(digest)
+
     def verify(self, record: AdapterRecord) -> None:
         """Check a record is servable by this server, before loading it: its
         store files re-hash to its digest and its base fingerprint is the running
-        base's (unless mismatches are allowed). FailedPrecondition otherwise."""
+        base's (unless mismatches are allowed). FailedPrecondition otherwise, and
+        the digest is marked unusable; a pass clears the mark."""
+        try:
+            self._verify(record)
+        except FailedPrecondition as exc:
+            self.mark_unusable(record.digest, str(exc))
+            raise
+        self.mark_usable(record.digest)
+
+    def _verify(self, record: AdapterRecord) -> None:
         if record.base_fingerprint != self.base_fingerprint and not self.allow_fingerprint_mismatch:
             raise FailedPrecondition(
                 f"adapter {record.ref} was registered for base {record.base_fingerprint} but this server runs base "
@@ -674,6 +414,3 @@ class AdapterRegistry:
                 f"adapter {record.ref}: the files in {record.path} are corrupt (sha256 {actual[:12]}..., "
                 f"expected {record.digest[:12]}...); delete this version and register it again"
             )
-
-    def _referenced_digests(self) -> set[str]:
-        return {r[0] for r in self._query("SELECT DISTINCT digest FROM adapters")}

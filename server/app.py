@@ -9,10 +9,8 @@ NOT_SERVING, new requests get UNAVAILABLE, in-flight ones finish, then the port 
 from __future__ import annotations
 
 import logging
-import os
 import time
 from concurrent import futures
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -21,8 +19,8 @@ from grpc_reflection.v1alpha import reflection
 
 from qlora_serve.server.auth import AuthInterceptor
 from qlora_serve.server.build import load_runtime, new_runtime
-from qlora_serve.server.engine.config import EngineConfig
-from qlora_serve.server.inference_service import InferenceService, RequestLimits
+from qlora_serve.server.config import ServerConfig, default_data_dir  # noqa: F401 (re-export)
+from qlora_serve.server.inference_service import InferenceService
 from qlora_serve.server.interceptors import RequestGuard
 from qlora_serve.server.registry_service import RegistryService
 from qlora_serve.server.runtime import handle_of
@@ -55,14 +53,6 @@ class HealthServicer(health.HealthServicer):
             statuses={name: health_pb2.HealthCheckResponse(status=s) for name, s in statuses.items()})
 
 
-def default_data_dir() -> Path:
-    """`$QLORA_SERVE_DATA`, else `$XDG_DATA_HOME/qlora-serve`, else `~/.local/share/qlora-serve`."""
-    env = os.environ.get("QLORA_SERVE_DATA")
-    if env:
-        return Path(env)
-    return Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share") / "qlora-serve"
-
-
 DEMO_BASE_NAME = "qlora-serve-demo"
 
 
@@ -72,48 +62,6 @@ def served_name(base: str | None) -> str:
     if base is None:
         return DEMO_BASE_NAME
     return Path(base).name if Path(base).is_dir() else base
-
-
-@dataclass
-class ServerConfig:
-    """Everything `qlora-serve serve` can set. `base=None` = the embedded demo model."""
-
-    base: str | None = None
-    host: str = "127.0.0.1"
-    port: int = 50051
-    metrics_port: int | None = 9090
-    # /metrics names adapters and tenants: loopback only unless the operator opens it.
-    metrics_address: str = "127.0.0.1"
-    http_port: int | None = 8000  # the OpenAI-compatible HTTP API; None = off
-    compute_dtype: str = "bfloat16"
-    device: str = "auto"
-    data_dir: Path = field(default_factory=default_data_dir)
-    adapters: list[tuple[str, str]] = field(default_factory=list)  # (name, path) registered at start
-    allowed_roots: list[Path] = field(default_factory=list)
-    allow_fingerprint_mismatch: bool = False
-    key_file: Path | None = None
-    engine: EngineConfig = field(default_factory=EngineConfig)
-    limits: RequestLimits = field(default_factory=RequestLimits)
-    grace_s: float = 30.0
-    max_message_bytes: int = 8 << 20
-    max_upload_bytes: int = 256 << 20
-    max_dataset_bytes: int = 256 << 20  # training data of one job (SubmitJobStream)
-    max_concurrent_rpcs: int | None = None  # None = max_running + max_waiting + 16
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.port <= 65535:
-            raise ValueError(f"port must be in [0, 65535], got {self.port}")
-        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
-            raise ValueError(f"metrics_port must be in [0, 65535], got {self.metrics_port}")
-        if self.http_port is not None and not 0 <= self.http_port <= 65535:
-            raise ValueError(f"http_port must be in [0, 65535], got {self.http_port}")
-        if self.grace_s < 0:
-            raise ValueError(f"grace_s must be >= 0, got {self.grace_s}")
-        if self.max_concurrent_rpcs is not None and self.max_concurrent_rpcs < 1:
-            raise ValueError(f"max_concurrent_rpcs must be >= 1, got {self.max_concurrent_rpcs}")
-        for name, _ in self.adapters:
-            if not name:
-                raise ValueError("--adapter needs NAME=PATH with a non-empty NAME")
 
 
 class QloraServer:

@@ -58,17 +58,12 @@ import hmac
 import logging
 import re
 import secrets
-import sys
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 import grpc
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - Python 3.10 needs the backport (pip install tomli)
-    import tomli as tomllib
 
 from qlora_serve.errors import InvalidArgument, PermissionDenied, Unauthenticated
 

@@ -18,8 +18,8 @@ from qlora_serve.server.metrics import Metrics
 from qlora_serve.server.quotas import QuotaBook
 from qlora_serve.server.runtime import Runtime
 
-if TYPE_CHECKING:  # app.py imports this module
-    from qlora_serve.server.app import ServerConfig
+if TYPE_CHECKING:
+    from qlora_serve.server.config import ServerConfig
 
 log = logging.getLogger("qlora_serve")
 
@@ -65,7 +65,7 @@ def load_runtime(runtime: Runtime, config: "ServerConfig", *, registry_reader: b
     if registry_reader:
         adapters = []
     try:
-        engine.adapter_loader = verified_loader(registry, engine, runtime.unusable)
+        engine.adapter_reader = verified_reader(registry, engine)
         for name, path in adapters:
             record = registry.register_path(name, path, source="startup", trusted=True)
             log.info("adapter %s registered from %s (digest %s)", record.ref, path, record.digest[:12])
@@ -82,18 +82,16 @@ def build_runtime(config: "ServerConfig", metrics: Metrics | None = None, *, reg
     return load_runtime(new_runtime(config, metrics), config, registry_reader=registry_reader)
 
 
-def verified_loader(registry: AdapterRegistry, engine: Engine, unusable: dict[str, str]):
+def verified_reader(registry: AdapterRegistry, engine: Engine):
     """The engine's adapter reader, re-hashing the stored files before parsing:
     on-disk corruption after registration is refused (FAILED_PRECONDITION) instead
-    of served, and the digest is marked unusable (``unusable``: digest -> reason)
-    until a load verifies again or the version is deleted."""
-    def load(handle):
+    of served, and the registry marks the digest unusable until a load verifies
+    again, it is registered again or the version is deleted."""
+    def read(handle):
         try:
             registry.verify(registry.get(handle.name, handle.version))
         except FailedPrecondition as exc:
-            unusable[handle.key] = str(exc)
             log.error("adapter %s@%d marked unusable: %s", handle.name, handle.version, exc)
             raise
-        unusable.pop(handle.key, None)
         return engine.read_adapter(handle)
-    return load
+    return read

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import os
@@ -28,30 +27,11 @@ _FLAG_HELP = {
 }
 
 
-def _add_config_flags(parser: argparse.ArgumentParser, cls) -> None:
-    """One --flag per field of a config dataclass, help and default from the field
-    (the serve parser's ArgumentDefaultsHelpFormatter appends the default)."""
-    for f in dataclasses.fields(cls):
-        parser.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default,
-                            help=_FLAG_HELP.get(f.name, f.metadata["help"]).replace("%", "%%"))
-
-
-def _config_from(args, cls):
-    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
-
-
 def _label_flag(value: str) -> tuple[str, str]:
     key, sep, val = value.partition("=")
     if not sep or not key:
         raise argparse.ArgumentTypeError(f"--label needs KEY=VALUE, got {value!r}")
     return key, val
-
-
-def _adapter_flag(value: str) -> tuple[str, str]:
-    name, sep, path = value.partition("=")
-    if not sep or not name or not path:
-        raise argparse.ArgumentTypeError(f"--adapter needs NAME=PATH, got {value!r}")
-    return name, path
 
 
 class _DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
@@ -63,70 +43,29 @@ class _DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def _add_serve(sub) -> None:
-    from qlora_serve.server.engine.config import EngineConfig
-    from qlora_serve.server.inference_service import RequestLimits
+    from qlora_serve.options import add_flags
+    from qlora_serve.server.config import EngineConfig, RequestLimits, ServerConfig
 
     p = sub.add_parser("serve", help="start the gRPC server (no flags: the embedded tiny demo model)",
                        formatter_class=_DefaultsHelp)
-    p.add_argument("--base", help="hub id or local directory of the base model; default: the embedded demo "
-                                  "(tiny Llama + demo adapters 'pirate' and 'poet', built offline on first start)")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind; 0.0.0.0 to accept remote clients")
-    p.add_argument("--port", type=int, default=50051, help="gRPC port (0 = any free port)")
-    p.add_argument("--metrics-port", type=int, default=9090, help="Prometheus /metrics port (0 = any free port)")
-    p.add_argument("--metrics-address", default="127.0.0.1",
-                   help="address /metrics binds to; it names adapters and tenants, so open it (0.0.0.0) "
-                        "only to trusted networks")
-    p.add_argument("--no-metrics", action="store_true", help="do not serve /metrics")
-    p.add_argument("--http-port", type=int, default=8000,
-                   help="OpenAI-compatible HTTP API port (/v1/models, /v1/completions, /v1/chat/completions; "
-                        "0 = any free port)")
-    p.add_argument("--no-http", action="store_true", help="do not serve the OpenAI-compatible HTTP API")
-    p.add_argument("--compute-dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"],
-                   help="dtype the NF4 weights are dequantized to for matmuls")
-    p.add_argument("--device", default="auto", help="auto (CUDA if present, else CPU), cpu, cuda, cuda:N")
-    p.add_argument("--data-dir", type=Path, default=None,
-                   help="registry database and adapter store (default: $QLORA_SERVE_DATA or ~/.local/share/qlora-serve)")
-    p.add_argument("--adapter", type=_adapter_flag, action="append", default=[], metavar="NAME=PATH",
-                   help="register a PEFT adapter directory at start-up (repeatable)")
-    p.add_argument("--allowed-adapter-root", type=Path, action="append", default=[], metavar="DIR",
-                   help="directory RegisterAdapter may read server-side paths from (repeatable; none = off)")
-    p.add_argument("--allow-fingerprint-mismatch", action="store_true",
-                   help="accept adapters that declare a different base model")
-    p.add_argument("--key-file", type=Path, help="TOML file of hashed API keys, tenants and quotas; none = auth off")
-    p.add_argument("--grace", type=float, default=30.0, help="seconds in-flight requests get to finish on SIGTERM")
-    p.add_argument("--max-message-bytes", type=int, default=8 << 20, help="largest gRPC message, bytes")
-    p.add_argument("--max-upload-bytes", type=int, default=256 << 20, help="largest adapter upload, bytes")
-    p.add_argument("--max-dataset-bytes", type=int, default=256 << 20,
-                   help="largest training job's data (train + eval), bytes, uploaded in chunks")
-    p.add_argument("--max-concurrent-rpcs", type=int, default=None,
-                   help="RPCs in flight at once, server-wide; more get RESOURCE_EXHAUSTED "
-                        "(default: max-running + max-waiting + 16)")
+    add_flags(p, ServerConfig)
     p.add_argument("--log-format", choices=["text", "json"], default="text",
                    help="json: one JSON object per log line (request lines carry request_id, tenant, adapter, "
                         "code, tokens, latency_ms as fields)")
-    _add_config_flags(p.add_argument_group("engine"), EngineConfig)
-    _add_config_flags(p.add_argument_group("request limits"), RequestLimits)
+    add_flags(p.add_argument_group("engine"), EngineConfig, help_overrides=_FLAG_HELP)
+    add_flags(p.add_argument_group("request limits"), RequestLimits)
     p.set_defaults(func=_serve)
 
 
 def _serve(args) -> int:
-    from qlora_serve.server.app import QloraServer, ServerConfig, default_data_dir
-    from qlora_serve.server.engine.config import EngineConfig
     from qlora_serve.errors import QloraServeError
-    from qlora_serve.server.inference_service import RequestLimits
+    from qlora_serve.options import values_from
+    from qlora_serve.server.app import QloraServer
+    from qlora_serve.server.config import EngineConfig, RequestLimits, ServerConfig
 
     try:
-        config = ServerConfig(
-            base=args.base, host=args.host, port=args.port,
-            metrics_port=None if args.no_metrics else args.metrics_port, metrics_address=args.metrics_address,
-            http_port=None if args.no_http else args.http_port,
-            compute_dtype=args.compute_dtype, device=args.device, data_dir=args.data_dir or default_data_dir(),
-            adapters=args.adapter, allowed_roots=args.allowed_adapter_root,
-            allow_fingerprint_mismatch=args.allow_fingerprint_mismatch, key_file=args.key_file, grace_s=args.grace,
-            max_message_bytes=args.max_message_bytes, max_upload_bytes=args.max_upload_bytes,
-            max_dataset_bytes=args.max_dataset_bytes,
-            max_concurrent_rpcs=args.max_concurrent_rpcs,
-            engine=_config_from(args, EngineConfig), limits=_config_from(args, RequestLimits))
+        config = ServerConfig(**values_from(args, ServerConfig), engine=EngineConfig(**values_from(args, EngineConfig)),
+                              limits=RequestLimits(**values_from(args, RequestLimits)))
         server = QloraServer(config).start()
     except (ValueError, OSError, QloraServeError) as exc:
         print(f"qlora-serve: error: {exc}", file=sys.stderr)
@@ -148,7 +87,7 @@ def _serve(args) -> int:
         host = address.rsplit(":", 1)[0]
         print(f"      curl http://{host}:{server.http_port}/v1/models   (OpenAI-compatible HTTP API)", flush=True)
     stop.wait()
-    log.info("shutting down: finishing in-flight requests (up to %.0f s)", args.grace)
+    log.info("shutting down: finishing in-flight requests (up to %.0f s)", config.grace_s)
     server.stop()
     return 0
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from qlora_serve.adapters.layout import CONFIG_FILE, WEIGHTS_FILE
+
 # C0 and C1 controls except tab and newline, DEL, and the bidi overrides/isolates
 # that reorder what a terminal shows.
 _TERMINAL_UNSAFE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
@@ -19,13 +21,12 @@ def local_adapter_dir(path: str) -> Path:
     """The local adapter directory to upload, or CliError saying what is wrong with `path`."""
     d = Path(path)
     if not d.exists():
-        raise CliError(f"{path} does not exist; pass the local PEFT adapter directory (adapter_config.json + "
-                       "adapter_model.safetensors), or --server-path for a directory on the server")
+        raise CliError(f"{path} does not exist; pass the local PEFT adapter directory ({CONFIG_FILE} + "
+                       f"{WEIGHTS_FILE}), or --server-path for a directory on the server")
     if not d.is_dir():
-        raise CliError(f"{path} is a file; pass the directory that holds adapter_config.json and "
-                       "adapter_model.safetensors")
-    if not (d / "adapter_config.json").is_file():
-        raise CliError(f"{path} has no adapter_config.json; pass a PEFT adapter directory "
+        raise CliError(f"{path} is a file; pass the directory that holds {CONFIG_FILE} and {WEIGHTS_FILE}")
+    if not (d / CONFIG_FILE).is_file():
+        raise CliError(f"{path} has no {CONFIG_FILE}; pass a PEFT adapter directory "
                        "(PeftModel.save_pretrained writes one)")
     return d
 

@@ -17,11 +17,13 @@ from typing import Iterator
 
 import grpc
 
+from qlora_serve.adapters.layout import ADAPTER_FILES, CONFIG_FILE, PICKLE_WEIGHTS, WEIGHTS_FILE
 from qlora_serve.v1 import inference_pb2, inference_pb2_grpc, registry_pb2, registry_pb2_grpc, training_pb2, training_pb2_grpc
 
-DEFAULT_ADDRESS = "localhost:50051"
+DEFAULT_PORT = 50051  # the port `qlora-serve serve` binds by default (ServerConfig.port)
+DEFAULT_ADDRESS = f"localhost:{DEFAULT_PORT}"
 _UPLOAD_CHUNK = 1 << 20  # bytes per streamed chunk, well under gRPC's 4 MiB default message limit
-_UPLOAD_FILES = ("adapter_config.json", "adapter_model.safetensors", "README.md", "qlora_serve_metadata.json")
+
 
 
 class Client:
@@ -122,21 +124,21 @@ class Client:
                public: bool = False) -> registry_pb2.AdapterInfo:
         """Register by streaming a LOCAL adapter directory's files to the server."""
         directory = Path(directory)
-        if not (directory / "adapter_config.json").is_file():
-            raise FileNotFoundError(f"{directory} has no adapter_config.json; pass a PEFT adapter directory")
+        if not (directory / CONFIG_FILE).is_file():
+            raise FileNotFoundError(f"{directory} has no {CONFIG_FILE}; pass a PEFT adapter directory")
 
         def messages():
             yield registry_pb2.UploadAdapterRequest(header=registry_pb2.UploadHeader(
                 name=name, owner=owner, labels=labels or {}, set_default=set_default, public=public))
-            for fname in _UPLOAD_FILES:
+            for fname in ADAPTER_FILES:
                 path = directory / fname
                 if not path.is_file():
                     continue
                 with path.open("rb") as fh:
                     while chunk := fh.read(_UPLOAD_CHUNK):
                         yield registry_pb2.UploadAdapterRequest(chunk=registry_pb2.FileChunk(filename=fname, data=chunk))
-            for pickled in ("adapter_model.bin", "adapter_model.pt"):
-                if (directory / pickled).is_file() and not (directory / "adapter_model.safetensors").is_file():
+            for pickled in PICKLE_WEIGHTS:
+                if (directory / pickled).is_file() and not (directory / WEIGHTS_FILE).is_file():
                     # Let the server explain the refusal (with how to convert).
                     yield registry_pb2.UploadAdapterRequest(chunk=registry_pb2.FileChunk(filename=pickled, data=b"\0"))
 

@@ -22,6 +22,8 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from qlora_serve.adapters.layout import CONFIG_FILE
+
 # Bump when the recipe changes so stale caches are rebuilt, never reused.
 DEMO_RECIPE_VERSION = 3  # 2: chat template; 3: word-level tokenizer, trained base and adapters
 
@@ -217,7 +219,7 @@ def _save_adapter(peft_model, out_dir: Path) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     peft_model.save_pretrained(out_dir)
     # PEFT records the base path it saw; the tmp build path means nothing to users.
-    cfg_path = out_dir / "adapter_config.json"
+    cfg_path = out_dir / CONFIG_FILE
     data = json.loads(cfg_path.read_text())
     data["base_model_name_or_path"] = "qlora-serve-demo-tiny-llama"
     cfg_path.write_text(json.dumps(data, indent=2, sort_keys=True))

@@ -68,7 +68,7 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
 
     def _adapter_ref(self, req: Request) -> common_pb2.AdapterRef:
         a = req.adapter
-        return common_pb2.AdapterRef(name=a.name, version=a.version, digest=a.key) if a else common_pb2.AdapterRef()
+        return common_pb2.AdapterRef(name=a.name, version=a.version, digest=a.digest) if a else common_pb2.AdapterRef()
 
     def _tenant_of(self, context) -> str:
         """The caller's tenant for a request refused before it had a Request ("" if unknown)."""

@@ -266,7 +266,7 @@ class QloraReplica:
 
 def _ref(req) -> common_pb2.AdapterRef:
     a = req.adapter
-    return common_pb2.AdapterRef(name=a.name, version=a.version, digest=a.key) if a else common_pb2.AdapterRef()
+    return common_pb2.AdapterRef(name=a.name, version=a.version, digest=a.digest) if a else common_pb2.AdapterRef()
 
 
 def deployment(config, *, replicas: int = 2, num_cpus: float = 1.0, num_gpus: float = 0.0,

@@ -38,7 +38,7 @@ class RegistryService(registry_pb2_grpc.AdapterRegistryServicer):
             base_fingerprint=rec.base_fingerprint, rank=rec.rank, alpha=rec.alpha,
             target_modules=list(rec.target_modules), size_bytes=rec.size_bytes, created_at=rec.created_at,
             owner=rec.owner or "", labels=rec.labels, aliases=list(rec.aliases), residency=residency,
-            unusable_reason=self._rt.unusable.get(rec.digest, ""))
+            unusable_reason=self._rt.registry.unusable_reason(rec.digest) or "")
 
     def _owner_for_new(self, principal: Principal, name: str, requested: str, public: bool) -> str | None:
         """Who will own a new version (None = public): the name's existing owner
@@ -83,7 +83,7 @@ class RegistryService(registry_pb2_grpc.AdapterRegistryServicer):
         owner = self._owner_for_new(principal, request.name, request.owner, request.public)
         rec = self._rt.registry.register_path(request.name, request.path, owner=owner, labels=dict(request.labels),
                                               set_default=request.set_default)
-        return self._info(self._rt.registered(rec))
+        return self._info(rec)
 
     @unary_rpc
     def UploadAdapter(self, request_iterator, context, principal):
@@ -109,7 +109,7 @@ class RegistryService(registry_pb2_grpc.AdapterRegistryServicer):
         owner = self._owner_for_new(principal, header.name, header.owner, header.public)
         rec = self._rt.registry.register_files(header.name, {k: bytes(v) for k, v in files.items()}, owner=owner,
                                                labels=dict(header.labels), set_default=header.set_default)
-        return self._info(self._rt.registered(rec))
+        return self._info(rec)
 
     @unary_rpc
     def ListAdapters(self, request, context, principal):
@@ -132,8 +132,6 @@ class RegistryService(registry_pb2_grpc.AdapterRegistryServicer):
         deleted = self._rt.registry.delete(request.name, request.version or None)
         still_used = {r.digest for r in self._rt.registry.list()}
         gone = [r.digest for r in deleted if r.digest not in still_used]
-        for d in gone:
-            self._rt.unusable.pop(d, None)
         # Committed: the engine drops the weights between steps (idempotent; running
         # requests keep theirs until they finish). Not awaited: the delete is done.
         for d in gone:
@@ -145,7 +143,7 @@ class RegistryService(registry_pb2_grpc.AdapterRegistryServicer):
     @unary_rpc
     def LoadAdapter(self, request, context, principal):
         rec = self._rt.resolve_record(request.adapter, principal)
-        # Read on the engine's loader thread (shared with requests waiting for it); only
+        # Read on the engine's reader thread (shared with requests waiting for it); only
         # the copy into a slot runs between engine steps.
         self._wait(self._rt.engine.load_adapter(handle_of(rec)), f"loading adapter {request.adapter!r}")
         return self._info(rec)

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 from qlora_serve import errors
 from qlora_serve.errors import Cancelled, DeadlineExceeded, InvalidArgument, QloraServeError
 from qlora_serve.server.engine.chat import render_chat
-from qlora_serve.server.engine.config import option
+from qlora_serve.options import option
 from qlora_serve.server.engine.request import (
     AdapterHandle,
     ErrorEvent,

@@ -47,7 +47,7 @@ def streaming_rpc(fn):
 
 def handle_of(record: AdapterRecord) -> AdapterHandle:
     """The engine's view of a registered adapter version (its digest keys the weights)."""
-    return AdapterHandle(name=record.name, version=record.version, key=record.digest, path=str(record.path))
+    return AdapterHandle(name=record.name, version=record.version, digest=record.digest, path=str(record.path))
 
 
 @dataclass
@@ -63,8 +63,6 @@ class Runtime:
     registry: AdapterRegistry | None = None
     draining: bool = False
     base_name: str = ""  # the base model's served name (the HTTP API's `model` for "no adapter")
-    # digest -> why its files failed verification at load (set by the app's verified loader).
-    unusable: dict[str, str] = field(default_factory=dict)
     _leases: dict[int, Lease] = field(default_factory=dict)  # id(Request) -> its quota lease
     _relayed: dict[int, int] = field(default_factory=dict)  # id(Request) -> output tokens handed to its handler
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -150,7 +148,7 @@ class Runtime:
     def resolve_adapter(self, ref: str, principal: Principal) -> AdapterHandle:
         """`resolve_record` for inference: FAILED_PRECONDITION at once for an adapter marked unusable."""
         record = self.resolve_record(ref, principal)
-        reason = self.unusable.get(record.digest)
+        reason = self.registry.unusable_reason(record.digest)
         if reason is not None:
             raise FailedPrecondition(reason)
         return handle_of(record)
@@ -190,11 +188,3 @@ class Runtime:
         lease.charge(sum(usage))
         lease.release()
         return usage
-
-    def registered(self, record: AdapterRecord) -> AdapterRecord:
-        """Call after every successful registration of `record`: registering a digest
-        again re-commits (repairs) its store files, so clear its "unusable" mark; the
-        next load re-verifies the files and marks it again if they are still bad.
-        Returns `record` (a servicer may write `self._info(self._rt.registered(rec))`)."""
-        self.unusable.pop(record.digest, None)
-        return record

@@ -233,9 +233,9 @@ class JobManager:
                 self._end(job, S.JOB_STATE_CANCELLED, "cancelled", result)
             return
         try:
-            rec = self._rt.registered(self._rt.registry.register_path(
+            rec = self._rt.registry.register_path(
                 job.adapter_name, result["adapter_dir"], owner=job.owner, set_default=job.set_default,
-                source="training", trusted=True))
+                source="training", trusted=True)
         except Exception as exc:  # a bad adapter must fail the job, not the worker thread
             with self._cv:
                 job.error = f"training finished but registration failed: {exc}"

@@ -195,7 +195,7 @@ def test_adapter_access_rules():
 def test_keys_new_cli_prints_key_once_and_stanza(capsys, tmp_path):
     import argparse
 
-    from qlora_serve.server.auth import tomllib  # stdlib on 3.11+, tomli backport on 3.10
+    import tomllib
 
     parser = argparse.ArgumentParser(prog="qlora-serve")
     add_keys_parser(parser.add_subparsers(dest="command"))

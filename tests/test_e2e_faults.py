@@ -82,7 +82,7 @@ def test_adapter_corrupted_on_disk_is_failed_precondition_and_marked_unusable(fa
 
     # Recovery as the message says: delete this version, register it again.
     client.delete("fragile")
-    assert record.digest not in server.runtime.unusable
+    assert server.runtime.registry.unusable_reason(record.digest) is None
     info = client.upload("fragile", server.fragile_dir)
     assert not info.unusable_reason
     assert client.generate("hello", adapter="fragile", max_new_tokens=3).completion_tokens == 3

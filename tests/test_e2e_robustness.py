@@ -45,23 +45,23 @@ class Slow:
         self._handle.remove()
 
 
-class HeldLoader:
-    """Wraps the server's real adapter loader: the read runs, then waits for `release()`
+class HeldReader:
+    """Wraps the server's real adapter reader: the read runs, then waits for `release()`
     before handing its result back (as a slow disk would). Counts the reads."""
 
     def __init__(self, engine) -> None:
-        self.engine, self.real = engine, engine.adapter_loader
+        self.engine, self.real = engine, engine.adapter_reader
         self.reads = 0
         self.entered = threading.Event()
         self._go = threading.Event()
-        engine.adapter_loader = self._load
+        engine.adapter_reader = self._load
 
     def _load(self, handle):
         adapter = self.real(handle)
         self.reads += 1
         self.entered.set()
         if not self._go.wait(60):
-            raise RuntimeError("HeldLoader was never released")
+            raise RuntimeError("HeldReader was never released")
         return adapter
 
     def release(self) -> None:
@@ -69,7 +69,7 @@ class HeldLoader:
 
     def restore(self) -> None:
         self.release()
-        self.engine.adapter_loader = self.real
+        self.engine.adapter_reader = self.real
 
 
 def _in_thread(fn):
@@ -134,14 +134,14 @@ def test_adapter_the_slot_refuses_at_install_fails_only_its_request(bf16_server,
 
     server = bf16_server
     engine = server.runtime.engine
-    real = engine.adapter_loader
+    real = engine.adapter_reader
 
     def permissive(handle):  # no dtype check
         adapter = load_lora_adapter(huge_adapter if handle.name == "huge2" else handle.path)
         check_fits_base(adapter, engine.lora.linear_shapes)
         return adapter
 
-    engine.adapter_loader = permissive
+    engine.adapter_reader = permissive
     try:
         with Client(f"127.0.0.1:{server.port}", timeout=30) as client:
             client.upload("huge2", make_variant(demo.adapters["pirate"], tmp_path / "huge2", scale=0.5))
@@ -153,7 +153,7 @@ def test_adapter_the_slot_refuses_at_install_fails_only_its_request(bf16_server,
             assert list(running)[-1].finish_reason == common_pb2.FINISH_REASON_LENGTH
             assert client.generate("hello", max_new_tokens=3).completion_tokens == 3
     finally:
-        engine.adapter_loader = real
+        engine.adapter_reader = real
     _idle(server)
 
 
@@ -291,7 +291,7 @@ def test_request_waiting_for_a_pinned_slot_does_not_block_requests_behind_it(sta
 # ---------------------------------------------- 6. LoadAdapter off the engine thread
 def test_load_adapter_reads_off_the_engine_thread_and_shares_an_in_flight_read(server, client):
     engine = server.runtime.engine
-    held = HeldLoader(engine)
+    held = HeldReader(engine)
     reads = _loads(server)
     try:
         load_out, load_thread = _in_thread(lambda: client.load("extra-r16"))
@@ -360,16 +360,16 @@ def test_load_adapter_on_a_stopped_engine_is_unavailable(start_server):
 def test_cancelled_adapter_read_fails_its_requests_and_the_engine_keeps_serving(start_server):
     server = start_server()
     engine = server.runtime.engine
-    held = HeldLoader(engine)
+    held = HeldReader(engine)
     try:
         with Client(f"127.0.0.1:{server.port}", timeout=20) as client:
             first_out, first = _in_thread(lambda: client.generate("hi", adapter="pirate", max_new_tokens=2))
-            assert held.entered.wait(30)  # pirate's read holds the loader thread
+            assert held.entered.wait(30)  # pirate's read holds the reader thread
             second_out, second = _in_thread(lambda: client.generate("hi", adapter="poet", max_new_tokens=2))
             misses = lambda: server.metrics.registry.get_sample_value(  # noqa: E731
                 "qlora_adapter_host_cache_total", {"result": "miss"}) or 0.0
             wait_until(lambda: misses() == 2, what="poet's read queued behind pirate's")
-            engine.adapters.shutdown()  # the loader pool cancels poet's read, as at shutdown
+            engine.adapters.shutdown()  # the reader pool cancels poet's read, as at shutdown
             second.join(20)
             assert second_out["error"].code() == grpc.StatusCode.UNAVAILABLE, second_out
             held.release()
@@ -387,7 +387,7 @@ def test_adapter_deleted_during_its_read_is_not_found_and_not_cached(server, cli
     engine = server.runtime.engine
     files = build_random_adapter(demo.base, tmp_path / "ephemeral", DemoAdapterSpec(name="ephemeral", r=4, alpha=8, seed=4242))
     digest = client.upload("ephemeral", files).digest  # files no other version shares
-    held = HeldLoader(engine)
+    held = HeldReader(engine)
     try:
         out, t = _in_thread(lambda: client.generate("hello", adapter="ephemeral", max_new_tokens=2))
         assert held.entered.wait(30)  # its files were read; the result is not handed back yet

@@ -5,7 +5,7 @@ Lower layers never import higher ones:
 - `training/` does not import the gRPC server (servicers, interceptors, app, CLI);
 - the engine (`server/engine/`) imports no grpc, no generated stubs and nothing of
   `qlora_serve.server` outside the engine.
-Shared pieces (domain errors) live in the root package `qlora_serve`.
+Shared pieces (domain errors, config options) live in the root package `qlora_serve`.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Adapter registry library: real files, real SQLite, the real demo base and
-PEFT adapters (no mocks). Crash safety lives in test_registry_crash.py."""
+PEFT adapters (no mocks). Crash safety lives in test_registry_crash_points.py."""
 
 from __future__ import annotations
 
@@ -212,6 +212,25 @@ def test_source_deleted_still_serves_and_verify_detects_corruption(reg, root):
     (rec.path / WEIGHTS).unlink()
     with pytest.raises(FailedPrecondition, match="register it again"):
         reg.verify(rec)
+
+
+def test_adapter_health_is_owned_by_the_registry(reg, root):
+    """A failed verify marks the digest unusable; registering the files again (which
+    re-commits them) clears the mark, and so does deleting the last version."""
+    rec = reg.register_path("temp", root / "pirate2")
+    good = (rec.path / WEIGHTS).read_bytes()
+    assert reg.unusable_reason(rec.digest) is None
+    (rec.path / WEIGHTS).write_bytes(good[:-1] + bytes([good[-1] ^ 0xFF]))
+    with pytest.raises(FailedPrecondition):
+        reg.verify(rec)
+    assert "corrupt" in reg.unusable_reason(rec.digest)
+    assert reg.unusable_reason(reg.get("pirate").digest) is None  # other adapters unaffected
+    (rec.path / WEIGHTS).write_bytes(good)
+    assert reg.register_path("temp", root / "pirate2").digest == rec.digest
+    assert reg.unusable_reason(rec.digest) is None
+    reg.mark_unusable(rec.digest, "bad")
+    reg.delete("temp")
+    assert reg.unusable_reason(rec.digest) is None
 
 
 def test_restart_sees_same_state(make_registry, root, tmp_path):

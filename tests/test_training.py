@@ -91,7 +91,7 @@ def test_wrong_value_type_is_invalid_argument_naming_the_field(tmp_path, capsys,
     with pytest.raises(InvalidArgument, match=f"{field} must be"):
         TrainConfig.from_toml(cfg)
     # The CLI prints it as a usage error (exit 2), not a traceback.
-    from qlora_serve.training.cli import main
+    from qlora_serve.server.cli import main
 
     assert main(["train", "--config", str(cfg), "--out", str(tmp_path / "out")]) == 2
     assert f"{field} must be" in capsys.readouterr().err
@@ -102,7 +102,7 @@ def test_wrong_value_type_is_invalid_argument_naming_the_field(tmp_path, capsys,
 def test_register_with_modules_to_save_is_refused_before_training(demo, tmp_path, good_data):
     with pytest.raises(InvalidArgument, match="modules_to_save.*register"):
         TrainConfig.from_dict({"modules_to_save": "lm_head", "register": "localhost:1"}, source="command line")
-    from qlora_serve.training.cli import main
+    from qlora_serve.server.cli import main
 
     assert main(["train", "--base", str(demo.base), "--data", str(good_data), "--out", str(tmp_path / "out"),
                  "--modules-to-save", "lm_head", "--register", "localhost:1"]) == 2

@@ -1,10 +1,5 @@
-"""`qlora-serve train` and `qlora-serve merge` subcommands.
-
-The lead hooks them into the main parser:
-
-    sub = parser.add_subparsers()
-    add_train_parser(sub); add_merge_parser(sub)
-    args = parser.parse_args(); sys.exit(args.func(args))
+"""`qlora-serve train` and `qlora-serve merge` subcommands (hooked into the main
+parser by server/cli.py `build_parser`).
 
 One flag per TrainConfig field (`--lora-r` for `lora_r`, booleans as
 `--packing/--no-packing`); flags default to None so that a `--config` file value
@@ -14,23 +9,12 @@ is only overridden by a flag the user actually typed.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
-import types
-import typing
 
 from qlora_serve.errors import QloraServeError
+from qlora_serve.options import add_flags
 
 from .config import TrainConfig
-
-
-def _flag_type(tp):
-    """argparse type for a TrainConfig annotation (strings, because of `from __future__ import annotations`)."""
-    hints = typing.get_type_hints(TrainConfig)
-    t = hints[tp]
-    if isinstance(t, types.UnionType) or typing.get_origin(t) is typing.Union:
-        t = next(a for a in typing.get_args(t) if a is not type(None))
-    return t
 
 
 def add_train_parser(subparsers) -> argparse.ArgumentParser:
@@ -41,18 +25,8 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
         description="QLoRA fine-tuning: NF4 double-quantized base + LoRA, paged AdamW. See training/README.md.",
     )
     p.add_argument("--config", metavar="FILE.toml", help="TOML file whose keys are these flags' names (flags override it)")
-    for f in dataclasses.fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        t = _flag_type(f.name)
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        help_text = f"{f.metadata['help']} (default: {default!r})".replace("%", "%%")
-        if t is bool:
-            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
-        elif t in (list, list[str]) or typing.get_origin(t) is list:
-            p.add_argument(flag, dest=f.name, metavar="A,B,...", default=None, help=help_text)
-        else:
-            metavar = {"register": "ADDRESS", "base": "DIR_OR_HUB_ID", "data": "FILE.jsonl", "eval_data": "FILE.jsonl", "out": "DIR"}.get(f.name)
-            p.add_argument(flag, dest=f.name, type=t, default=None, metavar=metavar, help=help_text)
+    add_flags(p, TrainConfig, overrides=True, metavars={
+        "register": "ADDRESS", "base": "DIR_OR_HUB_ID", "data": "FILE.jsonl", "eval_data": "FILE.jsonl", "out": "DIR"})
     p.set_defaults(func=run_train)
     return p
 
@@ -109,17 +83,3 @@ def run_merge(args: argparse.Namespace) -> int:
     print(f"merged ({result.dtype}); greedy output matches base+adapter; written to {result.out_dir}", file=sys.stderr)
     print(result.out_dir)
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Standalone entry (`python -m qlora_serve.training.cli train ...`) until the lead wires `qlora-serve`."""
-    parser = argparse.ArgumentParser(prog="qlora-serve")
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_train_parser(sub)
-    add_merge_parser(sub)
-    args = parser.parse_args(argv)
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

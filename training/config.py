@@ -15,28 +15,24 @@ import os
 import tomllib
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
 from qlora_serve.errors import InvalidArgument
+from qlora_serve.options import option as _f  # short: every field below uses it
+from qlora_serve.server.engine.config import COMPUTE_DTYPES as SERVE_DTYPES
 
 from .data import FORMATS
 
-COMPUTE_DTYPES = ("bfloat16", "float32")
+# float16 is refused for training (see __post_init__).
+COMPUTE_DTYPES = tuple(d for d in SERVE_DTYPES if d != "float16")
 OPTIMIZERS = ("paged_adamw_8bit", "paged_adamw_32bit")
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial")
 # Upper bounds that no real run reaches: a value past them is a typo (lora_r = 1e9,
 # batch_size = 1e12) that would otherwise be accepted and fail or hang later.
 UPPER_BOUNDS = {"lora_r": 4096, "batch_size": 65536, "grad_accum": 65536, "max_seq_len": 1 << 20,
                 "max_steps": 100_000_000, "epochs": 100_000.0}
-
-
-def _f(default: Any, help: str, **kw) -> Any:
-    """A dataclass field carrying its help text (used by argparse and the README)."""
-    if isinstance(default, list):
-        return field(default_factory=lambda d=default: list(d), metadata={"help": help, **kw})
-    return field(default=default, metadata={"help": help, **kw})
 
 
 @dataclass

@@ -7,8 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from qlora_serve.adapters.fingerprint import base_fingerprint
-
-METADATA_FILE = "qlora_serve_metadata.json"
+from qlora_serve.adapters.layout import METADATA_FILE  # noqa: F401 (re-export)
 METADATA_VERSION = 1
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from qlora_serve.adapters.layout import CONFIG_FILE
 from qlora_serve.errors import FailedPrecondition, InvalidArgument
 
 DEFAULT_PROMPT = "hello world"
@@ -48,8 +49,8 @@ def merge(
     base = resolve_base(base)
     adapter = Path(adapter)
     # Not peft_format.read_adapter_config: that refuses modules_to_save, which merging handles fine.
-    if not (adapter / "adapter_config.json").is_file():
-        raise InvalidArgument(f"{adapter} has no adapter_config.json; pass a PEFT adapter directory")
+    if not (adapter / CONFIG_FILE).is_file():
+        raise InvalidArgument(f"{adapter} has no {CONFIG_FILE}; pass a PEFT adapter directory")
     device = "cuda:0" if torch.cuda.is_available() else "cpu"
     dtype = dtype or (torch.bfloat16 if device != "cpu" else torch.float32)
     tokenizer = load_tokenizer(base)

@@ -1,7 +1,7 @@
 """Adapter weights for the engine: read off the engine thread, installed on it.
 
 Reading an adapter (disk, digest check, safetensors parse, dtype check) runs on
-one loader thread; the engine thread only copies parsed weights into a device
+one reader thread; the engine thread only copies parsed weights into a device
 slot between steps, so a cold load never stalls the running batch. A finished
 read is held in `_ready` until its weights are installed: requests waiting for
 it are served even when it does not fit the host cache, which only saves the
@@ -12,7 +12,7 @@ Requests (and LoadAdapter calls) for an adapter that must be read first are
 the LoadAdapter calls get their slot.
 
 Owned by the engine thread (not thread-safe), except `read_adapter` and the
-loader, which run on the loader thread.
+reader, which run on the reader thread.
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ from qlora_serve.errors import Internal, NotFound, QloraServeError, ResourceExha
 
 log = logging.getLogger(__name__)
 
-AdapterLoader = Callable[[AdapterHandle], LoraAdapter]
-# Called (on the loader thread) when a read ends: (key, future, handle).
+AdapterReader = Callable[[AdapterHandle], LoraAdapter]
+# Called (on the reader thread) when a read ends: (key, future, handle).
 LoadDone = Callable[[str, Future, AdapterHandle], None]
 
 
@@ -70,7 +70,7 @@ class AdapterSlots:
         self.residency = residency
         self.metrics = metrics
         # Settable before the engine starts: the server wraps it with a digest check.
-        self.loader: AdapterLoader = self.read_adapter
+        self.reader: AdapterReader = self.read_adapter
         self._on_done = on_done
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="adapter-load")
         self._loads: dict[str, Future] = {}  # key -> its read in flight
@@ -78,7 +78,7 @@ class AdapterSlots:
         self._parked: dict[str, list[Request | LoadWaiter]] = {}  # key -> what waits for its read
 
     def read_adapter(self, handle: AdapterHandle) -> LoraAdapter:
-        """Default loader (loader thread): parse from disk, check it fits this base and
+        """Default reader (reader thread): parse from disk, check it fits this base and
         stays finite in the base's compute dtype, so a bad adapter is refused before it queues."""
         adapter = load_lora_adapter(handle.path, max_rank=self.lora.max_rank, dtype=self.lora.compute_dtype)
         check_fits_base(adapter, self.lora.linear_shapes)
@@ -93,25 +93,25 @@ class AdapterSlots:
         """Wait for the adapter's read (started unless one is in flight). Raises when
         the loader has shut down (nothing is parked then)."""
         handle = item.adapter
-        if handle.key not in self._loads:
+        if handle.digest not in self._loads:
             fut = self._pool.submit(self._timed_read, handle)
-            self._loads[handle.key] = fut
+            self._loads[handle.digest] = fut
             if self.metrics:
                 self.metrics.host_cache("miss")
-            fut.add_done_callback(lambda f, k=handle.key: self._on_done(k, f, handle))
-        self._parked.setdefault(handle.key, []).append(item)
+            fut.add_done_callback(lambda f, k=handle.digest: self._on_done(k, f, handle))
+        self._parked.setdefault(handle.digest, []).append(item)
 
     def parked_requests(self) -> list[Request]:
         return [r for items in self._parked.values() for r in items if isinstance(r, Request)]
 
     def unpark(self, req: Request) -> None:
         """The request left (cancelled, expired) before its adapter's read ended."""
-        items = self._parked[req.adapter_key]
+        items = self._parked[req.adapter_digest]
         items[:] = [p for p in items if p is not req]
 
     def _timed_read(self, handle: AdapterHandle) -> tuple[LoraAdapter, float]:
         t0 = time.monotonic()
-        return self.loader(handle), time.monotonic() - t0
+        return self.reader(handle), time.monotonic() - t0
 
     def finish_load(self, key: str, fut: Future, handle: AdapterHandle) -> tuple[list[Request], list[tuple[Request, Exception]]]:
         """Engine thread: a read ended. Parked LoadAdapter calls get their slot (or
@@ -167,7 +167,7 @@ class AdapterSlots:
     def load(self, waiter: LoadWaiter) -> None:
         """A LoadAdapter call: install now when the weights are on the host, else park it.
         An explicit load also cancels an unload that waits for the adapter to go idle."""
-        key = waiter.adapter.key
+        key = waiter.adapter.digest
         if self.residency.slot_of(key) is not None:
             self.residency.unload_when_idle(key, False)
         if self.available(key):
@@ -177,7 +177,7 @@ class AdapterSlots:
 
     def _install_for(self, waiter: LoadWaiter) -> None:
         try:
-            slot = self.install(waiter.adapter.key)
+            slot = self.install(waiter.adapter.digest)
             if slot is None:
                 raise ResourceExhausted(
                     f"the device's adapter slots ({self.lora.max_slots}) or LoRA memory ({self.residency.device_bytes} "

@@ -1,6 +1,6 @@
 """What crosses between threads and the engine thread, typed.
 
-Commands: handler threads (and the adapter loader thread) put one of these in the
+Commands: handler threads (and the adapter reader thread) put one of these in the
 engine's inbox; the engine thread applies them between steps, dispatching on the
 type. Each is a small frozen dataclass; a command that answers carries its Future.
 
@@ -51,7 +51,7 @@ class Load:
 
 @dataclass(frozen=True)
 class Loaded:
-    """The loader thread finished reading an adapter (`future` holds the read)."""
+    """The reader thread finished reading an adapter (`future` holds the read)."""
 
     key: str
     future: Future

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 
+from qlora_serve.options import option
 
-def option(default, help: str):
-    """A config field whose help text the CLI turns into a --flag (see server/cli.py)."""
-    return field(default=default, metadata={"help": help})
+# Names of the torch dtypes the NF4 weights may be dequantized to (torch.<name>).
+COMPUTE_DTYPES = ("bfloat16", "float32", "float16")
 
 
 LORA_DTYPES = {"float32", "compute"}

@@ -23,7 +23,7 @@ from typing import Callable
 
 from qlora_serve.adapters.peft_format import LoraAdapter
 from qlora_serve.errors import InvalidArgument, QloraServeError, Unavailable
-from qlora_serve.server.engine.adapter_loading import AdapterLoader, AdapterSlots, LoadWaiter, build_lora
+from qlora_serve.server.engine.adapter_loading import AdapterReader, AdapterSlots, LoadWaiter, build_lora
 from qlora_serve.server.engine.commands import Call, Cancel, Command, EngineSnapshot, Load, Loaded, Stop, Submit
 from qlora_serve.server.engine.config import EngineConfig
 from qlora_serve.server.engine.kv_batch import PagedKVBatch
@@ -44,14 +44,14 @@ class Engine:
     engine state post a command and return a Future (see `commands.py`)."""
 
     def __init__(self, base: LoadedBase, config: EngineConfig, *, metrics=None,
-                 adapter_loader: AdapterLoader | None = None) -> None:
+                 adapter_reader: AdapterReader | None = None) -> None:
         self.config = config
         self.metrics = metrics
         self.lora, self.residency = build_lora(base.model, config)
         self.adapters = AdapterSlots(self.lora, self.residency, metrics=metrics,
                                      on_done=lambda key, fut, handle: self._post(Loaded(key, fut, handle)))
-        if adapter_loader is not None:
-            self.adapter_loader = adapter_loader
+        if adapter_reader is not None:
+            self.adapter_reader = adapter_reader
         self.runner = ModelRunner(base, self.lora, PagedKVBatch(max_tokens=config.max_kv_tokens))
         self.output = OutputProcessor(base, metrics)
         self.scheduler = Scheduler(config, kv_slots=self.runner.kv.slots_for, new_row=self._new_row,
@@ -78,17 +78,17 @@ class Engine:
         self.runner.base = self.output.base = base
 
     @property
-    def adapter_loader(self) -> AdapterLoader:
-        """Reads an adapter (loader thread). Settable before start(): the server wraps
+    def adapter_reader(self) -> AdapterReader:
+        """Reads an adapter (reader thread). Settable before start(): the server wraps
         `read_adapter` with a digest check against the registry."""
-        return self.adapters.loader
+        return self.adapters.reader
 
-    @adapter_loader.setter
-    def adapter_loader(self, loader: AdapterLoader) -> None:
-        self.adapters.loader = loader
+    @adapter_reader.setter
+    def adapter_reader(self, loader: AdapterReader) -> None:
+        self.adapters.reader = loader
 
     def read_adapter(self, handle: AdapterHandle) -> LoraAdapter:
-        """Default loader: parse from disk, check it fits this base and its slots' dtype."""
+        """Default reader: parse from disk, check it fits this base and its slots' dtype."""
         return self.adapters.read_adapter(handle)
 
     def validate_lengths(self, prompt_len: int, max_new_tokens: int) -> None:
@@ -128,7 +128,7 @@ class Engine:
 
     def load_adapter(self, handle: AdapterHandle) -> Future:
         """Put an adapter in a device slot (LoadAdapter RPC); the future holds the slot.
-        The read runs on the loader thread, shared with requests waiting for the same
+        The read runs on the reader thread, shared with requests waiting for the same
         adapter; only the copy into the slot runs on the engine thread."""
         fut: Future = Future()
         inner: Future = Future()  # set on the engine thread: publish, then answer the caller

@@ -9,10 +9,11 @@ from pathlib import Path
 import torch
 
 from qlora_serve.errors import FailedPrecondition, InvalidArgument
+from qlora_serve.server.engine.config import COMPUTE_DTYPES
 
 log = logging.getLogger(__name__)
 
-_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
+_DTYPES = {name: getattr(torch, name) for name in COMPUTE_DTYPES}
 
 
 @dataclass(frozen=True)

@@ -119,12 +119,12 @@ class TokenLogprob:
 
 @dataclass(frozen=True)
 class AdapterHandle:
-    """A resolved adapter version: `key` (its sha256 digest) identifies the weights
-    in device slots and the host cache; `path` is its directory in the store."""
+    """A resolved adapter version: `digest` (the sha256 of its files) identifies the
+    weights in device slots and the host cache; `path` is its directory in the store."""
 
     name: str
     version: int
-    key: str
+    digest: str
     path: str
 
     @property
@@ -176,5 +176,5 @@ class Request:
     events: "queue.SimpleQueue[TokenEvent | FinalEvent | ErrorEvent]" = field(default_factory=queue.SimpleQueue)
 
     @property
-    def adapter_key(self) -> str | None:
-        return self.adapter.key if self.adapter else None
+    def adapter_digest(self) -> str | None:
+        return self.adapter.digest if self.adapter else None

@@ -127,7 +127,7 @@ class Scheduler:
 
     def enqueue(self, req: Request) -> None:
         """A submitted request: into the fair queue, or parked on its adapter's read when cold."""
-        key = req.adapter_key
+        key = req.adapter_digest
         if key is None or self.adapters.available(key):
             if self.metrics and key is not None:
                 self.metrics.host_cache("hit" if self.adapters.residency.slot_of(key) is None else "device")
@@ -174,7 +174,7 @@ class Scheduler:
                 row.done = True
         self._cancelled.clear()
         if left and self.adapters:  # read adapters nobody waits for any more are not kept
-            self.adapters.drop_unclaimed({r.adapter_key for r in self.waiting})
+            self.adapters.drop_unclaimed({r.adapter_digest for r in self.waiting})
 
     def admit(self) -> None:
         """Move waiting requests into `admitted`, in fair order, while every limit holds.
@@ -214,8 +214,8 @@ class Scheduler:
             with self._lock:  # one step: from queued to a row
                 self._queued -= 1
                 self._rows += 1
-            if req.adapter_key is not None:
-                self.adapters.pin(req.adapter_key)
+            if req.adapter_digest is not None:
+                self.adapters.pin(req.adapter_digest)
             self.admitted.append(row)
             prefill_tokens += n
             kv_tokens += self.kv_slots(final_len)
@@ -223,7 +223,7 @@ class Scheduler:
     def placement(self, req: Request) -> Placement:
         """The device slot for the request's adapter (BASE_SLOT without one), installing
         its weights when needed; or why it must wait (SlotWait)."""
-        key = req.adapter_key
+        key = req.adapter_digest
         if key is None:
             return BASE_SLOT
         if not self.adapters.available(key):
@@ -258,8 +258,8 @@ class Scheduler:
         """The row left the batch: its place and its adapter's pin are given back."""
         with self._lock:
             self._rows -= 1
-        if row.request.adapter_key is not None:
-            self.adapters.unpin(row.request.adapter_key)
+        if row.request.adapter_digest is not None:
+            self.adapters.unpin(row.request.adapter_digest)
 
     def take_rows(self) -> list[Row]:
         """All admitted and running rows, removed (a failed step, or the engine stopping)."""

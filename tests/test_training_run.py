@@ -89,7 +89,7 @@ def test_learning_is_real_on_held_out_words(char_base, caesar_data, trained):
     assert trained.trainable_params == meta["trainable_params"] > 0
 
 
-def test_adapter_is_servable_by_our_loader(char_base, trained):
+def test_adapter_is_servable_by_our_reader(char_base, trained):
     from qlora_serve.adapters.peft_format import load_lora_adapter
 
     adapter = load_lora_adapter(trained.adapter_dir)
