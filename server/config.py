@@ -65,6 +65,7 @@ class ServerConfig:
     grace_s: float = option(30.0, "seconds in-flight requests get to finish on SIGTERM", flag="grace")
     max_message_bytes: int = option(8 << 20, "largest gRPC message, bytes")
     max_upload_bytes: int = option(DEFAULT_MAX_UPLOAD_BYTES, "largest adapter upload, bytes")
+    max_dataset_bytes: int = option(256 << 20, "largest training job's data (train + eval), bytes, uploaded in chunks")
     max_concurrent_rpcs: int | None = option(None, "RPCs in flight at once, server-wide; more get RESOURCE_EXHAUSTED "
                                                    "(default: max-running + max-waiting + 16)")
     engine: EngineConfig = field(default_factory=EngineConfig)

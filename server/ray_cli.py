@@ -9,7 +9,10 @@ import sys
 import threading
 from pathlib import Path
 
-from qlora_serve.server.cli import _add_config_flags, _adapter_flag, _config_from, _DefaultsHelp
+from qlora_serve.options import add_flags, values_from
+from qlora_serve.server.cli import _DefaultsHelp
+from qlora_serve.server.config import _adapter_flag
+from qlora_serve.server.engine.config import COMPUTE_DTYPES
 
 
 def add_ray_serve_parser(sub) -> None:
@@ -28,7 +31,7 @@ def add_ray_serve_parser(sub) -> None:
     p.add_argument("--num-cpus", type=float, default=1.0, help="CPUs per replica (fractions allowed)")
     p.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per replica (fractions allowed)")
     p.add_argument("--base", help="hub id or local directory of the base model; default: the embedded demo")
-    p.add_argument("--compute-dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"],
+    p.add_argument("--compute-dtype", default="bfloat16", choices=list(COMPUTE_DTYPES),
                    help="dtype the NF4 weights are dequantized to for matmuls")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (per replica)")
     p.add_argument("--data-dir", type=Path, default=None,
@@ -39,8 +42,8 @@ def add_ray_serve_parser(sub) -> None:
                    help="replicas read the one registry that `qlora-serve serve --data-dir DATA_DIR` (started "
                         "first, same machine) writes: register there once, every replica serves it")
     p.add_argument("--key-file", type=Path, help="TOML file of hashed API keys; checked in every replica")
-    _add_config_flags(p.add_argument_group("engine (per replica)"), EngineConfig)
-    _add_config_flags(p.add_argument_group("request limits"), RequestLimits)
+    add_flags(p.add_argument_group("engine (per replica)"), EngineConfig)
+    add_flags(p.add_argument_group("request limits"), RequestLimits)
     p.set_defaults(func=_ray_serve)
 
 
@@ -67,7 +70,8 @@ def _ray_serve(args) -> int:
         config = ServerConfig(base=args.base, metrics_port=None, http_port=None, compute_dtype=args.compute_dtype,
                               device=args.device, data_dir=(args.data_dir or default_data_dir()).resolve(),
                               adapters=args.adapter, key_file=args.key_file and args.key_file.resolve(),
-                              engine=_config_from(args, EngineConfig), limits=_config_from(args, RequestLimits))
+                              engine=EngineConfig(**values_from(args, EngineConfig)),
+                              limits=RequestLimits(**values_from(args, RequestLimits)))
     except ValueError as exc:
         print(f"qlora-serve: error: {exc}", file=sys.stderr)
         return 2
