@@ -26,6 +26,9 @@ _UPLOAD_CHUNK = 1 << 20  # bytes per streamed chunk, well under gRPC's 4 MiB def
 
 
 
+_MAX_ROUTED_REF = 160  # characters: the longest adapter reference sent as a routing header
+
+
 class Client:
     """Inference, registry and training calls. `api_key` (or $QLORA_SERVE_API_KEY) is sent as a
     bearer token; `timeout` (seconds) becomes each call's gRPC deadline."""
@@ -83,7 +86,10 @@ class Client:
     def _gen_kw(self, msg: inference_pb2.GenerateRequest) -> dict:
         """`_kw` plus the adapter as the header Ray Serve's proxy routes on (a direct server ignores it)."""
         kw = self._kw()
-        if msg.adapter:
+        # A reference longer than any valid one (name and alias up to 64 characters each,
+        # or a version number) would only swell the headers past gRPC's metadata limit:
+        # the server refuses it by its field, with a message that says why.
+        if msg.adapter and len(msg.adapter) <= _MAX_ROUTED_REF:
             kw["metadata"] = self._metadata + (("multiplexed_model_id", msg.adapter),)
         return kw
 

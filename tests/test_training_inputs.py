@@ -64,7 +64,7 @@ def test_all_linear_is_every_linear_but_the_head(demo, tmp_path, good_data):
 
 # ---------------------------------------------------------------- defect 4, 5
 def test_non_utf8_data_is_a_clear_cli_error(demo, tmp_path, capsys):
-    from qlora_serve.training.cli import main
+    from qlora_serve.server.cli import main
 
     (tmp_path / "train.jsonl").write_bytes(b'{"text": "fine"}\n{"text": "caf\xe9"}\n')
     assert main(["train", "--base", str(demo.base), "--data", str(tmp_path / "train.jsonl"),
