@@ -357,13 +357,15 @@ def test_per_row_sampling_parameters_are_honoured_within_one_batch(server, clien
 
 def test_running_rows_are_grouped_by_adapter_slot(server, client, engine_gate):
     """Rows arriving interleaved (pirate, base, poet, ...) join a running base row and
-    run sorted by adapter slot, so multi-LoRA sees each adapter's rows as one segment."""
+    run sorted by LoRA segment (class, then adapter), so multi-LoRA sees each adapter's
+    rows as one contiguous segment."""
     for name in ("pirate", "poet"):
         client.load(name)
     engine = server.runtime.engine
-    orders: list[list[int]] = []  # slots of the running rows at each forward pass (engine thread)
+    orders: list[list[tuple]] = []  # segment keys of the running rows at each forward pass (engine thread)
     hook = engine.base.model.register_forward_pre_hook(
-        lambda m, a, k: orders.append([r.slot for r in engine.scheduler.running]), with_kwargs=True)
+        lambda m, a, k: orders.append([engine.scheduler.segment_order(r) for r in engine.scheduler.running]),
+        with_kwargs=True)
     try:
         gate = engine_gate(server)
         calls = [("one two", dict(adapter=a, max_new_tokens=8)) for a in ("pirate", "", "poet", "pirate", "poet", "")]

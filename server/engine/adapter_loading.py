@@ -85,6 +85,10 @@ class AdapterSlots:
         return adapter
 
     # -------------------------------------------------------------- reads
+    def segment_order(self, slot: int) -> tuple:
+        """Sort key that makes a batch's LoRA segments contiguous (MultiLoRA.segment_order)."""
+        return self.lora.segment_order(slot)
+
     def available(self, key: str) -> bool:
         """Installable now, without a read: on the device, just read, or in the host cache."""
         return self.residency.slot_of(key) is not None or key in self._ready or self.residency.in_host(key)

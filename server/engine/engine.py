@@ -235,8 +235,8 @@ class Engine:
             self.runner.free(sched.retire())
 
     def _prefill(self) -> None:
-        # Rows sorted by adapter slot: each adapter's rows form one contiguous segment.
-        rows = sorted(self.scheduler.admitted, key=lambda r: r.slot)
+        # Rows sorted by LoRA segment: each adapter's rows form one contiguous segment.
+        rows = sorted(self.scheduler.admitted, key=self.scheduler.segment_order)
         try:
             picked = self.runner.prefill(rows)
         except PrefillFailed as failed:  # the running rows' KV is untouched: they go on

@@ -244,6 +244,13 @@ class MultiLoRA:
         """Device bytes held by all LoRA stacks (exactly the resident adapters' footprints)."""
         return sum(layer.nbytes() for layer in self._layers.values())
 
+    def segment_order(self, slot: int) -> tuple:
+        """Sort key of a batch row using `slot` (-1 = base): rows sorted by it hold each
+        class's rows contiguously and in entry order, so every layer slices them instead
+        of gathering and scattering activations. Any order stays correct."""
+        where = self._where.get(slot)
+        return (0,) if where is None else (1, *where)
+
     def slot_class(self, slot: int) -> ClassKey | None:
         where = self._where.get(slot)
         return None if where is None else where[0]

@@ -233,10 +233,15 @@ class Scheduler:
         slot = self.adapters.install(key)
         return SlotWait.NO_FREE_SLOT if slot is None else slot
 
+    def segment_order(self, row: Row) -> tuple:
+        """Sort key of a row: by LoRA class and adapter, so each adapter's rows are one
+        contiguous segment (base rows first); by slot without an adapter manager."""
+        return self.adapters.segment_order(row.slot) if self.adapters else (row.slot,)
+
     def start_running(self, rows: list[Row]) -> None:
         """Prefilled rows join the batch; `admitted` empties."""
         # Stable sort: new rows go after running rows of the same adapter; leaving keeps order.
-        self.running = sorted(self.running + rows, key=lambda r: r.slot)
+        self.running = sorted(self.running + rows, key=self.segment_order)
         self.admitted = []
 
     def charge(self, rows: list[Row]) -> None:
