@@ -76,13 +76,14 @@ def build_layers(n_layers: int, compute_dtype: torch.dtype) -> nn.Module:
 
 
 def random_adapter(shapes: dict, rank: int, seed: int):
-    from qlora_serve.adapters.peft_format import LoraAdapter, LoraModule
+    from qlora_serve.adapters.peft_format import AdapterConfig, LoraAdapter, LoraModule
 
     gen = torch.Generator().manual_seed(seed)
     mods = {n: LoraModule(lora_a=(torch.randn(rank, i, generator=gen) * i ** -0.5).to(torch.bfloat16),
                           lora_b=(torch.randn(o, rank, generator=gen) * 0.5 * rank ** -0.5).to(torch.bfloat16),
                           scaling=2.0) for n, (i, o) in shapes.items()}
-    return LoraAdapter(path=Path(f"random-r{rank}-{seed}"), config={"r": rank, "lora_alpha": 2 * rank}, modules=mods)
+    config = AdapterConfig(r=rank, lora_alpha=2 * rank, target_modules=tuple(n.rsplit(".", 1)[-1] for n in shapes))
+    return LoraAdapter(path=Path(f"random-r{rank}-{seed}"), config=config, modules=mods)
 
 
 class GatheredLinear(nn.Module):
