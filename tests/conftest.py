@@ -170,3 +170,35 @@ def wait_until(predicate, timeout: float = 30.0, what: str = "condition") -> Non
         if time.monotonic() > end:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.005)
+
+
+def run_in_one_step(server, client, gate, calls: list[tuple[str, dict]]) -> list:
+    """Run `calls` [(prompt, kwargs)] so that all are admitted in one step and decoded
+    in the same forward passes; returns their unary responses in order."""
+    engine = server.runtime.engine
+    gate.close()
+    blocker = client.inference.Generate.future(client.request("blocker", max_new_tokens=16))
+    gate.wait_parked()
+    futures = [client.inference.Generate.future(client.request(p, **kw)) for p, kw in calls]
+    wait_until(lambda: engine.stats()["queued"] == len(calls), what="all requests queued")
+    gate.release()
+    out = [f.result(60) for f in futures]
+    blocker.result(60)
+    # All were admitted in one step: one prefill pass over every one of them (the
+    # blocker may already have left, e.g. after an early eos).
+    assert max(gate.batch_sizes) >= len(calls), gate.batch_sizes
+    return out
+
+
+def status_of(fn, *args, **kw):
+    """(grpc.StatusCode, details) of calling fn; a stream is read to its end (its status
+    comes with the first message). OK and "" when it succeeds."""
+    import grpc
+
+    try:
+        result = fn(*args, **kw)
+        if hasattr(result, "__next__"):
+            list(result)
+    except grpc.RpcError as e:
+        return e.code(), e.details()
+    return grpc.StatusCode.OK, ""

@@ -18,7 +18,7 @@ import urllib.request
 import grpc
 import pytest
 
-from conftest import wait_until
+from conftest import run_in_one_step, wait_until
 from qlora_serve.server.client import Client
 from qlora_serve.v1 import common_pb2
 
@@ -312,22 +312,6 @@ def test_a_burst_of_max_running_plus_max_waiting_on_an_idle_server_is_all_accept
 
 
 # -------------------------------------------------------- per-row sampling
-def _batched(server, client, gate, calls: list[tuple[str, dict]]) -> list:
-    """Run `calls` [(prompt, kwargs)] so that all are admitted in one step and decoded
-    in the same forward passes; returns their unary responses in order."""
-    engine = server.runtime.engine
-    gate.close()
-    blocker = client.inference.Generate.future(client.request("blocker", max_new_tokens=16))
-    gate.wait_parked()
-    futures = [client.inference.Generate.future(client.request(p, **kw)) for p, kw in calls]
-    wait_until(lambda: engine.stats()["queued"] == len(calls), what="all requests queued")
-    gate.release()
-    out = [f.result(60) for f in futures]
-    blocker.result(60)
-    # All were admitted in one step: one prefill pass over every one of them (the
-    # blocker may already have left, e.g. after an early eos).
-    assert max(gate.batch_sizes) >= len(calls), gate.batch_sizes
-    return out
 
 
 def test_per_row_sampling_parameters_are_honoured_within_one_batch(server, client, engine_gate):
@@ -347,7 +331,7 @@ def test_per_row_sampling_parameters_are_honoured_within_one_batch(server, clien
 
     gate = engine_gate(server)
     calls = [("one two three", kw) for kw in (greedy_a, sampled, greedy_b, nucleus, top1)]
-    r_greedy_a, r_sampled, r_greedy_b, r_nucleus, r_top1 = _batched(server, client, gate, calls)
+    r_greedy_a, r_sampled, r_greedy_b, r_nucleus, r_top1 = run_in_one_step(server, client, gate, calls)
     assert list(r_sampled.token_ids) == alone["sampled"]
     assert list(r_nucleus.token_ids) == alone["nucleus"]
     assert list(r_greedy_a.token_ids) == alone["greedy_a"]
@@ -369,7 +353,7 @@ def test_running_rows_are_grouped_by_adapter_slot(server, client, engine_gate):
     try:
         gate = engine_gate(server)
         calls = [("one two", dict(adapter=a, max_new_tokens=8)) for a in ("pirate", "", "poet", "pirate", "poet", "")]
-        _batched(server, client, gate, calls)
+        run_in_one_step(server, client, gate, calls)
     finally:
         hook.remove()
     assert any(len(set(o)) >= 3 for o in orders), orders  # base, pirate and poet rows ran together
@@ -382,7 +366,7 @@ def test_per_row_max_new_tokens_in_one_batch(server, client, engine_gate):
     calls = [("The quick brown fox", dict(adapter="pirate", max_new_tokens=n)) for n in lengths]
     full = list(client.generate("The quick brown fox", adapter="pirate", max_new_tokens=9).token_ids)
     assert len(full) == 9
-    for n, resp in zip(lengths, _batched(server, client, gate, calls)):
+    for n, resp in zip(lengths, run_in_one_step(server, client, gate, calls)):
         assert list(resp.token_ids) == full[:n]
         assert resp.finish_reason == common_pb2.FINISH_REASON_LENGTH
 
@@ -420,7 +404,7 @@ def test_stop_strings_are_per_row_in_one_batch(server, client, engine_gate):
     full = client.generate(LONG_PROMPT, adapter="pirate", max_new_tokens=40)
     stop, before = _pick_stop(full.text)
     gate = engine_gate(server)
-    with_stop, without = _batched(server, client, gate, [
+    with_stop, without = run_in_one_step(server, client, gate, [
         (LONG_PROMPT, dict(adapter="pirate", max_new_tokens=40, stop=[stop])),
         (LONG_PROMPT, dict(adapter="pirate", max_new_tokens=40)),
     ])

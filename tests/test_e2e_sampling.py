@@ -15,7 +15,7 @@ import grpc
 import pytest
 import torch
 
-from conftest import wait_until
+from conftest import run_in_one_step
 from qlora_serve.server.engine.loader import disable_cpu_bf16_repack  # why: see its docstring
 from qlora_serve.v1 import common_pb2
 
@@ -90,19 +90,6 @@ def test_logprobs_equal_peft_float32_log_softmax(fp32_server, client, peft_logit
 
 
 # ---------------------------------------------------------- per-row isolation
-def _batched(server, client, gate, calls):
-    """Admit all `calls` [(prompt, kwargs)] in one step (decoded in the same passes); unary responses."""
-    engine = server.runtime.engine
-    gate.close()
-    blocker = client.inference.Generate.future(client.request("blocker", max_new_tokens=16))
-    gate.wait_parked()
-    futures = [client.inference.Generate.future(client.request(p, **kw)) for p, kw in calls]
-    wait_until(lambda: engine.stats()["queued"] == len(calls), what="all requests queued")
-    gate.release()
-    out = [f.result(60) for f in futures]
-    blocker.result(60)
-    assert max(gate.batch_sizes) >= len(calls), gate.batch_sizes
-    return out
 
 
 def test_a_penalty_on_one_row_never_touches_the_others(fp32_server, client, engine_gate, peft_logits):
@@ -117,7 +104,7 @@ def test_a_penalty_on_one_row_never_touches_the_others(fp32_server, client, engi
     # The penalty really changes this row's output (else the test would prove nothing).
     assert list(alone["penalised"].token_ids) != list(alone["plain"].token_ids)
     gate = engine_gate(fp32_server)
-    got = _batched(fp32_server, client, gate, [(PROMPT, kw) for kw in (plain, penalised, sampled, base)])
+    got = run_in_one_step(fp32_server, client, gate, [(PROMPT, kw) for kw in (plain, penalised, sampled, base)])
     for key, resp in zip(("plain", "penalised", "sampled", "base"), got):
         assert list(resp.token_ids) == list(alone[key].token_ids), key
     # Logprobs stay the model's raw distribution: a penalty changes the choice, not the report.

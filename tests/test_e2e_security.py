@@ -24,26 +24,18 @@ import pytest
 import torch
 
 from adapter_files import make_variant
-from conftest import wait_until
+from conftest import status_of, wait_until
 from e2e_keys import write_key_file
 from qlora_serve.errors import InvalidArgument
 from qlora_serve.server.engine.loader import disable_cpu_bf16_repack  # why: see its docstring
 from qlora_serve.server.client import Client
-from qlora_serve.v1 import registry_pb2, training_pb2
+from qlora_serve.v1 import registry_pb2
 
 ROLES = {"alpha": "client", "bravo": "client", "ops": "admin"}
 MAX_PROMPT_TOKENS = 64  # so the derived --max-prompt-bytes is 16 x 64 = 1024
 HUGE = 10 * 1024  # characters of echoed input: past gRPC's 8 KiB metadata soft limit
 
 
-def status(fn, *args, **kw) -> tuple[grpc.StatusCode, str]:
-    try:
-        result = fn(*args, **kw)
-        if hasattr(result, "__next__"):  # a stream: the status comes with the first message
-            list(result)
-    except grpc.RpcError as e:
-        return e.code(), e.details()
-    return grpc.StatusCode.OK, ""
 
 
 @pytest.fixture(scope="module")
@@ -78,14 +70,14 @@ def test_another_tenants_adapter_is_denied_before_its_versions_or_aliases_are_re
             "LoadAdapter": lambda: bravo.load(ref),
             "UnloadAdapter": lambda: bravo.unload(ref),
         }.items():
-            code, details = status(fn)
+            code, details = status_of(fn)
             assert code == grpc.StatusCode.PERMISSION_DENIED, (ref, rpc, code, details)
             for secret in ("versions", "aliases", "prod", "alpha"):
                 assert secret not in details, (ref, rpc, details)
     # The owner still gets the precise NOT_FOUND, and an unknown name is NOT_FOUND for all.
-    code, details = status(clients["alpha"].get_adapter, "a-priv@99")
+    code, details = status_of(clients["alpha"].get_adapter, "a-priv@99")
     assert code == grpc.StatusCode.NOT_FOUND and "versions: 1, 2" in details, details
-    assert status(bravo.get_adapter, "nobody@3")[0] == grpc.StatusCode.NOT_FOUND
+    assert status_of(bravo.get_adapter, "nobody@3")[0] == grpc.StatusCode.NOT_FOUND
 
 
 # --------------------------------------------------------------- 2. busy ports
@@ -131,7 +123,7 @@ def test_adapters_whose_scaled_delta_overflows_are_refused_at_registration(sec, 
     server, clients = sec
     ops = clients["ops"]
     for name, path in overflowing.items():
-        code, details = status(ops.upload, name, path)
+        code, details = status_of(ops.upload, name, path)
         assert code == grpc.StatusCode.INVALID_ARGUMENT, (name, code, details)
         assert "module 'model.layers." in details and "lora_alpha/r x lora_B x lora_A" in details, details
         assert not ops.list_adapters(name)
@@ -170,7 +162,7 @@ def test_configs_that_contradict_their_tensors_are_refused_naming_the_field(sec,
                   "alora_invocation_tokens"),
     }
     for case, (path, needle) in cases.items():
-        code, details = status(clients["ops"].upload, f"bad-{case}", path)
+        code, details = status_of(clients["ops"].upload, f"bad-{case}", path)
         assert code == grpc.StatusCode.INVALID_ARGUMENT, (case, code, details)
         assert needle in details, (case, details)
 
@@ -204,7 +196,7 @@ def test_prompt_bytes_are_bounded_before_tokenizing(sec):
     server, clients = sec
     for stream in (False, True):
         call = clients["alpha"].stream if stream else clients["alpha"].generate
-        code, details = status(call, "ab " * 400, max_new_tokens=2)  # 1200 bytes
+        code, details = status_of(call, "ab " * 400, max_new_tokens=2)  # 1200 bytes
         assert code == grpc.StatusCode.INVALID_ARGUMENT and "1200 bytes" in details, details
         assert "--max-prompt-bytes" in details, details
     assert clients["alpha"].generate("ab " * 10, max_new_tokens=2).completion_tokens == 2
@@ -288,7 +280,7 @@ def test_errors_echoing_huge_input_are_short_and_keep_their_status(sec):
                       grpc.StatusCode.INVALID_ARGUMENT),
     }
     for what, (fn, expected) in cases.items():
-        code, details = status(fn)
+        code, details = status_of(fn)
         assert code == expected, (what, code, details[:300])
         assert len(details) < 1000 and "more characters" in details, (what, len(details), details[:300])
 
@@ -296,7 +288,7 @@ def test_errors_echoing_huge_input_are_short_and_keep_their_status(sec):
 def test_errors_echoing_a_huge_owner_or_label_are_short(sec, demo):
     _, clients = sec
     for kw in ({"owner": "o" * HUGE}, {"labels": {"k" * HUGE: "v"}}):
-        code, details = status(clients["ops"].upload, "fine", demo.adapters["poet"], **kw)
+        code, details = status_of(clients["ops"].upload, "fine", demo.adapters["poet"], **kw)
         assert code == grpc.StatusCode.INVALID_ARGUMENT, (kw.keys(), code, details[:300])
         assert len(details) < 1000, len(details)
 

@@ -20,7 +20,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from conftest import wait_until
+from conftest import status_of, wait_until
 from e2e_keys import md, rejections, write_key_file
 from qlora_serve.server.client import Client
 from qlora_serve.v1 import inference_pb2, inference_pb2_grpc, registry_pb2, registry_pb2_grpc
@@ -46,14 +46,6 @@ def tenancy(start_server, demo, tmp_path_factory):
         c.close()
 
 
-def code_of(fn, *args, **kw) -> tuple[grpc.StatusCode, str]:
-    try:
-        result = fn(*args, **kw)
-        if hasattr(result, "__next__"):  # a stream: the status comes with the first message
-            list(result)
-    except grpc.RpcError as e:
-        return e.code(), e.details()
-    return grpc.StatusCode.OK, ""
 
 
 def test_health_needs_no_key_and_bad_keys_are_unauthenticated(tenancy):
@@ -75,7 +67,7 @@ def test_health_needs_no_key_and_bad_keys_are_unauthenticated(tenancy):
     for what, metadata in cases.items():
         for call, msg in ((inference.Generate, req), (inference.GenerateStream, req),
                           (registry.ListAdapters, registry_pb2.ListAdaptersRequest())):
-            code, details = code_of(call, msg, metadata=metadata, timeout=30)
+            code, details = status_of(call, msg, metadata=metadata, timeout=30)
             assert code == grpc.StatusCode.UNAUTHENTICATED, (what, call, code, details)
             assert "qls_" not in details  # never echoes a key
     assert rejections(server, "unauthenticated", "") == before + 3 * len(cases)
@@ -102,7 +94,7 @@ def test_a_tenant_cannot_use_list_or_change_another_tenants_adapter(tenancy, dem
         "UploadAdapter (owner=bravo)": lambda: alpha.upload("alpha-for-bravo", demo.adapters["pirate"], owner="bravo"),
     }
     for rpc, fn in denied.items():
-        code, details = code_of(fn)
+        code, details = status_of(fn)
         assert code == grpc.StatusCode.PERMISSION_DENIED, (rpc, code, details)
         assert "bravo'" not in details.replace("'bravo-secret'", ""), f"{rpc} names the other tenant: {details}"
     assert rejections(server, "permission_denied", "alpha") == before + len(denied)
@@ -134,7 +126,7 @@ def test_clients_use_but_cannot_change_public_adapters(tenancy, demo):
         # A client cannot register (a version of) a public adapter.
         "UploadAdapter": lambda: alpha.upload("pirate", demo.adapters["pirate"]),
     }.items():
-        code, details = code_of(fn)
+        code, details = status_of(fn)
         assert code == grpc.StatusCode.PERMISSION_DENIED, (rpc, code, details)
         assert "public" in details and "admin" in details, details
     assert [a.version for a in ops.list_adapters("pirate")] == [1]
@@ -150,9 +142,9 @@ def test_clients_use_but_cannot_change_public_adapters(tenancy, demo):
 def test_only_admins_register_public_adapters(tenancy, demo):
     _, clients, _ = tenancy
     alpha, bravo, ops = clients["alpha"], clients["bravo"], clients["ops"]
-    code, details = code_of(alpha.upload, "alpha-public", demo.adapters["poet"], public=True)
+    code, details = status_of(alpha.upload, "alpha-public", demo.adapters["poet"], public=True)
     assert code == grpc.StatusCode.PERMISSION_DENIED and "admin" in details, details
-    code, details = code_of(ops.upload, "both", demo.adapters["poet"], public=True, owner="alpha")
+    code, details = status_of(ops.upload, "both", demo.adapters["poet"], public=True, owner="alpha")
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "public or owner" in details, details
     assert not ops.list_adapters("alpha-public") and not ops.list_adapters("both")  # refusals left nothing
     info = ops.upload("shared-poet", demo.adapters["poet"], public=True)
@@ -160,7 +152,7 @@ def test_only_admins_register_public_adapters(tenancy, demo):
     # Every tenant sees and uses it; only the admin changes it.
     assert "shared-poet" in {a.name for a in bravo.list_adapters()}
     assert bravo.generate("hi", adapter="shared-poet", max_new_tokens=2).adapter.name == "shared-poet"
-    assert code_of(bravo.delete, "shared-poet")[0] == grpc.StatusCode.PERMISSION_DENIED
+    assert status_of(bravo.delete, "shared-poet")[0] == grpc.StatusCode.PERMISSION_DENIED
     assert [d.name for d in ops.delete("shared-poet")] == ["shared-poet"]
 
 
@@ -261,5 +253,5 @@ def test_admin_trains_a_new_version_of_another_tenants_or_a_public_adapter(tenan
     # A client still cannot train a version of a public adapter or another tenant's.
     for name in ("public-model", "alphas-model"):
         client = alpha if name == "public-model" else clients["bravo"]
-        code, details = code_of(client.submit_job, name, data, config_toml=config)
+        code, details = status_of(client.submit_job, name, data, config_toml=config)
         assert code == grpc.StatusCode.PERMISSION_DENIED, (name, code, details)
