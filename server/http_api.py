@@ -279,12 +279,8 @@ class OpenAIApi:
 
     async def model_info(self, request: HttpRequest):
         """GET /v1/model_info (not OpenAI): what gRPC GetModelInfo answers, as JSON."""
-        def info(_principal) -> dict:
-            cfg = self.rt.engine.config
-            return {"object": "model_info", **self.rt.engine.base.info(), "max_new_tokens": cfg.max_new_tokens,
-                    "max_prompt_tokens": self.rt.limits.max_prompt_tokens}
-
-        return await self._read_call(request, "GetModelInfo", info)
+        return await self._read_call(request, "GetModelInfo",
+                                     lambda _principal: {"object": "model_info", **self.rt.model_info()})
 
     def _base_entry(self, model_id: str) -> dict:
         base = self.rt.base_name

@@ -66,10 +66,6 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         """See InferenceCore.outcome: a cancel past the deadline is DEADLINE_EXCEEDED."""
         return self._core.outcome(exc, req, deadline_passed(context))
 
-    def _adapter_ref(self, req: Request) -> common_pb2.AdapterRef:
-        a = req.adapter
-        return common_pb2.AdapterRef(name=a.name, version=a.version, digest=a.digest) if a else common_pb2.AdapterRef()
-
     def _tenant_of(self, context) -> str:
         """The caller's tenant for a request refused before it had a Request ("" if unknown)."""
         try:
@@ -95,11 +91,7 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
                 if isinstance(ev, FinalEvent):
                     final = ev  # _events returns only after the FinalEvent (or raises)
             self._record("Generate", req, grpc.StatusCode.OK, started, final, context)
-            return inference_pb2.GenerateResponse(
-                text=final.text, token_ids=final.token_ids, finish_reason=_FINISH[final.finish_reason],
-                prompt_tokens=final.prompt_tokens, completion_tokens=len(final.token_ids),
-                adapter=self._adapter_ref(req), request_id=req.request_id,
-                logprobs=logprobs_pb(self._rt.tokenizer, final.logprobs))
+            return response_of(self._rt.tokenizer, req, final)
         except Exception as exc:
             exc = self._outcome(exc, req, context)
             self._record("Generate", req, code_for(exc), started, context=context)
@@ -109,18 +101,11 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         started, req, recorded = time.monotonic(), None, False
         try:
             req = self._start(request, context)
-            ref = self._adapter_ref(req)
             for ev in self._events(req, context):
-                if isinstance(ev, TokenEvent):
-                    yield inference_pb2.GenerateStreamResponse(
-                        text=ev.text, token_ids=ev.token_ids, adapter=ref, request_id=req.request_id,
-                        logprobs=logprobs_pb(self._rt.tokenizer, ev.logprobs))
-                else:
+                if isinstance(ev, FinalEvent):
                     recorded = True
                     self._record("GenerateStream", req, grpc.StatusCode.OK, started, ev, context)
-                    yield inference_pb2.GenerateStreamResponse(
-                        text=ev.tail, finish_reason=_FINISH[ev.finish_reason], prompt_tokens=ev.prompt_tokens,
-                        completion_tokens=len(ev.token_ids), adapter=ref, request_id=req.request_id)
+                yield stream_message(self._rt.tokenizer, req, ev)
         except Exception as exc:
             recorded = True
             exc = self._outcome(exc, req, context)
@@ -138,11 +123,34 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         try:
             self._rt.require_ready()
             self._rt.authenticate(context)
-            cfg = self._rt.engine.config
-            return inference_pb2.ModelInfo(**self._rt.engine.base.info(), max_new_tokens=cfg.max_new_tokens,
-                                           max_prompt_tokens=self._rt.limits.max_prompt_tokens)
+            return inference_pb2.ModelInfo(**self._rt.model_info())
         except Exception as exc:
             abort(context, exc)
+
+
+def adapter_ref(req: Request) -> common_pb2.AdapterRef:
+    """The adapter version (and digest) that serves `req`; empty for the base."""
+    a = req.adapter
+    return common_pb2.AdapterRef(name=a.name, version=a.version, digest=a.digest) if a else common_pb2.AdapterRef()
+
+
+def response_of(tokenizer, req: Request, final: FinalEvent) -> inference_pb2.GenerateResponse:
+    """The unary answer of a finished request."""
+    return inference_pb2.GenerateResponse(
+        text=final.text, token_ids=final.token_ids, finish_reason=_FINISH[final.finish_reason],
+        prompt_tokens=final.prompt_tokens, completion_tokens=len(final.token_ids),
+        adapter=adapter_ref(req), request_id=req.request_id, logprobs=logprobs_pb(tokenizer, final.logprobs))
+
+
+def stream_message(tokenizer, req: Request, ev: TokenEvent | FinalEvent) -> inference_pb2.GenerateStreamResponse:
+    """One GenerateStream message: a token delta, or the final message (finish reason, usage)."""
+    if isinstance(ev, TokenEvent):
+        return inference_pb2.GenerateStreamResponse(
+            text=ev.text, token_ids=ev.token_ids, adapter=adapter_ref(req), request_id=req.request_id,
+            logprobs=logprobs_pb(tokenizer, ev.logprobs))
+    return inference_pb2.GenerateStreamResponse(
+        text=ev.tail, finish_reason=_FINISH[ev.finish_reason], prompt_tokens=ev.prompt_tokens,
+        completion_tokens=len(ev.token_ids), adapter=adapter_ref(req), request_id=req.request_id)
 
 
 def logprobs_pb(tokenizer, logprobs: list[TokenLogprob] | None) -> list[inference_pb2.TokenLogprob]:

@@ -42,11 +42,11 @@ from ray.serve.request_router import PendingRequest, RequestRouter, RunningRepli
 from qlora_serve import errors
 from qlora_serve.errors import InvalidArgument
 from qlora_serve.server.build import build_runtime
-from qlora_serve.server.engine.request import FinalEvent, TokenEvent
-from qlora_serve.server.inference_service import _FINISH, input_of, logprobs_pb
+from qlora_serve.server.engine.request import FinalEvent
+from qlora_serve.server.inference_service import input_of, response_of, stream_message
 from qlora_serve.server.requests import CallLog, InferenceCore
 from qlora_serve.server.status import code_for
-from qlora_serve.v1 import common_pb2, inference_pb2
+from qlora_serve.v1 import inference_pb2
 
 log = logging.getLogger("qlora_serve.ray")
 
@@ -201,11 +201,7 @@ class QloraReplica:
 
         def emit(req, ev):
             if isinstance(ev, FinalEvent):
-                out["resp"] = inference_pb2.GenerateResponse(
-                    text=ev.text, token_ids=ev.token_ids, finish_reason=_FINISH[ev.finish_reason],
-                    prompt_tokens=ev.prompt_tokens, completion_tokens=len(ev.token_ids),
-                    adapter=_ref(req), request_id=req.request_id,
-                    logprobs=logprobs_pb(self._rt.tokenizer, ev.logprobs))
+                out["resp"] = response_of(self._rt.tokenizer, req, ev)
 
         active = threading.Event()
         active.set()
@@ -223,15 +219,7 @@ class QloraReplica:
         active.set()
 
         def emit(req, ev):
-            if isinstance(ev, TokenEvent):
-                m = inference_pb2.GenerateStreamResponse(
-                    text=ev.text, token_ids=ev.token_ids, adapter=_ref(req), request_id=req.request_id,
-                    logprobs=logprobs_pb(self._rt.tokenizer, ev.logprobs))
-            else:
-                m = inference_pb2.GenerateStreamResponse(
-                    text=ev.tail, finish_reason=_FINISH[ev.finish_reason], prompt_tokens=ev.prompt_tokens,
-                    completion_tokens=len(ev.token_ids), adapter=_ref(req), request_id=req.request_id)
-            loop.call_soon_threadsafe(q.put_nowait, m)
+            loop.call_soon_threadsafe(q.put_nowait, stream_message(self._rt.tokenizer, req, ev))
 
         def work():
             try:
@@ -257,16 +245,9 @@ class QloraReplica:
         try:
             self._rt.require_ready()
             self._rt.authenticate_metadata(grpc_context.invocation_metadata())
-            cfg = self._rt.engine.config
-            return inference_pb2.ModelInfo(**self._rt.engine.base.info(), max_new_tokens=cfg.max_new_tokens,
-                                           max_prompt_tokens=self._rt.limits.max_prompt_tokens)
+            return inference_pb2.ModelInfo(**self._rt.model_info())
         except Exception as exc:
             raise self._fail(grpc_context, exc, "") from None
-
-
-def _ref(req) -> common_pb2.AdapterRef:
-    a = req.adapter
-    return common_pb2.AdapterRef(name=a.name, version=a.version, digest=a.digest) if a else common_pb2.AdapterRef()
 
 
 def deployment(config, *, replicas: int = 2, num_cpus: float = 1.0, num_gpus: float = 0.0,

@@ -91,14 +91,14 @@ class Runtime:
         digests of the adapters resident in device slots ({} before loading)."""
         if self.engine is None:
             return {}
-        for _ in range(3):
-            try:
-                stats = self.engine.stats()
-                stats["resident_digests"] = sorted(self.engine.residency.resident_keys())
-                return stats
-            except RuntimeError:  # the engine thread changed residency mid-read: read again
-                continue
-        return {}
+        # The engine's published snapshot: never its live residency tables.
+        return {**self.engine.stats(), "resident_digests": sorted(self.engine.snapshot().device_adapters)}
+
+    def model_info(self) -> dict:
+        """What GetModelInfo and GET /v1/model_info answer: the base's info (name, context,
+        vocabulary, dtype, footprint) and the server's token limits."""
+        return {**self.engine.base.info(), "max_new_tokens": self.engine.config.max_new_tokens,
+                "max_prompt_tokens": self.limits.max_prompt_tokens}
 
     def drain(self, grace_s: float = 30.0) -> None:
         """New requests get UNAVAILABLE; in-flight ones finish within grace_s (seconds),
