@@ -39,13 +39,12 @@ from ray import serve
 from ray.serve.config import RequestRouterConfig
 from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
 
-from qlora_serve import errors
 from qlora_serve.errors import InvalidArgument
 from qlora_serve.server.build import build_runtime
 from qlora_serve.server.engine.request import FinalEvent
 from qlora_serve.server.inference_service import input_of, response_of, stream_message
 from qlora_serve.server.requests import CallLog, InferenceCore
-from qlora_serve.server.status import code_for
+from qlora_serve.server.status import code_for, public_message
 from qlora_serve.v1 import inference_pb2
 
 log = logging.getLogger("qlora_serve.ray")
@@ -156,11 +155,7 @@ class QloraReplica:
 
     def _fail(self, ctx, exc: BaseException, request_id: str) -> _Failed:
         """Set the documented status on the context; the caller raises what this returns."""
-        if isinstance(exc, errors.QloraServeError):
-            message = errors.clip(str(exc), errors.MAX_MESSAGE_CHARS)
-        else:
-            log.error("unexpected error in request %s", request_id or "-", exc_info=exc)
-            message = f"internal error ({type(exc).__name__}); report request id {request_id or '-'}"
+        message = public_message(exc, request_id)
         trailers = [(REPLICA_TRAILER, self.replica_id)]
         retry_after = getattr(exc, "retry_after_s", None)
         if retry_after is not None:

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-from qlora_serve.errors import InvalidArgument
-
-_MAX_ERROR_CHARS = 200  # a template's own error message, quoted in ours
+from qlora_serve.errors import InvalidArgument, clip
 
 
 class NoChatTemplate(InvalidArgument):
@@ -31,5 +29,5 @@ def render_chat(tokenizer, messages, *, template: str | None = None) -> list[int
         ids = tokenizer.apply_chat_template(msgs, chat_template=template, add_generation_prompt=True,
                                             tokenize=True, return_dict=False)
     except Exception as exc:  # jinja errors, raise_exception() in templates (e.g. roles must alternate)
-        raise InvalidArgument(f"the chat template refused these messages: {str(exc)[:_MAX_ERROR_CHARS]}") from None
+        raise InvalidArgument(f"the chat template refused these messages: {clip(exc)}") from None
     return [int(t) for t in ids]
