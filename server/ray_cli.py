@@ -11,8 +11,7 @@ from pathlib import Path
 
 from qlora_serve.options import add_flags, values_from
 from qlora_serve.server.cli import _DefaultsHelp
-from qlora_serve.server.config import _adapter_flag
-from qlora_serve.server.engine.config import COMPUTE_DTYPES
+from qlora_serve.server.config import ServerConfig
 
 
 def add_ray_serve_parser(sub) -> None:
@@ -30,25 +29,24 @@ def add_ray_serve_parser(sub) -> None:
                    help="existing Ray cluster (e.g. auto); default: start a local one on 127.0.0.1")
     p.add_argument("--num-cpus", type=float, default=1.0, help="CPUs per replica (fractions allowed)")
     p.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per replica (fractions allowed)")
-    p.add_argument("--base", help="hub id or local directory of the base model; default: the embedded demo")
-    p.add_argument("--compute-dtype", default="bfloat16", choices=list(COMPUTE_DTYPES),
-                   help="dtype the NF4 weights are dequantized to for matmuls")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (per replica)")
+    # The replica's own settings: ServerConfig's flags (defaults stated there), with the
+    # help a replica needs; ports and the HTTP/metrics front ends are the proxy's business.
+    add_flags(p, ServerConfig, only=("base", "compute_dtype", "device", "adapters", "key_file"), help_overrides={
+        "device": "auto, cpu, cuda, cuda:N (per replica)",
+        "adapters": "register a PEFT adapter directory on every replica at start-up (repeatable)",
+        "key_file": "TOML file of hashed API keys; checked in every replica"})
     p.add_argument("--data-dir", type=Path, default=None,
                    help="each replica keeps its registry under DATA_DIR/replicas/<replica id>")
-    p.add_argument("--adapter", type=_adapter_flag, action="append", default=[], metavar="NAME=PATH",
-                   help="register a PEFT adapter directory on every replica at start-up (repeatable)")
     p.add_argument("--shared-registry", action="store_true",
                    help="replicas read the one registry that `qlora-serve serve --data-dir DATA_DIR` (started "
                         "first, same machine) writes: register there once, every replica serves it")
-    p.add_argument("--key-file", type=Path, help="TOML file of hashed API keys; checked in every replica")
     add_flags(p.add_argument_group("engine (per replica)"), EngineConfig)
     add_flags(p.add_argument_group("request limits"), RequestLimits)
     p.set_defaults(func=_ray_serve)
 
 
 def _ray_serve(args) -> int:
-    from qlora_serve.server.app import ServerConfig, default_data_dir
+    from qlora_serve.server.config import default_data_dir
     from qlora_serve.server.engine.config import EngineConfig
     from qlora_serve.server.requests import RequestLimits
 
@@ -69,7 +67,7 @@ def _ray_serve(args) -> int:
     try:
         config = ServerConfig(base=args.base, metrics_port=None, http_port=None, compute_dtype=args.compute_dtype,
                               device=args.device, data_dir=(args.data_dir or default_data_dir()).resolve(),
-                              adapters=args.adapter, key_file=args.key_file and args.key_file.resolve(),
+                              adapters=args.adapters, key_file=args.key_file and args.key_file.resolve(),
                               engine=EngineConfig(**values_from(args, EngineConfig)),
                               limits=RequestLimits(**values_from(args, RequestLimits)))
     except ValueError as exc:

@@ -10,7 +10,7 @@ import argparse
 import dataclasses
 import types
 import typing
-from typing import Any
+from typing import Any, Collection
 
 
 def option(default: Any, help: str, **cli: Any) -> Any:
@@ -42,7 +42,7 @@ def _default(f: dataclasses.Field) -> Any:
 
 
 def add_flags(parser, cls, *, overrides: bool = False, help_overrides: dict[str, str] | None = None,
-              metavars: dict[str, str] | None = None) -> None:
+              metavars: dict[str, str] | None = None, only: Collection[str] | None = None) -> None:
     """One --flag per field of `cls` that has help (see `option`).
 
     overrides=False (serve): each flag defaults to the field's default, booleans are
@@ -50,12 +50,13 @@ def add_flags(parser, cls, *, overrides: bool = False, help_overrides: dict[str,
     overrides=True (train): every flag defaults to None so a config file's value is
     replaced only by a flag the user typed; booleans are `--x/--no-x`, lists are
     comma-separated, and the help text says the field's default itself.
-    help_overrides / metavars: field name -> a longer help text / a metavar."""
+    help_overrides / metavars: field name -> a longer help text / a metavar.
+    only: the fields to give flags (None = every field with help)."""
     # field name -> the field whose `--no-X` switch is listed right after that field's flag
     off_after = {f.metadata.get("off_after", f.name): f for f in dataclasses.fields(cls) if "off_flag" in f.metadata}
     for f in dataclasses.fields(cls):
         meta = f.metadata
-        if "help" not in meta or meta.get("cli", True) is False:
+        if "help" not in meta or meta.get("cli", True) is False or (only is not None and f.name not in only):
             continue
         t = _scalar_type(cls, f.name)
         default = _default(f)
