@@ -294,6 +294,10 @@ def _add_jobs(sub) -> None:
     v.add_argument("id")
     v = verbs.add_parser("cancel", help="stop a job (a queued one never starts; a running one stops after its step)")
     v.add_argument("id")
+    v = verbs.add_parser("curve", help="save a job's loss curve (PNG: train/eval loss, learning rate; drawn so far "
+                         "while it runs)")
+    v.add_argument("id")
+    v.add_argument("--out", required=True, type=Path, metavar="FILE.png", help="where to write the PNG")
     for v in verbs.choices.values():
         _add_client_flags(v)
         v.add_argument("--json", action="store_true", help="print JSON")
@@ -382,6 +386,12 @@ def _jobs(args) -> int:
             return _watch(c, job.id, args.json)
         if args.verb == "watch":
             return _watch(c, args.id, args.json)
+        if args.verb == "curve":
+            art = c.loss_curve(args.id)
+            args.out.write_bytes(art.data)
+            print(json.dumps({"id": art.id, "step": art.step, "path": str(args.out)}) if args.json
+                  else f"loss curve of job {art.id} (step {art.step}) written to {args.out}")
+            return 0
         show(c.list_jobs() if args.verb == "list" else [c.cancel_job(args.id)])
     return 0
 

@@ -202,6 +202,11 @@ class Client:
     def cancel_job(self, job_id: str) -> training_pb2.TrainingJob:
         return self.training.CancelJob(training_pb2.CancelJobRequest(id=job_id), **self._kw())
 
+    def loss_curve(self, job_id: str) -> training_pb2.JobArtifact:
+        """The job's loss curve: `.data` is a PNG (train/eval loss, learning rate), `.step` its last step."""
+        req = training_pb2.GetJobArtifactRequest(id=job_id, kind=training_pb2.JOB_ARTIFACT_KIND_LOSS_CURVE)
+        return self.training.GetJobArtifact(req, **self._kw())
+
 
 def register_adapter_dir(address: str, name: str, directory: str | Path, *, api_key: str | None = None,
                          set_default: bool = True) -> registry_pb2.AdapterInfo:

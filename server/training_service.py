@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from qlora_serve.server.auth import Principal, check_adapter_access
-from qlora_serve.errors import InvalidArgument, NotFound, PermissionDenied, ResourceExhausted, Unavailable, clip_repr
+from qlora_serve.errors import (
+    FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, ResourceExhausted, Unavailable, clip_repr)
 from qlora_serve.server.runtime import streaming_rpc, unary_rpc
 from qlora_serve.v1 import common_pb2, training_pb2, training_pb2_grpc
 
@@ -260,6 +261,7 @@ class TrainingService(training_pb2_grpc.TrainingServicer):
         self._manager: JobManager | None = None
         self._linear_names: tuple[list[str], str | None] | None = None
         self._lock = threading.Lock()
+        self._render_lock = threading.Lock()
 
     def _mgr(self) -> JobManager:
         with self._lock:
@@ -354,6 +356,9 @@ class TrainingService(training_pb2_grpc.TrainingServicer):
         if eval_jsonl:
             config["eval_data"] = str(workdir / "eval.jsonl")
         cfg = TrainConfig.from_dict(config, source="config_toml")  # refuse bad keys now, not in the job
+        from qlora_serve.training.trainer import check_environment
+
+        check_environment(cfg)  # report_to's package, a GPU for float16: refused now, not in the job
         max_rank = self._rt.engine.config.max_lora_rank
         if cfg.lora_r > max_rank:  # it would train, then fail at registration
             raise InvalidArgument(f"config_toml: lora_r = {cfg.lora_r} is above this server's --max-lora-rank "
@@ -414,3 +419,31 @@ class TrainingService(training_pb2_grpc.TrainingServicer):
     @unary_rpc
     def CancelJob(self, request, context, principal):
         return self._mgr().cancel(self._visible(self._mgr().get(request.id), principal)).proto()
+
+    @unary_rpc
+    def GetJobArtifact(self, request, context, principal):
+        job = self._visible(self._mgr().get(request.id), principal)
+        if request.kind != S.JOB_ARTIFACT_KIND_LOSS_CURVE:
+            raise InvalidArgument("kind must be JOB_ARTIFACT_KIND_LOSS_CURVE (the loss-curve PNG)")
+        data, step = self._loss_curve(job)
+        return S.JobArtifact(id=job.id, kind=request.kind, media_type="image/png", data=data, step=step)
+
+    def _loss_curve(self, job: Job) -> tuple[bytes, int]:
+        """(PNG, last step drawn): the file an ended run wrote, else drawn from its metrics.json so far."""
+        from qlora_serve.training.reporting import LOSS_CURVE_FILE, render_loss_curve
+        from qlora_serve.training.trainer import METRICS_FILE
+
+        out = Path(job.config.get("out", job.workdir / "out"))
+        if job.ended and (out / LOSS_CURVE_FILE).is_file():
+            return (out / LOSS_CURVE_FILE).read_bytes(), job.step
+        try:
+            log = json.loads((out / METRICS_FILE).read_text()).get("log", [])
+        except (OSError, ValueError, AttributeError):
+            log = None
+        if not log:
+            state = S.JobState.Name(job.state).removeprefix("JOB_STATE_")
+            raise FailedPrecondition(f"training job {job.id!r} ({state}) has logged no step yet, so it has no loss "
+                                     "curve; retry after its first logging step")
+        with self._render_lock:  # matplotlib is not thread-safe
+            return render_loss_curve(log, f"{job.adapter_name} (job {job.id}, step {log[-1].get('step', 0)})"), \
+                int(log[-1].get("step", 0))

@@ -31,7 +31,8 @@ def test_public_contract_names():
         "RegisterAdapter", "UploadAdapter", "ListAdapters", "GetAdapter", "SetAlias", "DeleteAdapter",
         "LoadAdapter", "UnloadAdapter"}
     training = training_pb2.DESCRIPTOR.services_by_name["Training"]
-    assert {m.name for m in training.methods} == {"SubmitJob", "SubmitJobStream", "WatchJob", "ListJobs", "GetJob", "CancelJob"}
+    assert {m.name for m in training.methods} == {"SubmitJob", "SubmitJobStream", "WatchJob", "ListJobs", "GetJob", "CancelJob",
+                                                  "GetJobArtifact"}
     req = inference_pb2.GenerateRequest.DESCRIPTOR.fields_by_name
     assert {"adapter", "prompt", "prompt_token_ids", "max_new_tokens", "temperature", "top_p", "top_k", "seed",
             "stop", "request_id", "messages", "presence_penalty", "frequency_penalty", "repetition_penalty", "min_p",

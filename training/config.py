@@ -25,8 +25,8 @@ from qlora_serve.server.engine.config import COMPUTE_DTYPES as SERVE_DTYPES
 
 from .data import FORMATS
 
-# float16 is refused for training (see __post_init__).
-COMPUTE_DTYPES = tuple(d for d in SERVE_DTYPES if d != "float16")
+COMPUTE_DTYPES = SERVE_DTYPES  # float16 trains with loss scaling (trainer.py), fp32 LoRA weights
+REPORT_TO = ("none", "tensorboard")
 OPTIMIZERS = ("paged_adamw_8bit", "paged_adamw_32bit")
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial")
 # Upper bounds that no real run reaches: a value past them is a typo (lora_r = 1e9,
@@ -49,7 +49,7 @@ class TrainConfig:
     out: str | None = _f(None, "Output directory for the adapter, metadata, metrics and checkpoints. Required.")
     name: str | None = _f(None, "Adapter name recorded in the metadata (and used by --register). Default: the out dir's name.")
     # --- quantization / precision ---
-    compute_dtype: str = _f("bfloat16", "Compute dtype of the 4-bit layers: bfloat16 or float32. float16 is refused (overflows in QLoRA).")
+    compute_dtype: str = _f("bfloat16", "Compute dtype of the 4-bit layers: bfloat16, float32, or float16 (GPUs without bf16: fp16 autocast with loss scaling, LoRA weights in fp32; CUDA only).")
     gradient_checkpointing: bool = _f(True, "Non-reentrant activation checkpointing: less memory, ~30% more compute.")
     # --- LoRA ---
     lora_r: int = _f(16, "LoRA rank r (>= 1).")
@@ -77,6 +77,10 @@ class TrainConfig:
     save_steps: int = _f(200, "Write a resumable checkpoint (weights, optimizer, scheduler, RNG) every N optimizer steps.")
     save_total_limit: int = _f(2, "Keep at most this many checkpoints (oldest deleted).")
     eval_steps: int = _f(0, "Evaluate every N optimizer steps (0: only at the end). Needs eval_data.")
+    early_stopping_patience: int = _f(0, "Stop when eval loss has not improved by more than early_stopping_threshold for N evaluations in a row (0: off). Needs validation data and eval_steps.")
+    early_stopping_threshold: float = _f(0.0, "Least eval-loss decrease (nats) that counts as an improvement for early stopping.")
+    keep_best: bool = _f(False, "Write the adapter of the evaluation with the lowest eval loss, not the last step's (a checkpoint is saved at every evaluation: save_steps becomes eval_steps). Needs validation data and eval_steps.")
+    report_to: str = _f("none", "Where the Trainer logs too: none or tensorboard (event files in OUT/runs; needs pip install tensorboard).")
     resume: bool = _f(False, "Resume from the last checkpoint in OUT/checkpoints, optimizer state included. Refused when the settings or the data differ from the checkpoint's run.")
     resume_allow_changes: bool = _f(False, "With resume: accept changed optimization settings or data (LoRA shape, base and optimizer must still match).")
     progress_bar: bool = _f(True, "Show a tqdm progress bar.")
@@ -93,12 +97,7 @@ class TrainConfig:
                 raise ValueError(f"{key} must be a list of module names, got {v!r}")
             else:
                 setattr(self, key, list(v))
-        if self.compute_dtype in ("float16", "fp16", "half"):
-            raise ValueError(
-                "compute_dtype=float16 is refused: QLoRA activations and LoRA gradients overflow fp16's range "
-                "(max 65504) and the loss turns NaN. Use bfloat16 (same memory, fp32's range) or float32."
-            )
-        aliases = {"bf16": "bfloat16", "fp32": "float32"}
+        aliases = {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16", "half": "float16"}
         self.compute_dtype = aliases.get(self.compute_dtype, self.compute_dtype)
         if self.compute_dtype not in COMPUTE_DTYPES:
             raise ValueError(f"compute_dtype must be one of {COMPUTE_DTYPES}, got {self.compute_dtype!r}")
@@ -119,6 +118,13 @@ class TrainConfig:
             raise ValueError(f"max_steps must be -1 (use epochs) or an integer >= 1, got {self.max_steps!r}")
         if isinstance(self.eval_steps, bool) or not isinstance(self.eval_steps, int) or self.eval_steps < 0:
             raise ValueError(f"eval_steps must be an integer >= 0, got {self.eval_steps!r}")
+        if isinstance(self.early_stopping_patience, bool) or not isinstance(self.early_stopping_patience, int) \
+                or self.early_stopping_patience < 0:
+            raise ValueError(f"early_stopping_patience must be an integer >= 0 (0: off), got {self.early_stopping_patience!r}")
+        if not (0 <= self.early_stopping_threshold < float("inf")):
+            raise ValueError(f"early_stopping_threshold must be a finite number >= 0, got {self.early_stopping_threshold!r}")
+        if self.report_to not in REPORT_TO:
+            raise ValueError(f"report_to must be one of {REPORT_TO}, got {self.report_to!r}")
         if not (self.learning_rate > 0):
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate!r}")
         if not (self.lora_alpha > 0):
@@ -137,11 +143,22 @@ class TrainConfig:
             raise ValueError(f"val_fraction must be in [0, 0.5], got {self.val_fraction!r}")
         if self.val_fraction and self.eval_data:
             raise ValueError("val_fraction and eval_data are exclusive: give held-out data, or a fraction to split off")
+        self._check_eval_options()
         if self.max_steps == -1 and not (self.epochs > 0):
             raise ValueError(f"epochs must be > 0 when max_steps is -1, got {self.epochs!r}")
         if self.register and self.modules_to_save:
             raise ValueError(f"modules_to_save={self.modules_to_save} cannot be combined with register: a server "
                              "cannot serve such an adapter per request (merge it with `qlora-serve merge` instead)")
+
+    def _check_eval_options(self) -> None:
+        """Early stopping and keep_best compare evaluations: refuse them without any."""
+        wanted = [f for f, on in (("early_stopping_patience", self.early_stopping_patience), ("keep_best", self.keep_best)) if on]
+        if not wanted:
+            return
+        if not (self.eval_data or self.val_fraction):
+            raise ValueError(f"{' and '.join(wanted)} need validation data: pass --eval-data FILE or --val-fraction F")
+        if not self.eval_steps:
+            raise ValueError(f"{' and '.join(wanted)} need evaluations during training: pass --eval-steps N")
 
     @staticmethod
     @functools.cache

@@ -121,8 +121,16 @@ def check_modules_to_save(cfg: TrainConfig, model_config) -> None:
         raise InvalidArgument(f"modules_to_save {unknown} match no module of the base model")
 
 
+def check_compute_device(cfg: TrainConfig) -> None:
+    """float16 training is the fp16 autocast + GradScaler recipe, which accelerate applies
+    only on an accelerator: on CPU it would silently train without loss scaling."""
+    if cfg.compute_dtype == "float16" and not torch.cuda.is_available():
+        raise InvalidArgument("compute_dtype = float16 needs a CUDA GPU (fp16 autocast with loss scaling); on CPU "
+                              "the Trainer applies neither, so use float32 (the fastest on CPU) or bfloat16")
+
+
 def compute_dtype(cfg: TrainConfig) -> torch.dtype:
-    return {"bfloat16": torch.bfloat16, "float32": torch.float32}[cfg.compute_dtype]
+    return {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}[cfg.compute_dtype]
 
 
 def device_map() -> str:
@@ -169,4 +177,6 @@ def attach_lora(model, cfg: TrainConfig, target_modules: list[str]):
         bias="none",
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, lora)
+    # LoRA weights in fp32 whatever the compute dtype: fp16 loss scaling (GradScaler)
+    # cannot unscale fp16 gradients, and bf16 weights lose small updates.
+    return get_peft_model(model, lora, autocast_adapter_dtype=True)

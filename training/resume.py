@@ -26,7 +26,8 @@ SETTINGS_FILE = "run_settings.json"
 STRUCTURAL = ("base_fingerprint", "lora_r", "target_modules", "modules_to_save", "optim")
 # Free to change between a run and its resume: bookkeeping, and how long to train.
 VOLATILE = ("data", "eval_data", "out", "name", "register", "resume", "resume_allow_changes", "progress_bar",
-            "logging_steps", "save_steps", "save_total_limit", "eval_steps", "max_steps", "epochs", "base")
+            "logging_steps", "save_steps", "save_total_limit", "eval_steps", "max_steps", "epochs", "base",
+            "early_stopping_patience", "early_stopping_threshold", "keep_best", "report_to")
 
 
 def run_settings(cfg: TrainConfig, base: str, model_config, train_data: Dataset, target_modules: list[str]) -> dict[str, Any]:

@@ -25,8 +25,10 @@ from .data import Dataset, load_dataset
 from .resume import check_resume_settings, metrics_before, run_settings, split_validation, write_run_settings
 from .export import fingerprint_of, save_adapter
 from .feedback import EventSink, FeedbackCallback, MetricsFile, QuietProgressCallback, peak_memory_mb
+from .reporting import LOSS_CURVE_FILE, check_report_to, report_callbacks, write_loss_curve
 from .model import (
     attach_lora,
+    check_compute_device,
     check_modules_to_save,
     load_base_config,
     load_quantized_base,
@@ -72,12 +74,20 @@ class TrainResult:
     registered: Any = None
 
 
+def check_environment(cfg: TrainConfig) -> None:
+    """What `cfg` needs of this machine: the --report-to package, a GPU for float16.
+    InvalidArgument naming the fix; cheap (nothing loads)."""
+    check_report_to(cfg.report_to)
+    check_compute_device(cfg)
+
+
 def prepare(cfg: TrainConfig) -> PreparedRun:
     """Run every input check and tokenize the data; loads no weights."""
     if not cfg.data:
         raise InvalidArgument("data is required: pass --data FILE.jsonl (or data = \"...\" in the config file)")
     if not cfg.out:
         raise InvalidArgument("out is required: pass --out DIR for the adapter")
+    check_environment(cfg)
     base = resolve_base(cfg.base)
     tokenizer = load_tokenizer(base)
     model_config = load_base_config(base)
@@ -114,6 +124,8 @@ def _training_arguments(cfg: TrainConfig, out: Path, has_eval: bool):
     import torch
     from transformers import TrainingArguments
 
+    evaluating = has_eval and cfg.eval_steps > 0
+    track_best = evaluating and (cfg.keep_best or cfg.early_stopping_patience > 0)
     return TrainingArguments(
         output_dir=str(out / CHECKPOINT_DIR),
         per_device_train_batch_size=cfg.batch_size,
@@ -130,15 +142,20 @@ def _training_arguments(cfg: TrainConfig, out: Path, has_eval: bool):
         data_seed=cfg.seed,
         optim=cfg.optim,
         bf16=cfg.compute_dtype == "bfloat16",
+        fp16=cfg.compute_dtype == "float16",  # autocast + GradScaler loss scaling; LoRA weights stay fp32
         # prepare_model_for_kbit_training already enabled (non-reentrant) checkpointing.
         gradient_checkpointing=False,
         logging_steps=cfg.logging_steps,
         save_strategy="steps",
-        save_steps=cfg.save_steps,
+        # keep_best: a checkpoint at every evaluation, so the best one always has weights to load.
+        save_steps=cfg.eval_steps if (cfg.keep_best and evaluating) else cfg.save_steps,
         save_total_limit=cfg.save_total_limit,
-        eval_strategy="steps" if (has_eval and cfg.eval_steps) else "no",
+        eval_strategy="steps" if evaluating else "no",
         eval_steps=cfg.eval_steps or None,
-        report_to="none",
+        metric_for_best_model="eval_loss" if track_best else None,
+        greater_is_better=False if track_best else None,
+        load_best_model_at_end=cfg.keep_best and evaluating,
+        report_to="none",  # --report-to adds its callback itself (reporting.report_callbacks)
         disable_tqdm=not cfg.progress_bar,
         remove_unused_columns=False,  # our dataset yields exactly the model's inputs
         use_cpu=not torch.cuda.is_available(),
@@ -159,7 +176,7 @@ def train(
     `on_event`: receives progress dicts ({"event": "start"|"log"|"eval"|"done", ...}).
     Raises InvalidArgument / FailedPrecondition for bad input, before any weights load.
     """
-    from transformers import Trainer, set_seed
+    from transformers import EarlyStoppingCallback, Trainer, set_seed
 
     stream = stream or sys.stderr
     t0 = time.perf_counter()
@@ -190,10 +207,16 @@ def train(
           "train_examples": len(run.train_data), "packing": packing, "resume_from": run.resume_from})
 
     args = _training_arguments(cfg, run.out, run.eval_data is not None)
+    if cfg.keep_best and cfg.save_steps != cfg.eval_steps:
+        print(f"keep_best: saving a checkpoint at every evaluation (save_steps {cfg.save_steps} -> {cfg.eval_steps})",
+              file=stream)
     feedback = FeedbackCallback(collator.counter, metrics, sink=on_event, stream=stream)
+    early = (EarlyStoppingCallback(cfg.early_stopping_patience, cfg.early_stopping_threshold)
+             if cfg.early_stopping_patience else None)
     trainer = Trainer(
         model=model, args=args, train_dataset=run.train_data, eval_dataset=run.eval_data,
-        data_collator=collator, callbacks=[feedback, *callbacks],
+        data_collator=collator,
+        callbacks=[feedback, *([early] if early else []), *report_callbacks(cfg.report_to, run.out), *callbacks],
     )
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
@@ -205,10 +228,14 @@ def train(
     out = trainer.train(resume_from_checkpoint=run.resume_from)
     state = trainer.state
     stopped_early = state.global_step < state.max_steps
+    early_stopped = early is not None and early.early_stopping_patience_counter >= early.early_stopping_patience
     losses = [e["loss"] for e in metrics.log if "loss" in e]
     train_loss = losses[-1] if losses else float(out.training_loss)
     eval_loss = None
-    if run.eval_data is not None:
+    kept_best = cfg.keep_best and state.best_model_checkpoint is not None
+    if kept_best:  # the Trainer loaded the best checkpoint's weights: that is the adapter written
+        eval_loss = float(state.best_metric)
+    elif run.eval_data is not None:
         # When eval_steps divides the last step, the Trainer has just evaluated: don't run it twice.
         last = [e for e in metrics.log if e.get("event") == "eval" and e["step"] == state.global_step]
         eval_loss = last[-1]["eval_loss"] if last else float(trainer.evaluate()["eval_loss"])
@@ -229,6 +256,10 @@ def train(
         "trainable_params": trainable,
         "global_step": state.global_step,
         "stopped_early": stopped_early,
+        "stopped_by_early_stopping": early_stopped,
+        "best_step": state.best_global_step if args.metric_for_best_model else None,
+        "best_eval_loss": float(state.best_metric) if args.metric_for_best_model and state.best_metric is not None else None,
+        "adapter_step": state.best_global_step if kept_best else state.global_step,
         "final_train_loss": train_loss,
         "final_eval_loss": eval_loss,
         "final_eval_perplexity": None if eval_loss is None else (math.exp(eval_loss) if eval_loss < 700 else float("inf")),
@@ -236,14 +267,17 @@ def train(
         "peak_memory_mb": peak_memory_mb(),
     }
     save_adapter(model, run.out, metadata)
-    metrics.summary = {k: metadata[k] for k in ("global_step", "stopped_early", "final_train_loss", "final_eval_loss",
-                                                "final_eval_perplexity", "wall_time_s", "peak_memory_mb", "trainable_params")}
+    metrics.summary = {k: metadata[k] for k in (
+        "global_step", "stopped_early", "stopped_by_early_stopping", "best_step", "best_eval_loss", "adapter_step",
+        "final_train_loss", "final_eval_loss", "final_eval_perplexity", "wall_time_s", "peak_memory_mb", "trainable_params")}
     metrics.write()
+    write_loss_curve(metrics.log, run.out / LOSS_CURVE_FILE, title=f"{run.name} (step {state.global_step})",
+                     best_step=metadata["adapter_step"] if kept_best else None)
     print(f"adapter written to {run.out} (step {state.global_step}, train loss {train_loss:.4f}"
           + (f", eval loss {eval_loss:.4f}" if eval_loss is not None else "") + f", {wall:.1f} s)", file=stream)
 
     registered = None
-    if cfg.register and not stopped_early:
+    if cfg.register and (not stopped_early or early_stopped):  # early stopping is a finished run
         from .register import register_adapter
 
         registered = register_adapter(cfg.register, run.out, run.name)

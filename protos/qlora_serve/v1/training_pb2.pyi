@@ -16,12 +16,19 @@ class JobState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     JOB_STATE_SUCCEEDED: _ClassVar[JobState]
     JOB_STATE_FAILED: _ClassVar[JobState]
     JOB_STATE_CANCELLED: _ClassVar[JobState]
+
+class JobArtifactKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    JOB_ARTIFACT_KIND_UNSPECIFIED: _ClassVar[JobArtifactKind]
+    JOB_ARTIFACT_KIND_LOSS_CURVE: _ClassVar[JobArtifactKind]
 JOB_STATE_UNSPECIFIED: JobState
 JOB_STATE_QUEUED: JobState
 JOB_STATE_RUNNING: JobState
 JOB_STATE_SUCCEEDED: JobState
 JOB_STATE_FAILED: JobState
 JOB_STATE_CANCELLED: JobState
+JOB_ARTIFACT_KIND_UNSPECIFIED: JobArtifactKind
+JOB_ARTIFACT_KIND_LOSS_CURVE: JobArtifactKind
 
 class SubmitJobRequest(_message.Message):
     __slots__ = ("adapter_name", "train_jsonl", "eval_jsonl", "config_toml", "set_default")
@@ -128,3 +135,25 @@ class CancelJobRequest(_message.Message):
     ID_FIELD_NUMBER: _ClassVar[int]
     id: str
     def __init__(self, id: _Optional[str] = ...) -> None: ...
+
+class GetJobArtifactRequest(_message.Message):
+    __slots__ = ("id", "kind")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    kind: JobArtifactKind
+    def __init__(self, id: _Optional[str] = ..., kind: _Optional[_Union[JobArtifactKind, str]] = ...) -> None: ...
+
+class JobArtifact(_message.Message):
+    __slots__ = ("id", "kind", "media_type", "data", "step")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    MEDIA_TYPE_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    kind: JobArtifactKind
+    media_type: str
+    data: bytes
+    step: int
+    def __init__(self, id: _Optional[str] = ..., kind: _Optional[_Union[JobArtifactKind, str]] = ..., media_type: _Optional[str] = ..., data: _Optional[bytes] = ..., step: _Optional[int] = ...) -> None: ...

@@ -64,6 +64,11 @@ class TrainingStub:
                 request_serializer=qlora__serve_dot_v1_dot_training__pb2.CancelJobRequest.SerializeToString,
                 response_deserializer=qlora__serve_dot_v1_dot_training__pb2.TrainingJob.FromString,
                 _registered_method=True)
+        self.GetJobArtifact = channel.unary_unary(
+                '/qlora_serve.v1.Training/GetJobArtifact',
+                request_serializer=qlora__serve_dot_v1_dot_training__pb2.GetJobArtifactRequest.SerializeToString,
+                response_deserializer=qlora__serve_dot_v1_dot_training__pb2.JobArtifact.FromString,
+                _registered_method=True)
 
 
 class TrainingServicer:
@@ -112,6 +117,15 @@ class TrainingServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetJobArtifact(self, request, context):
+        """A file the job produced, e.g. its loss curve (PNG). Visible to whoever
+        may GetJob the job. A running job's loss curve is drawn from its metrics
+        so far; an ended job's is the file written at its end.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TrainingServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -144,6 +158,11 @@ def add_TrainingServicer_to_server(servicer, server):
                     servicer.CancelJob,
                     request_deserializer=qlora__serve_dot_v1_dot_training__pb2.CancelJobRequest.FromString,
                     response_serializer=qlora__serve_dot_v1_dot_training__pb2.TrainingJob.SerializeToString,
+            ),
+            'GetJobArtifact': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetJobArtifact,
+                    request_deserializer=qlora__serve_dot_v1_dot_training__pb2.GetJobArtifactRequest.FromString,
+                    response_serializer=qlora__serve_dot_v1_dot_training__pb2.JobArtifact.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -308,6 +327,33 @@ class Training:
             '/qlora_serve.v1.Training/CancelJob',
             qlora__serve_dot_v1_dot_training__pb2.CancelJobRequest.SerializeToString,
             qlora__serve_dot_v1_dot_training__pb2.TrainingJob.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetJobArtifact(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/qlora_serve.v1.Training/GetJobArtifact',
+            qlora__serve_dot_v1_dot_training__pb2.GetJobArtifactRequest.SerializeToString,
+            qlora__serve_dot_v1_dot_training__pb2.JobArtifact.FromString,
             options,
             channel_credentials,
             insecure,
