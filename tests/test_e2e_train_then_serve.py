@@ -150,7 +150,7 @@ def test_bad_submissions_are_invalid_argument_and_create_no_job(srv, client, dat
         (dict(config_toml='modules_to_save = ["lm_head"]\n'), "modules_to_save"),  # not servable
         (dict(config_toml='learning_rate = "1e-4"\n'), "learning_rate must be a number"),
         (dict(config_toml="lora_r = 0\n"), "lora_r"),
-        (dict(config_toml='compute_dtype = "float16"\n'), "float16"),
+        (dict(config_toml='compute_dtype = "float8"\n'), "compute_dtype must be one of"),  # float16: CUDA only
         (dict(config_toml="lora_r = \n"), "TOML"),
         (dict(train_jsonl=b'{"text": "ok"}\n{oops\n'), "train_jsonl:2"),
         (dict(train_jsonl=b'{"prompt": "a=", "completion": "b"}\n{"text": "x"}\n'), "train_jsonl:2"),
