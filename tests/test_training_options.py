@@ -154,6 +154,20 @@ def test_loss_curve_png_is_written_beside_metrics_and_on_a_cancelled_run(demo, f
     assert render_loss_curve([]).startswith(PNG_MAGIC)  # nothing logged yet: still a PNG (saying so)
 
 
+def test_a_run_that_fails_mid_training_still_writes_its_curve(demo, files):
+    from transformers import TrainerCallback
+
+    class Boom(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step == 2:
+                raise RuntimeError("boom at step 2")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        train(_cfg(demo, files, max_steps=4, eval_steps=0, eval_data=None), callbacks=[Boom()])
+    png = (files["out"] / LOSS_CURVE_FILE).read_bytes()
+    assert TRAIN_BLUE in _colors(png) and EVAL_ORANGE not in _colors(png)
+
+
 # ------------------------------------------------------------- fp16
 def test_fp16_lora_weights_stay_float32(demo):
     from qlora_serve.training.model import attach_lora, load_quantized_base

@@ -10,6 +10,7 @@ Order of work (every check that can fail on bad input runs before the model load
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 import time
@@ -225,7 +226,14 @@ def train(
     if trainer.pop_callback(ProgressCallback) is not None:
         trainer.add_callback(QuietProgressCallback)
 
-    out = trainer.train(resume_from_checkpoint=run.resume_from)
+    try:
+        out = trainer.train(resume_from_checkpoint=run.resume_from)
+    except BaseException:
+        # A failed run (NaN guard, OOM, a callback's error) still shows how far it got.
+        with contextlib.suppress(Exception):
+            write_loss_curve(metrics.log, run.out / LOSS_CURVE_FILE,
+                             title=f"{run.name} (failed at step {trainer.state.global_step})")
+        raise
     state = trainer.state
     stopped_early = state.global_step < state.max_steps
     early_stopped = early is not None and early.early_stopping_patience_counter >= early.early_stopping_patience
