@@ -10,7 +10,10 @@ Same model, same prompts. Measures (medians):
 - throughput: generated tokens/s of `--clients` concurrent callers for `--seconds`, adapters
   spread over `--adapters` names, on 1 replica and on 2 (goal on a machine with cores for
   both: 2 >= 1.8x 1; on 2 shared cores both replicas compete for the same CPUs);
-- placement: of the adapters used, how many were served by more than one replica.
+- placement: of the adapters used, how many were served by more than one replica;
+- cold placement (2 replicas, first thing after start): `--burst` concurrent requests for
+  each of `--adapters` cold adapters (none resident anywhere): how many adapters ended up
+  on more than one replica (loaded twice), and how the adapters spread over the replicas.
 Prints a table and writes bench-results/ray-<timestamp>.json (--out). Never asserts timing.
 Starts a local Ray head on 127.0.0.1 and stops it at the end.
 """
@@ -110,12 +113,38 @@ def throughput(stub, adapters: list[str], clients: int, seconds: float) -> tuple
     return tokens[0] / (time.monotonic() - start), served
 
 
+def cold_placement(stub, adapters: list[str], burst: int) -> dict:
+    """`burst` concurrent Generate calls per cold adapter, one adapter after another:
+    adapters served by more than one replica, and adapters placed per replica."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from qlora_serve.v1 import inference_pb2
+
+    def call(adapter: str) -> str:
+        _, c = stub.Generate.with_call(inference_pb2.GenerateRequest(adapter=adapter, prompt=PROMPT, max_new_tokens=2),
+                                       metadata=_md(adapter), timeout=120)
+        return dict(c.trailing_metadata() or ()).get("qlora-replica", "?")
+
+    served: dict[str, set] = {}
+    with ThreadPoolExecutor(burst) as pool:
+        for adapter in adapters:
+            served[adapter] = set(pool.map(call, [adapter] * burst))
+    per_replica: dict[str, int] = defaultdict(int)
+    for replicas in served.values():
+        for r in replicas:
+            per_replica[r] += 1
+    return {"adapters": len(adapters), "burst": burst,
+            "on_several_replicas": sum(len(r) > 1 for r in served.values()),
+            "adapters_per_replica": sorted(per_replica.values(), reverse=True)}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--calls", type=int, default=30, help="unary calls per measurement")
     p.add_argument("--seconds", type=float, default=15.0, help="length of each throughput run, seconds")
     p.add_argument("--clients", type=int, default=8, help="concurrent callers in the throughput runs")
     p.add_argument("--adapters", type=int, default=6, help="adapter names the throughput runs spread over")
+    p.add_argument("--burst", type=int, default=4, help="concurrent requests per cold adapter (cold placement)")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
 
@@ -154,6 +183,8 @@ def main(argv=None) -> int:
             serve.run(deployment(config, replicas=replicas, num_cpus=cpus / replicas if replicas > 1 else cpus),
                       name="qlora")
             stub = _stub(port)
+            if replicas == 2:  # first: every adapter is still cold on both replicas
+                results["cold_placement"] = cold_placement(stub, names, args.burst)
             row = {"unary_ms": unary_ms(stub, args.calls), "stream_gap_ms": stream_gap_ms(stub, args.calls)}
             row["tokens_per_s"], served = throughput(stub, names, args.clients, args.seconds)
             row["adapters_on_several_replicas"] = sum(len(v) > 1 for v in served.values())
@@ -172,6 +203,9 @@ def main(argv=None) -> int:
     print(f"added per unary call: {r1['unary_ms'] - d['unary_ms']:.1f} ms; per streamed message: "
           f"{r1['stream_gap_ms'] - d['stream_gap_ms']:.1f} ms; 2 replicas / 1: {r2['tokens_per_s'] / r1['tokens_per_s']:.2f}x; "
           f"adapters on >1 replica (2 replicas): {r2['adapters_on_several_replicas']} of {len(names)}")
+    cold = results["cold_placement"]
+    print(f"cold placement ({cold['burst']} concurrent requests per cold adapter): {cold['on_several_replicas']} of "
+          f"{cold['adapters']} adapters loaded on >1 replica; adapters per replica: {cold['adapters_per_replica']}")
     out = args.out or Path("bench-results") / f"ray-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
