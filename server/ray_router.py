@@ -1,14 +1,18 @@
 """AdapterRouter: Ray Serve's request router for qlora-serve replicas (server/ray_app.py).
 
-A request names its adapter in the `multiplexed_model_id` header. The router reads only
-what the replicas publish through `record_routing_stats` every ROUTING_STATS_PERIOD_S:
-the engine's resident adapters (by name), its queue depth, its free adapter slots and
-whether the runtime is serving. Ranking, best first:
+A request names its adapter in the `multiplexed_model_id` header. The router reads what
+the replicas publish through `record_routing_stats` every ROUTING_STATS_PERIOD_S: the
+engine's resident adapters (by name), its queue depth, its free adapter slots and
+whether the runtime is serving. A replica's load is the requests it has in flight as
+this router's Serve queue-length cache counts them (updated on every send and finish,
+so a burst spreads instead of herding onto the replica that was idle at the last
+report), else the engine's queued + running from the stats. Ranking, best first:
 
 1. replicas whose engine holds the adapter resident, least loaded first;
 2. a cold adapter's placement: the replica this router sent it to within the last
-   PLACEMENT_TTL_S (the engine loads it while the stats still say "cold": without this,
-   back-to-back requests could load it on two replicas), else the least loaded serving
+   PLACEMENT_TTL_S (the stats still say "cold" while the engine loads it, and the load
+   counts its first requests: without this, the next request for it would go to the
+   then less loaded replica and load it there too), else the least loaded serving
    replica with a free adapter slot (all serving replicas when none has one), ties
    broken by rendezvous hash of the name, so proxies with the same stats agree;
 3. the other serving replicas by load, then replicas that are draining.
@@ -35,8 +39,11 @@ def _stats(r: RunningReplica) -> dict[str, Any]:
     return r.routing_stats or {}
 
 
-def _load(r: RunningReplica) -> int:
-    """Requests queued and running in the replica's engine (as of its last report)."""
+def _load(r: RunningReplica, live: dict | None = None) -> int:
+    """Requests in flight on the replica: `live` (replica id -> count, this router's
+    up-to-date view) if it has the replica, else queued + running at its last report."""
+    if live and r.replica_id in live:
+        return int(live[r.replica_id])
     s = _stats(r)
     return int(s.get("queued", 0)) + int(s.get("running", 0))
 
@@ -54,11 +61,11 @@ def _rendezvous(name: str, replicas: list[RunningReplica]) -> RunningReplica:
     return max(replicas, key=lambda r: _hash(name, r))
 
 
-def cold_placement(name: str, replicas: list[RunningReplica]) -> RunningReplica:
+def cold_placement(name: str, replicas: list[RunningReplica], live: dict | None = None) -> RunningReplica:
     """Where a cold adapter goes: the least loaded replica with a free adapter slot
     (any replica when none has one), the rendezvous hash of `name` breaking ties."""
     free = [r for r in replicas if int(_stats(r).get("free_slots", 1)) > 0] or replicas
-    return min(free, key=lambda r: (_load(r), [-b for b in _hash(name, r)]))
+    return min(free, key=lambda r: (_load(r, live), [-b for b in _hash(name, r)]))
 
 
 class Placements:
@@ -83,14 +90,15 @@ class Placements:
 
 
 def rank(candidates: list[RunningReplica], ref: str, placements: Placements | None = None,
-         now: float | None = None) -> list[list[RunningReplica]]:
+         now: float | None = None, live: dict | None = None) -> list[list[RunningReplica]]:
     """The ranks for a request for adapter `ref` ("" = none); see the module docstring.
-    Records a cold adapter's placement in `placements` (now: time.monotonic() seconds)."""
+    Records a cold adapter's placement in `placements` (now: time.monotonic() seconds).
+    live: replica id -> requests in flight, where the caller knows it (else the stats)."""
     if not candidates:
         return []
     now = time.monotonic() if now is None else now
-    serving = sorted((r for r in candidates if _serving(r)), key=_load)
-    draining = sorted((r for r in candidates if not _serving(r)), key=_load)
+    serving = sorted((r for r in candidates if _serving(r)), key=lambda r: _load(r, live))
+    draining = sorted((r for r in candidates if not _serving(r)), key=lambda r: _load(r, live))
     name = ref.partition("@")[0]
     if not name or not serving:
         return [[r] for r in serving + draining]
@@ -99,7 +107,7 @@ def rank(candidates: list[RunningReplica], ref: str, placements: Placements | No
     if not holding:
         placed_id = placements.recall(name, now) if placements is not None else None
         placed = next((r for r in serving if r.replica_id == placed_id), None)
-        first = [placed or cold_placement(name, serving)]
+        first = [placed or cold_placement(name, serving, live)]
         if placements is not None:
             placements.remember(name, first[0].replica_id, now)
     return [[r] for r in first] + [[r] for r in serving + draining if r not in first]
@@ -116,4 +124,6 @@ class AdapterRouter(RequestRouter):
         if getattr(self, "_placements", None) is None:
             self._placements = Placements()
         ref = pending_request.metadata.multiplexed_model_id if pending_request is not None else ""
-        return rank(candidate_replicas, ref or "", self._placements)
+        cache = self.replica_queue_len_cache
+        live = {r.replica_id: q for r in candidate_replicas if (q := cache.get(r.replica_id)) is not None}
+        return rank(candidate_replicas, ref or "", self._placements, live=live)

@@ -9,7 +9,7 @@ import os
 import shutil
 import socket
 import tempfile
-from collections import Counter
+from collections import Counter, namedtuple
 
 import grpc
 import pytest
@@ -315,6 +315,9 @@ def test_register_once_serve_from_both_replicas_delete_reaches_both(cluster, dis
         assert err.value.code() == grpc.StatusCode.NOT_FOUND, (name, err.value.details())
 
 
+ReplicaID = namedtuple("ReplicaID", "unique_id")  # hashable, as Serve's
+
+
 def test_router_ranks_resident_then_cold_placement_then_load():
     """The router's ranking on replica stats as Serve hands them over (no cluster):
     replicas holding the adapter first (least loaded first); a cold adapter to the least
@@ -324,7 +327,7 @@ def test_router_ranks_resident_then_cold_placement_then_load():
     from qlora_serve.server.ray_router import _rendezvous, rank
 
     def replica(rid, adapters=(), queued=0, free_slots=4, serving=True):
-        return SimpleNamespace(replica_id=SimpleNamespace(unique_id=rid), routing_stats={
+        return SimpleNamespace(replica_id=ReplicaID(rid), routing_stats={
             "adapters": list(adapters), "queued": queued, "running": 0, "free_slots": free_slots, "serving": serving})
 
     def ids(ranks):
@@ -342,6 +345,8 @@ def test_router_ranks_resident_then_cold_placement_then_load():
     full, busy = replica("full", ["poet"], queued=0, free_slots=0), replica("busy", queued=3)
     assert ids(rank([full, busy], "pirate"))[0] == "busy"
     assert ids(rank([full, busy], "poet"))[0] == "full"
+    # This router's live in-flight counts, where it has them, beat the last reported load.
+    assert ids(rank([a, b, c], "pirate", live={c.replica_id: 9, b.replica_id: 0})) == ["b", "a", "c"]
     # A draining replica is ranked last even when it holds the adapter.
     gone = replica("gone", ["poet"], serving=False)
     assert ids(rank([gone, c], "poet")) == ["c", "gone"]
@@ -357,7 +362,7 @@ def test_router_keeps_a_cold_adapter_on_its_replica_while_it_loads():
     from qlora_serve.server.ray_router import Placements, rank
 
     def replica(rid, queued):
-        return SimpleNamespace(replica_id=SimpleNamespace(unique_id=rid),
+        return SimpleNamespace(replica_id=ReplicaID(rid),
                                routing_stats={"adapters": [], "queued": queued, "running": 0, "free_slots": 4})
 
     placements = Placements(ttl_s=5.0)
@@ -367,6 +372,7 @@ def test_router_keeps_a_cold_adapter_on_its_replica_while_it_loads():
     a_busy.replica_id = first
     again = rank([a_busy, b], "pirate", placements, now=104.0)
     assert again[0] == [a_busy]  # not b, although b is now less loaded
+    assert rank([a_busy, b], "poet", Placements(), now=104.0)[0] == [b]  # a new cold adapter: least loaded
     assert rank([a_busy, b], "pirate", placements, now=108.0)[0] == [a_busy]  # sliding: refreshed at 104
     assert rank([a_busy, b], "pirate", placements, now=120.0)[0] == [b]  # expired: least loaded again
     assert rank([a_busy, b], "poet", placements, now=120.0)[0] == [b]  # other names are not affected
