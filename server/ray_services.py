@@ -68,14 +68,19 @@ def parse(method: str, raw):
     return msg
 
 
-def _writer_hint(writer: str, shared: bool) -> str:
-    """Where registry writes and training jobs go, for the FAILED_PRECONDITION message."""
-    where = (f"the registry's writer at {writer}" if writer else
-             "the registry's writer (the `qlora-serve serve --data-dir` server whose data dir the replicas read)")
-    if not shared:
-        where += ("; these replicas each keep their own registry (start the deployment with --shared-registry "
-                  "to serve what the writer registers)")
-    return where
+def refusal(method: str, action: str, shared: bool, writer: str) -> str:
+    """The FAILED_PRECONDITION message for a registry write or Training call on a replica:
+    why, and where to `action` instead (writer: its host:port, "" = described)."""
+    if not shared:  # no writer at all: each replica has its own registry
+        return (f"{method} is not served by this deployment's replicas (each keeps its own registry of its "
+                f"start-up adapters, so a change would reach one replica only): run `qlora-serve serve --data-dir "
+                f"DIR` as the registry's writer, start the deployment with --shared-registry on DIR, and "
+                f"{action} at that writer")
+    reason = ("a training job has one owner, which registers its adapter" if method in _TRAINING_METHODS
+              else "the registry has one writer; replicas only read it")
+    where = writer or "the `qlora-serve serve --data-dir` server whose data dir the replicas read"
+    return (f"{method} is not served by this deployment's replicas ({reason}): {action} at the registry's "
+            f"writer, {where}")
 
 
 class ReplicaServices:
@@ -101,12 +106,8 @@ class ReplicaServices:
 
     def _refuse(self, method: str, ctx, action: str):
         """FAILED_PRECONDITION naming the writer, after readiness and the key."""
-        reason = ("a training job has one owner, which registers its adapter" if method in _TRAINING_METHODS
-                  else "the registry has one writer; replicas only read it")
-
         def refuse(_msg, _principal):
-            raise FailedPrecondition(f"{method} is not served by this deployment's replicas ({reason}): {action} at "
-                                     f"{_writer_hint(self.registry_writer, self.shared_registry)}")
+            raise FailedPrecondition(refusal(method, action, self.shared_registry, self.registry_writer))
 
         return self._answer(method, b"", ctx, refuse)
 

@@ -353,6 +353,18 @@ def test_router_ranks_resident_then_cold_placement_then_load():
     assert ids(rank([gone, c], "")) == ["c", "gone"]
 
 
+def test_refusals_name_the_writer_or_how_to_get_one():
+    """Registry writes and Training on replicas: why, and where to go instead."""
+    from qlora_serve.server.ray_services import refusal
+
+    shared = refusal("DeleteAdapter", "delete adapters", True, "registry:50051")
+    assert "registry:50051" in shared and "one writer" in shared
+    train = refusal("SubmitJob", "submit training jobs", True, "")
+    assert "one owner" in train and "qlora-serve serve --data-dir" in train
+    own = refusal("SetAlias", "set aliases", False, "registry:50051")
+    assert "--shared-registry" in own and "one replica only" in own
+
+
 def test_router_keeps_a_cold_adapter_on_its_replica_while_it_loads():
     """Back-to-back requests for a cold adapter go to the replica the first one went to,
     although its load went up and its stats do not show the adapter yet; the placement
