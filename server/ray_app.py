@@ -42,7 +42,7 @@ from qlora_serve.errors import InvalidArgument
 from qlora_serve.server.build import build_runtime
 from qlora_serve.server.engine.request import FinalEvent
 from qlora_serve.server.inference_service import input_of, response_of, stream_message
-from qlora_serve.server.ray_router import ROUTING_STATS_PERIOD_S, AdapterRouter, _rendezvous  # noqa: F401 (re-export)
+from qlora_serve.server.ray_router import ROUTING_STATS_PERIOD_S, AdapterRouter
 from qlora_serve.server.ray_services import ReplicaServices, add_services_to_proxy  # noqa: F401 (re-export)
 from qlora_serve.server.requests import CallLog, InferenceCore
 from qlora_serve.server.status import code_for, public_message
@@ -96,7 +96,9 @@ class QloraReplica(ReplicaServices):
         stats = self._rt.load_stats()
         resident = set(stats.get("resident_digests", ()))
         serving = self._rt.health() == "SERVING"
-        names = sorted({r.name for r in self._rt.registry.list() if r.digest in resident}) if serving else []
+        names = []  # a draining replica advertises none: new requests should go elsewhere
+        if resident and serving:
+            names = sorted({r.name for r in self._rt.registry.list() if r.digest in resident})
         free = self._rt.engine.config.max_resident_adapters - len(resident) if self._rt.engine is not None else 0
         return {"adapters": names, "queued": stats.get("queued", 0), "running": stats.get("running", 0),
                 "free_slots": max(0, free), "serving": serving}
