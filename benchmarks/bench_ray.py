@@ -10,7 +10,12 @@ Same model, same prompts. Measures (medians):
 - throughput: generated tokens/s of `--clients` concurrent callers for `--seconds`, adapters
   spread over `--adapters` names, on 1 replica and on 2 (goal on a machine with cores for
   both: 2 >= 1.8x 1; on 2 shared cores both replicas compete for the same CPUs);
-- placement: of the adapters used, how many were served by more than one replica.
+- placement: of the adapters used, how many were served by more than one replica;
+- cold placement (2 replicas, first thing after start), on `--adapters` adapters of their
+  own that no replica holds yet: `--burst` concurrent requests per adapter, one adapter
+  after another ("sequential"), then all adapters' bursts at once ("mixed": loads change
+  while the routing stats refresh); how many adapters were served by (so loaded on) more
+  than one replica, and how the adapters spread over the replicas.
 Prints a table and writes bench-results/ray-<timestamp>.json (--out). Never asserts timing.
 Starts a local Ray head on 127.0.0.1 and stops it at the end.
 """
@@ -110,12 +115,39 @@ def throughput(stub, adapters: list[str], clients: int, seconds: float) -> tuple
     return tokens[0] / (time.monotonic() - start), served
 
 
+def cold_placement(stub, adapters: list[str], burst: int, mixed: bool) -> dict:
+    """`burst` concurrent Generate calls per cold adapter, one adapter after another (or
+    all at once: mixed): adapters served by more than one replica, adapters per replica."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from qlora_serve.v1 import inference_pb2
+
+    def call(adapter: str) -> tuple[str, str]:
+        req = inference_pb2.GenerateRequest(adapter=adapter, prompt=PROMPT, max_new_tokens=8, ignore_eos=True)
+        _, c = stub.Generate.with_call(req, metadata=_md(adapter), timeout=120)
+        return adapter, dict(c.trailing_metadata() or ()).get("qlora-replica", "?")
+
+    served: dict[str, set] = defaultdict(set)
+    with ThreadPoolExecutor(burst * len(adapters) if mixed else burst) as pool:
+        for group in ([[a for _ in range(burst) for a in adapters]] if mixed else [[a] * burst for a in adapters]):
+            for adapter, replica in pool.map(call, group):
+                served[adapter].add(replica)
+    per_replica: dict[str, int] = defaultdict(int)
+    for replicas in served.values():
+        for r in replicas:
+            per_replica[r] += 1
+    return {"adapters": len(adapters), "burst": burst, "mode": "mixed" if mixed else "sequential",
+            "on_several_replicas": sum(len(r) > 1 for r in served.values()),
+            "adapters_per_replica": sorted(per_replica.values(), reverse=True)}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--calls", type=int, default=30, help="unary calls per measurement")
     p.add_argument("--seconds", type=float, default=15.0, help="length of each throughput run, seconds")
     p.add_argument("--clients", type=int, default=8, help="concurrent callers in the throughput runs")
     p.add_argument("--adapters", type=int, default=6, help="adapter names the throughput runs spread over")
+    p.add_argument("--burst", type=int, default=4, help="concurrent requests per cold adapter (cold placement)")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
 
@@ -129,11 +161,12 @@ def main(argv=None) -> int:
     demo = ensure_demo()
     work = Path(tempfile.mkdtemp(prefix="qbench"))
     names = [f"a{i}" for i in range(args.adapters)]
+    cold = {mode: [f"{mode[0]}{i}" for i in range(args.adapters)] for mode in ("sequential", "mixed")}
     # Distinct weights per name: names sharing a digest share residency (and would count
     # as "on several replicas" although the engine loads that content once per replica).
     adapters = [(n, str(build_random_adapter(demo.base, work / "adapters" / n,
                                              DemoAdapterSpec(name=n, r=8, alpha=16, seed=1000 + i))))
-                for i, n in enumerate(names)]
+                for i, n in enumerate(names + cold["sequential"] + cold["mixed"])]
     config = ServerConfig(base=str(demo.base), compute_dtype="float32", data_dir=work / "store", adapters=adapters,
                           port=0, metrics_port=None, http_port=None, grace_s=1.0)
     results: dict = {"machine_cpus": os.cpu_count(), "args": vars(args) | {"out": str(args.out)}}
@@ -154,6 +187,8 @@ def main(argv=None) -> int:
             serve.run(deployment(config, replicas=replicas, num_cpus=cpus / replicas if replicas > 1 else cpus),
                       name="qlora")
             stub = _stub(port)
+            if replicas == 2:  # first: these adapters are still cold on both replicas
+                results["cold_placement"] = [cold_placement(stub, cold[m], args.burst, m == "mixed") for m in cold]
             row = {"unary_ms": unary_ms(stub, args.calls), "stream_gap_ms": stream_gap_ms(stub, args.calls)}
             row["tokens_per_s"], served = throughput(stub, names, args.clients, args.seconds)
             row["adapters_on_several_replicas"] = sum(len(v) > 1 for v in served.values())
@@ -172,6 +207,10 @@ def main(argv=None) -> int:
     print(f"added per unary call: {r1['unary_ms'] - d['unary_ms']:.1f} ms; per streamed message: "
           f"{r1['stream_gap_ms'] - d['stream_gap_ms']:.1f} ms; 2 replicas / 1: {r2['tokens_per_s'] / r1['tokens_per_s']:.2f}x; "
           f"adapters on >1 replica (2 replicas): {r2['adapters_on_several_replicas']} of {len(names)}")
+    for c in results["cold_placement"]:
+        print(f"cold placement, {c['mode']} ({c['burst']} concurrent requests per cold adapter): "
+              f"{c['on_several_replicas']} of {c['adapters']} adapters on >1 replica; "
+              f"adapters per replica: {c['adapters_per_replica']}")
     out = args.out or Path("bench-results") / f"ray-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))

@@ -8,13 +8,14 @@ Routing: a client names its adapter in the `multiplexed_model_id` request header
 same reference as the request's `adapter` field; a mismatch is INVALID_ARGUMENT).
 `AdapterRouter` sends it to a replica whose engine reports that adapter resident
 (`record_routing_stats`: the engine's own residency, no second cache), the least
-loaded of those; a cold adapter goes to the replica its name hashes to (rendezvous
-hashing: the same one from every proxy, without waiting for stats). No header: the
-least loaded replica.
+loaded of those; a cold adapter goes to the least loaded replica with a free adapter
+slot, ties broken by rendezvous hash, and stays there while it loads (server/ray_router.py).
+No header: the least loaded replica. Draining replicas come last.
 
 The contract through the proxy: Ray's proxy would parse requests itself (a malformed
 one became UNKNOWN); `add_inference_to_proxy` registers the service with raw-bytes
-requests, so the replica parses them and answers INVALID_ARGUMENT. Every error leaves
+requests, so the replica parses them and answers INVALID_ARGUMENT; `add_services_to_proxy`
+adds AdapterRegistry, Training and Health the same way (server/ray_services.py). Every error leaves
 the replica as the status and bounded message the README documents (server/status.py),
 never a Ray traceback; API keys and quotas are checked in the replica (quotas per
 replica). Registry: with `shared_registry`, every replica reads the one catalogue and
@@ -25,7 +26,6 @@ else each replica keeps its own under data_dir/replicas/<id> with the start-up a
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import threading
 import time
@@ -37,12 +37,13 @@ import grpc
 from google.protobuf.message import DecodeError
 from ray import serve
 from ray.serve.config import RequestRouterConfig
-from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
 
 from qlora_serve.errors import InvalidArgument
 from qlora_serve.server.build import build_runtime
 from qlora_serve.server.engine.request import FinalEvent
 from qlora_serve.server.inference_service import input_of, response_of, stream_message
+from qlora_serve.server.ray_router import ROUTING_STATS_PERIOD_S, AdapterRouter
+from qlora_serve.server.ray_services import ReplicaServices, add_services_to_proxy  # noqa: F401 (re-export)
 from qlora_serve.server.requests import CallLog, InferenceCore
 from qlora_serve.server.status import code_for, public_message
 from qlora_serve.v1 import inference_pb2
@@ -52,13 +53,11 @@ log = logging.getLogger("qlora_serve.ray")
 SERVICE = "qlora_serve.v1.Inference"
 MODEL_ID_HEADER = "multiplexed_model_id"  # Ray's proxy routes on this request header
 REPLICA_TRAILER = "qlora-replica"  # trailing metadata: the replica that served the call
-ROUTING_STATS_PERIOD_S = 1.0  # how often replicas report residency and queue depth
 
 
 def add_inference_to_proxy(servicer, server) -> None:
-    """`grpc_servicer_functions` entry for Ray's gRPC proxy: the Inference service with
-    raw-bytes requests, so the replica (not the proxy) parses them and answers a
-    malformed one with INVALID_ARGUMENT. Ray replaces the handlers' behaviour."""
+    """`grpc_servicer_functions` entry for Ray's gRPC proxy: the Inference service alone
+    (configs written before `add_services_to_proxy`, which adds the other services too)."""
     handlers = {
         "Generate": grpc.unary_unary_rpc_method_handler(servicer.Generate),
         "GenerateStream": grpc.unary_stream_rpc_method_handler(servicer.GenerateStream),
@@ -67,48 +66,18 @@ def add_inference_to_proxy(servicer, server) -> None:
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
 
 
-def _rendezvous(name: str, replicas: list[RunningReplica]) -> RunningReplica:
-    """The replica `name` hashes highest with: stable while the replica set is."""
-    return max(replicas, key=lambda r: hashlib.sha256(f"{name}/{r.replica_id.unique_id}".encode()).digest())
-
-
-class AdapterRouter(RequestRouter):
-    """Ranks replicas for a request by its adapter (the `multiplexed_model_id` header):
-    those whose engine holds it resident (least queued first), then the replica the
-    name hashes to; without an adapter, least queued first. Reads only the stats the
-    replicas publish (`QloraReplica.record_routing_stats`)."""
-
-    async def choose_replicas(self, candidate_replicas: list[RunningReplica],
-                              pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
-        if not candidate_replicas:
-            return []
-
-        def load(r: RunningReplica) -> int:
-            return int((r.routing_stats or {}).get("queued", 0)) + int((r.routing_stats or {}).get("running", 0))
-
-        by_load = sorted(candidate_replicas, key=load)
-        ref = pending_request.metadata.multiplexed_model_id if pending_request is not None else ""
-        if not ref:
-            return [[r] for r in by_load]
-        name = ref.partition("@")[0]
-        holding = [r for r in by_load if name in (r.routing_stats or {}).get("adapters", ())]
-        ranks = [[r] for r in holding]
-        home = _rendezvous(name, candidate_replicas)
-        if home not in holding:
-            ranks.append([home])
-        return ranks + [[r] for r in by_load if r not in holding and r is not home]
-
-
 class _Failed(Exception):
     """Raised after the status is set on the Ray gRPC context (message already sent)."""
 
 
-class QloraReplica:
-    """One replica: a runtime of its own and the Inference RPCs over `InferenceCore`."""
+class QloraReplica(ReplicaServices):
+    """One replica: a runtime of its own, the Inference RPCs over `InferenceCore`, and
+    AdapterRegistry, Training and Health from ReplicaServices."""
 
-    def __init__(self, config, shared_registry: bool = False) -> None:
+    def __init__(self, config, shared_registry: bool = False, registry_writer: str = "") -> None:
         replica_id = serve.get_replica_context().replica_id.unique_id
         self.replica_id = replica_id
+        self.shared_registry, self.registry_writer = shared_registry, registry_writer
         if shared_registry:  # read the registry a `qlora-serve serve` on config.data_dir writes
             self._rt = build_runtime(config, registry_reader=True)
         else:  # a registry per replica (one SQLite writer per data_dir), start-up adapters only
@@ -122,11 +91,24 @@ class QloraReplica:
             raise RuntimeError(f"replica {self.replica_id} is {self._rt.health()}")
 
     def record_routing_stats(self) -> dict[str, Any]:
-        """What `AdapterRouter` reads: the engine's resident adapters (by name) and load."""
+        """What `AdapterRouter` reads: the engine's resident adapters (by name), load, free
+        adapter slots, and whether the runtime is serving (a draining one is ranked last)."""
         stats = self._rt.load_stats()
         resident = set(stats.get("resident_digests", ()))
-        names = sorted({r.name for r in self._rt.registry.list() if r.digest in resident}) if resident else []
-        return {"adapters": names, "queued": stats.get("queued", 0), "running": stats.get("running", 0)}
+        serving = self._rt.health() == "SERVING"
+        names = []  # a draining replica advertises none: new requests should go elsewhere
+        if resident and serving:
+            names = sorted({r.name for r in self._rt.registry.list() if r.digest in resident})
+        free = self._rt.engine.config.max_resident_adapters - len(resident) if self._rt.engine is not None else 0
+        return {"adapters": names, "queued": stats.get("queued", 0), "running": stats.get("running", 0),
+                "free_slots": max(0, free), "serving": serving}
+
+    async def drain(self, grace_s: float = 30.0) -> str:
+        """Take this replica out of service (through a Serve handle, e.g. before moving it):
+        new requests get UNAVAILABLE, in-flight ones finish within grace_s seconds, then
+        `check_health` fails and Serve replaces the replica. Returns the replica id."""
+        await asyncio.to_thread(self._rt.drain, grace_s)
+        return self.replica_id
 
     def __del__(self) -> None:  # Serve's replica shutdown hook
         rt = getattr(self, "_rt", None)
@@ -246,11 +228,13 @@ class QloraReplica:
 
 
 def deployment(config, *, replicas: int = 2, num_cpus: float = 1.0, num_gpus: float = 0.0,
-               shared_registry: bool = False):
+               shared_registry: bool = False, registry_writer: str = ""):
     """The Serve application: `replicas` copies of QloraReplica at the given resources
     per replica. config: a ServerConfig (its host/ports are the proxy's business, unused).
     shared_registry: every replica reads the registry in config.data_dir, written by
-    one `qlora-serve serve --data-dir` (same machine); else each has its own."""
+    one `qlora-serve serve --data-dir` (same machine); else each has its own.
+    registry_writer: that writer's address (host:port), named in the FAILED_PRECONDITION
+    that registry writes and Training get through the deployment ("" = described)."""
     dep = serve.deployment(
         QloraReplica, name="qlora", num_replicas=replicas,
         ray_actor_options={"num_cpus": num_cpus, "num_gpus": num_gpus},
@@ -258,14 +242,15 @@ def deployment(config, *, replicas: int = 2, num_cpus: float = 1.0, num_gpus: fl
         health_check_period_s=5.0,
         request_router_config=RequestRouterConfig(request_router_class=AdapterRouter,
                                                   request_routing_stats_period_s=ROUTING_STATS_PERIOD_S))
-    return dep.bind(config, shared_registry)
+    return dep.bind(config, shared_registry, registry_writer)
 
 
 def build_app(args: dict[str, str]):
     """`serve run qlora_serve.server.ray_app:build_app replicas=2 base=... data_dir=...`
     (and in a RayService's serveConfigV2 `args`). Keys, all optional: base, data_dir,
     device, key_file, adapters ("name=path,..."), replicas, num_cpus, num_gpus,
-    shared_registry ("true": read the registry a `qlora-serve serve` writes in data_dir)."""
+    shared_registry ("true": read the registry a `qlora-serve serve` writes in data_dir),
+    registry_writer (that server's host:port, named to clients that try to write)."""
     from qlora_serve.server.app import ServerConfig
 
     kw: dict[str, Any] = {}
@@ -282,11 +267,12 @@ def build_app(args: dict[str, str]):
     config = ServerConfig(metrics_port=None, http_port=None, **kw)
     return deployment(config, replicas=int(args.get("replicas", 2)), num_cpus=float(args.get("num_cpus", 1)),
                       num_gpus=float(args.get("num_gpus", 0)),
-                      shared_registry=str(args.get("shared_registry", "")).lower() in ("1", "true", "yes"))
+                      shared_registry=str(args.get("shared_registry", "")).lower() in ("1", "true", "yes"),
+                      registry_writer=str(args.get("registry_writer", "")))
 
 
 def grpc_options(port: int):
-    """The proxy's gRPC options: our Inference service with raw-bytes requests."""
+    """The proxy's gRPC options: our services with raw-bytes requests, reflection on."""
     from ray.serve.config import gRPCOptions
 
-    return gRPCOptions(port=port, grpc_servicer_functions=[f"{__name__}.add_inference_to_proxy"])
+    return gRPCOptions(port=port, grpc_servicer_functions=[f"{__name__}.add_services_to_proxy"], enable_reflection=True)

@@ -40,6 +40,9 @@ def add_ray_serve_parser(sub) -> None:
     p.add_argument("--shared-registry", action="store_true",
                    help="replicas read the one registry that `qlora-serve serve --data-dir DATA_DIR` (started "
                         "first, same machine) writes: register there once, every replica serves it")
+    p.add_argument("--registry-writer", default="", metavar="HOST:PORT",
+                   help="that writer's gRPC address, named to clients whose registry writes or Training "
+                        "calls reach the replicas (FAILED_PRECONDITION)")
     add_flags(p.add_argument_group("engine (per replica)"), EngineConfig)
     add_flags(p.add_argument_group("request limits"), RequestLimits)
     p.set_defaults(func=_ray_serve)
@@ -81,7 +84,7 @@ def _ray_serve(args) -> int:
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": args.ray_http_port}, grpc_options=grpc_options(args.port))
         serve.run(deployment(config, replicas=args.replicas, num_cpus=args.num_cpus, num_gpus=args.num_gpus,
-                             shared_registry=args.shared_registry),
+                             shared_registry=args.shared_registry, registry_writer=args.registry_writer),
                   name="qlora")
         print(f"qlora-serve ready on Ray Serve: {args.replicas} replica(s), gRPC on port {args.port}; route an "
               f"adapter with the multiplexed_model_id header, e.g.\n  qlora-serve generate --address "

@@ -9,7 +9,7 @@ import os
 import shutil
 import socket
 import tempfile
-from collections import Counter
+from collections import Counter, namedtuple
 
 import grpc
 import pytest
@@ -44,7 +44,7 @@ def test_kuberay_example_is_a_valid_serve_config():
     docs = list(yaml.safe_load_all((Path(__file__).parent.parent / "deploy" / "rayservice.yaml").read_text()))
     service = next(d for d in docs if d["kind"] == "RayService")
     serve_config = ServeDeploySchema.model_validate(yaml.safe_load(service["spec"]["serveConfigV2"]))
-    assert serve_config.grpc_options.grpc_servicer_functions == ["qlora_serve.server.ray_app.add_inference_to_proxy"]
+    assert serve_config.grpc_options.grpc_servicer_functions == ["qlora_serve.server.ray_app.add_services_to_proxy"]
     app = serve_config.applications[0]
     config = build_app(app.args)._bound_deployment.init_args[0]
     assert config.adapters == [("sql", "/adapters/sql"), ("support", "/adapters/support")]
@@ -124,6 +124,18 @@ def cluster(demo, tmp_path_factory):
             ray.shutdown()  # stops the head and workers this module started (`ray stop` for this cluster)
             shutil.rmtree(ray_tmp, ignore_errors=True)
             writer.stop(0)
+
+
+@pytest.fixture(scope="module")
+def distinct_adapters(demo, tmp_path_factory):
+    """name -> directory of random adapters with distinct weights (digests): names that
+    share a digest share residency, so routing would rightly send them to one replica."""
+    from qlora_serve.server.demo import DemoAdapterSpec, build_random_adapter
+
+    root = tmp_path_factory.mktemp("distinct")
+    names = [f"shared-{i}" for i in range(12)] + [f"burst-{i}" for i in range(3)]
+    return {n: build_random_adapter(demo.base, root / n, DemoAdapterSpec(name=n, r=4, alpha=8, seed=500 + i))
+            for i, n in enumerate(names)}
 
 
 def _stub(channel):
@@ -268,27 +280,30 @@ def test_client_sends_the_routing_header(cluster):
     assert len(replicas) == 1 and "" not in replicas
 
 
-def test_register_once_serve_from_both_replicas_delete_reaches_both(cluster, demo):
+def test_register_once_serve_from_both_replicas_delete_reaches_both(cluster, distinct_adapters):
     """Adapters registered on the writer are served by every replica; deleting them
     there refuses them on every replica (NOT_FOUND), with no restart."""
     from qlora_serve.server.client import Client
     from qlora_serve.v1 import inference_pb2
 
     channel, key, _, _, writer = cluster
-    names = [f"shared-{i}" for i in range(12)]  # hashed over both replicas: all on one has p = 2**-11
+    # Cold adapters go to the least loaded replica, ties (idle) broken by a hash of the
+    # name: 12 names all on one replica has p = 2**-11.
+    names = [f"shared-{i}" for i in range(12)]
     with Client(f"127.0.0.1:{writer.port}", api_key=writer.ops_key, timeout=60) as admin:
+        want = {}
         for name in names:
-            admin.upload(name, demo.adapters["poet"], owner="acme")
-        want = list(admin.inference.Generate(
-            inference_pb2.GenerateRequest(adapter=names[0], prompt=PROMPT, max_new_tokens=4),
-            metadata=(("authorization", f"Bearer {writer.ops_key}"),)).token_ids)
+            admin.upload(name, distinct_adapters[name], owner="acme")
+            want[name] = list(admin.inference.Generate(
+                inference_pb2.GenerateRequest(adapter=name, prompt=PROMPT, max_new_tokens=4),
+                metadata=(("authorization", f"Bearer {writer.ops_key}"),)).token_ids)
         stub = _stub(channel)
         served = Counter()
         for name in names:
             resp, call = stub.Generate.with_call(
                 inference_pb2.GenerateRequest(adapter=name, prompt=PROMPT, max_new_tokens=4),
                 metadata=_md(key, name), timeout=120)
-            assert list(resp.token_ids) == want, name
+            assert list(resp.token_ids) == want[name], name
             served[_replica(call)] += 1
         assert len(served) == 2, f"expected both replicas to serve: {served}"
         for name in names:
@@ -300,27 +315,249 @@ def test_register_once_serve_from_both_replicas_delete_reaches_both(cluster, dem
         assert err.value.code() == grpc.StatusCode.NOT_FOUND, (name, err.value.details())
 
 
-def test_router_ranks_resident_then_home_then_least_loaded():
-    """AdapterRouter's ranking on replica stats as Serve hands them over (no cluster):
-    replicas holding the adapter first (least loaded first), then the name's home
-    replica, then the rest by load; no adapter: by load only."""
-    import asyncio
+ReplicaID = namedtuple("ReplicaID", "unique_id")  # hashable, as Serve's
+
+
+def test_router_ranks_resident_then_cold_placement_then_load():
+    """The router's ranking on replica stats as Serve hands them over (no cluster):
+    replicas holding the adapter first (least loaded first); a cold adapter to the least
+    loaded replica with a free slot, ties broken by rendezvous hash; draining last."""
     from types import SimpleNamespace
 
-    from qlora_serve.server.ray_app import AdapterRouter, _rendezvous
+    from qlora_serve.server.ray_router import _rendezvous, rank
 
-    def replica(rid, adapters=(), queued=0):
-        return SimpleNamespace(replica_id=SimpleNamespace(unique_id=rid),
-                               routing_stats={"adapters": list(adapters), "queued": queued, "running": 0})
+    def replica(rid, adapters=(), queued=0, free_slots=4, serving=True):
+        return SimpleNamespace(replica_id=ReplicaID(rid), routing_stats={
+            "adapters": list(adapters), "queued": queued, "running": 0, "free_slots": free_slots, "serving": serving})
 
-    def pending(model_id):
-        return SimpleNamespace(metadata=SimpleNamespace(multiplexed_model_id=model_id))
+    def ids(ranks):
+        return [r[0].replica_id.unique_id for r in ranks]
 
     a, b, c = replica("a", ["poet"], queued=5), replica("b", ["poet"], queued=1), replica("c", queued=0)
-    rank = lambda reps, p: asyncio.run(AdapterRouter.choose_replicas(None, reps, p))  # noqa: E731
-    assert [r[0].replica_id.unique_id for r in rank([a, b, c], pending("poet@2"))][:2] == ["b", "a"]
-    cold = rank([a, b, c], pending("pirate"))
-    assert cold[0] == [_rendezvous("pirate", [a, b, c])]  # the same replica from every proxy
-    assert sorted(r[0].replica_id.unique_id for r in cold) == ["a", "b", "c"]
-    assert [r[0].replica_id.unique_id for r in rank([a, b, c], pending(""))] == ["c", "b", "a"]
-    assert rank([], pending("poet")) == []
+    assert ids(rank([a, b, c], "poet@2"))[:2] == ["b", "a"]
+    assert ids(rank([a, b, c], "pirate")) == ["c", "b", "a"]  # cold: the least loaded
+    assert ids(rank([a, b, c], "")) == ["c", "b", "a"]
+    assert rank([], "poet") == []
+    # Equal load: the rendezvous hash decides, the same from every proxy.
+    x, y, z = replica("x"), replica("y"), replica("z")
+    assert rank([x, y, z], "pirate")[0] == [_rendezvous("pirate", [x, y, z])]
+    # A full replica (no free adapter slot) is passed over for a cold adapter, even idle.
+    full, busy = replica("full", ["poet"], queued=0, free_slots=0), replica("busy", queued=3)
+    assert ids(rank([full, busy], "pirate"))[0] == "busy"
+    assert ids(rank([full, busy], "poet"))[0] == "full"
+    # This router's live in-flight counts, where it has them, beat the last reported load.
+    assert ids(rank([a, b, c], "pirate", live={c.replica_id: 9, b.replica_id: 0})) == ["b", "a", "c"]
+    # A draining replica is ranked last even when it holds the adapter.
+    gone = replica("gone", ["poet"], serving=False)
+    assert ids(rank([gone, c], "poet")) == ["c", "gone"]
+    assert ids(rank([gone, c], "")) == ["c", "gone"]
+
+
+def test_refusals_name_the_writer_or_how_to_get_one():
+    """Registry writes and Training on replicas: why, and where to go instead."""
+    from qlora_serve.server.ray_services import refusal
+
+    shared = refusal("DeleteAdapter", "delete adapters", True, "registry:50051")
+    assert "registry:50051" in shared and "one writer" in shared
+    train = refusal("SubmitJob", "submit training jobs", True, "")
+    assert "one owner" in train and "qlora-serve serve --data-dir" in train
+    own = refusal("SetAlias", "set aliases", False, "registry:50051")
+    assert "--shared-registry" in own and "one replica only" in own
+
+
+def test_router_keeps_a_cold_adapter_on_its_replica_while_it_loads():
+    """Back-to-back requests for a cold adapter go to the replica the first one went to,
+    although its load went up and its stats do not show the adapter yet; the placement
+    expires PLACEMENT_TTL_S after the last request that used it."""
+    from types import SimpleNamespace
+
+    from qlora_serve.server.ray_router import Placements, rank
+
+    def replica(rid, queued):
+        return SimpleNamespace(replica_id=ReplicaID(rid),
+                               routing_stats={"adapters": [], "queued": queued, "running": 0, "free_slots": 4})
+
+    placements = Placements(ttl_s=5.0)
+    first = rank([replica("a", 0), replica("b", 1)], "pirate", placements, now=100.0)[0][0].replica_id
+    assert first.unique_id == "a"
+    a_busy, b = replica("a", 3), replica("b", 1)
+    a_busy.replica_id = first
+    again = rank([a_busy, b], "pirate", placements, now=104.0)
+    assert again[0] == [a_busy]  # not b, although b is now less loaded
+    assert rank([a_busy, b], "poet", Placements(), now=104.0)[0] == [b]  # a new cold adapter: least loaded
+    assert rank([a_busy, b], "pirate", placements, now=108.0)[0] == [a_busy]  # sliding: refreshed at 104
+    assert rank([a_busy, b], "pirate", placements, now=120.0)[0] == [b]  # expired: least loaded again
+    assert rank([a_busy, b], "poet", placements, now=120.0)[0] == [b]  # other names are not affected
+
+
+def test_burst_for_a_cold_adapter_loads_it_on_one_replica(cluster, distinct_adapters):
+    """Concurrent requests for adapters no replica holds yet: each adapter is served by
+    one replica (placed once, kept there while it loads), not loaded on both."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from qlora_serve.server.client import Client
+    from qlora_serve.v1 import inference_pb2
+
+    channel, key, _, _, writer = cluster
+    names = [f"burst-{i}" for i in range(3)]
+    stub = _stub(channel)
+
+    def call(name):
+        _, c = stub.Generate.with_call(inference_pb2.GenerateRequest(adapter=name, prompt=PROMPT, max_new_tokens=2),
+                                       metadata=_md(key, name), timeout=120)
+        return name, _replica(c)
+
+    with Client(f"127.0.0.1:{writer.port}", api_key=writer.ops_key, timeout=60) as admin:
+        for name in names:
+            admin.upload(name, distinct_adapters[name], owner="acme")
+        try:
+            with ThreadPoolExecutor(12) as pool:
+                served = Counter(pool.map(call, [n for n in names for _ in range(4)]))
+        finally:
+            for name in names:
+                admin.delete(name)
+    by_name = {n: {r for (m, r), _ in served.items() if m == n} for n in names}
+    assert all(len(r) == 1 and "" not in r for r in by_name.values()), by_name
+
+
+def _registry_stub(channel):
+    from qlora_serve.v1 import registry_pb2_grpc
+
+    return registry_pb2_grpc.AdapterRegistryStub(channel)
+
+
+def test_registry_reads_served_writes_refused_through_the_proxy(cluster, demo):
+    """AdapterRegistry through Ray's proxy: List/Get/Load answered by a replica with the
+    gRPC server's checks; writes are FAILED_PRECONDITION pointing at the writer."""
+    from qlora_serve.v1 import registry_pb2
+
+    channel, key, _, _, _ = cluster
+    reg = _registry_stub(channel)
+    listed, call = reg.ListAdapters.with_call(registry_pb2.ListAdaptersRequest(), metadata=_md(key), timeout=60)
+    assert {"pirate", "poet"} <= {a.name for a in listed.adapters} and _replica(call)
+    info = reg.GetAdapter(registry_pb2.GetAdapterRequest(adapter="poet"), metadata=_md(key), timeout=60)
+    assert info.name == "poet" and info.digest
+    loaded, call = reg.LoadAdapter.with_call(registry_pb2.LoadAdapterRequest(adapter="poet"),
+                                             metadata=_md(key, "poet"), timeout=120)
+    assert loaded.residency == registry_pb2.RESIDENCY_DEVICE and _replica(call)
+    refused = [
+        (reg.GetAdapter, registry_pb2.GetAdapterRequest(adapter="nope"), _md(key), grpc.StatusCode.NOT_FOUND),
+        (reg.ListAdapters, registry_pb2.ListAdaptersRequest(), [], grpc.StatusCode.UNAUTHENTICATED),
+        (reg.RegisterAdapter, registry_pb2.RegisterAdapterRequest(name="x", path=str(demo.adapters["poet"])), _md(key),
+         grpc.StatusCode.FAILED_PRECONDITION),
+        (reg.SetAlias, registry_pb2.SetAliasRequest(name="poet", alias="prod", version=1), _md(key),
+         grpc.StatusCode.FAILED_PRECONDITION),
+        (reg.DeleteAdapter, registry_pb2.DeleteAdapterRequest(name="poet"), _md(key),
+         grpc.StatusCode.FAILED_PRECONDITION),
+        (reg.RegisterAdapter, registry_pb2.RegisterAdapterRequest(name="x", path="/x"), [],
+         grpc.StatusCode.UNAUTHENTICATED),
+    ]
+    for method, msg, md, code in refused:
+        with pytest.raises(grpc.RpcError) as err:
+            method(msg, metadata=md, timeout=60)
+        assert err.value.code() == code, (msg, err.value.details())
+        _assert_clean(err.value)
+        if code == grpc.StatusCode.FAILED_PRECONDITION:
+            assert "writer" in err.value.details(), err.value.details()
+    # A client-streamed upload is refused the same way (its stream is not read).
+    with pytest.raises(grpc.RpcError) as err:
+        reg.UploadAdapter(iter([registry_pb2.UploadAdapterRequest(header=registry_pb2.UploadHeader(name="x"))]),
+                          metadata=_md(key), timeout=60)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION, err.value.details()
+    # Not a GetAdapterRequest at all: INVALID_ARGUMENT from the replica.
+    raw = channel.unary_unary("/qlora_serve.v1.AdapterRegistry/GetAdapter", request_serializer=None,
+                              response_deserializer=None)
+    with pytest.raises(grpc.RpcError) as err:
+        raw(b"\xff\xff\xff\xff", metadata=_md(key), timeout=60)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+
+
+def test_training_refused_through_the_proxy_naming_the_writer(cluster):
+    from qlora_serve.v1 import training_pb2, training_pb2_grpc
+
+    channel, key, _, _, _ = cluster
+    train = training_pb2_grpc.TrainingStub(channel)
+    calls = [
+        lambda md: train.SubmitJob(training_pb2.SubmitJobRequest(adapter_name="t", train_jsonl=b"{}"), metadata=md,
+                                   timeout=60),
+        lambda md: train.ListJobs(training_pb2.ListJobsRequest(), metadata=md, timeout=60),
+        lambda md: list(train.WatchJob(training_pb2.WatchJobRequest(id="x"), metadata=md, timeout=60)),
+        lambda md: train.SubmitJobStream(iter([training_pb2.SubmitJobStreamRequest(
+            header=training_pb2.SubmitJobRequest(adapter_name="t"))]), metadata=md, timeout=60),
+    ]
+    for fn in calls:
+        with pytest.raises(grpc.RpcError) as err:
+            fn(_md(key))
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION, err.value.details()
+        assert "writer" in err.value.details()
+        _assert_clean(err.value)
+    with pytest.raises(grpc.RpcError) as err:
+        calls[1]([])
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_health_and_reflection_through_the_proxy(cluster):
+    """grpc.health.v1 answered by a replica (no key for Check/Watch, as on the server);
+    reflection on Ray's proxy lists and describes our services."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+    channel, key, _, _, _ = cluster
+    health = health_pb2_grpc.HealthStub(channel)
+    resp, call = health.Check.with_call(health_pb2.HealthCheckRequest(), timeout=60)
+    assert resp.status == health_pb2.HealthCheckResponse.SERVING and _replica(call)
+    inference = health.Check(health_pb2.HealthCheckRequest(service="qlora_serve.v1.Inference"), timeout=60)
+    assert inference.status == health_pb2.HealthCheckResponse.SERVING
+    training = health.Check(health_pb2.HealthCheckRequest(service="qlora_serve.v1.Training"), timeout=60)
+    assert training.status == health_pb2.HealthCheckResponse.NOT_SERVING
+    with pytest.raises(grpc.RpcError) as err:
+        health.Check(health_pb2.HealthCheckRequest(service="nope"), timeout=60)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    statuses = health.List(health_pb2.HealthListRequest(), metadata=_md(key), timeout=60).statuses
+    assert statuses[""].status == health_pb2.HealthCheckResponse.SERVING and len(statuses) == 4
+    watch = health.Watch(health_pb2.HealthCheckRequest(), timeout=60)
+    assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+    watch.cancel()
+
+    db = ProtoReflectionDescriptorDatabase(channel)
+    assert {"qlora_serve.v1.Inference", "qlora_serve.v1.AdapterRegistry", "qlora_serve.v1.Training",
+            "grpc.health.v1.Health"} <= set(db.get_services())
+    fd = db.FindFileContainingSymbol("qlora_serve.v1.AdapterRegistry")
+    assert "RegisterAdapter" in [m.name for s in fd.service for m in s.method]
+
+
+def test_drained_replica_fails_check_health_and_is_replaced(cluster):
+    """Last in the module: a replica drained through a Serve handle (its runtime goes
+    NOT_SERVING) fails Serve's check_health, is stopped, and Serve starts a new one;
+    the deployment serves again on two replicas."""
+    import time
+
+    import ray
+    from ray import serve
+
+    from qlora_serve.v1 import inference_pb2
+
+    channel, key, _, _, _ = cluster
+    handle = serve.get_deployment_handle("qlora", app_name="qlora")
+    drained = handle.options(method_name="drain").remote(1.0).result(timeout_s=120)
+    actor = f"SERVE_REPLICA::qlora#qlora#{drained}"
+    deadline = time.monotonic() + 300  # a bound on waiting, not a speed assertion
+    while True:  # Serve's health check fails, the replica actor is stopped
+        try:
+            ray.get_actor(actor, namespace="serve")
+        except ValueError:
+            break
+        assert time.monotonic() < deadline, f"drained replica {drained} still alive"
+        time.sleep(2)
+    while True:  # and replaced
+        dep = serve.status().applications["qlora"].deployments["qlora"]
+        if dep.replica_states.get("RUNNING", 0) == 2 and str(dep.status).endswith("HEALTHY"):
+            break
+        assert time.monotonic() < deadline, f"not replaced: {dep}"
+        time.sleep(2)
+    served = set()
+    for _ in range(4):
+        _, call = _stub(channel).Generate.with_call(inference_pb2.GenerateRequest(prompt=PROMPT, max_new_tokens=2),
+                                                    metadata=_md(key), timeout=120)
+        served.add(_replica(call))
+    assert drained not in served and "" not in served
