@@ -34,7 +34,7 @@ from pathlib import Path
 
 import grpc
 
-from qlora_serve.adapters.catalogue import DEFAULT_ALIAS, not_found, pick_version
+from qlora_serve.adapters.catalogue import not_found, pick_version
 from qlora_serve.adapters.layout import ADAPTER_FILES
 from qlora_serve.adapters.records import AdapterRecord, parse_ref, validate_name
 from qlora_serve.adapters.store import DIGEST_RE, ContentStore, manifest_digest
@@ -80,7 +80,7 @@ class RemoteRegistry:
         self._names: dict[str, tuple[float, tuple[AdapterRecord, ...]]] = {}  # name -> (fetched at, its versions)
         self._changed: dict[str, int] = {}  # name -> events seen for it (a read that raced one is not cached)
         self._resets = 0
-        self._fetch_lock = threading.Lock()  # one download at a time; a delete waits for it
+        self._fetch_lock = threading.Lock()  # one download at a time
         self._unusable: dict[str, str] = {}
         self._epoch, self._seq = "", 0  # the last change applied
         self._closed = threading.Event()
@@ -277,15 +277,21 @@ class RemoteRegistry:
             if record.digest not in (manifest_digest(files), manifest_digest(files, every_file=True)):
                 raise FailedPrecondition(f"adapter {record.ref}: the files the registry sent do not match digest "
                                          f"{record.digest[:12]}...; delete this version and register it again")
-            os.replace(staged.dir, record.path)
+            try:
+                os.replace(staged.dir, record.path)
+            except OSError:  # another process sharing this cache put them there first: checked after
+                if not record.path.is_dir():
+                    raise
         finally:
             self._files.discard(staged)
 
     def _forget_files(self, digest: str) -> None:
         """A digest no registered version uses: the engine drops it, then its cached files go."""
         self.on_gone(digest)
-        with self._fetch_lock:
-            self._files.remove(digest)
+        # Not under _fetch_lock: a long download must not hold up the events. A download of
+        # this digest racing the removal gets NOT_FOUND from the registry, or re-creates
+        # files that a later reset's reconcile removes.
+        self._files.remove(digest)
         self.mark_usable(digest)
 
     # --------------------------------------------------------------- events
@@ -349,4 +355,4 @@ class RemoteRegistry:
                 self._forget_files(entry.name)
 
 
-__all__ = ["DEFAULT_ALIAS", "KEY_ENV", "RemoteRegistry"]
+__all__ = ["KEY_ENV", "RemoteRegistry"]
