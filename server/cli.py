@@ -80,7 +80,10 @@ def _serve(args) -> int:
         server.stop(0)
         return 2
     address = f"{'localhost' if args.host in ('127.0.0.1', '0.0.0.0', '::') else args.host}:{server.port}"
-    adapters = sorted({r.name for r in server.runtime.registry.list()})
+    try:
+        adapters = sorted({r.name for r in server.runtime.registry.list()})
+    except QloraServeError:  # a --registry-address server not reachable yet: the engine serves the base
+        adapters = []
     print(f"qlora-serve {__version__} ready on {address}  (adapters: {', '.join(adapters) or 'none'})", flush=True)
     if config.role == "registry":
         where = "" if address == DEFAULT_ADDRESS else f" --address {address}"
