@@ -345,6 +345,8 @@ class RemoteRegistry:
                 self._changed[event.name] = self._changed.get(event.name, 0) + 1
             if event.kind == _Kind.REGISTRY_EVENT_KIND_DELETED and event.digest_gone:
                 self._forget_files(event.digest)
+            elif event.kind == _Kind.REGISTRY_EVENT_KIND_REGISTERED:
+                self.mark_usable(event.digest)  # registered again: its next load verifies it again
             self._seq = event.sequence
 
     def _reconcile(self) -> None:

@@ -89,6 +89,7 @@ def test_register_once_both_engines_serve_it(engines, ops, keys, demo, reference
             assert [a.digest for a in c.list_adapters("shared-poet")] == [info.digest]
             code, details = status_of(c.set_alias, "shared-poet", "stable", 1)
             assert code == Code.FAILED_PRECONDITION and "--registry-address" in details
+            assert status_of(c.submit_job, "trained", b'{"text": "hi"}\n')[0] == Code.FAILED_PRECONDITION
     # Each engine checks the caller's key against its own key file.
     assert status_of(_generate, engines[0], "", "shared-poet")[0] == Code.UNAUTHENTICATED
     ops.delete("shared-poet")
@@ -136,6 +137,10 @@ def test_engines_follow_a_restarted_registry(engines, ops, registry, keys, demo,
     for server in engines:
         assert list(_generate(server, keys["acme"], "phoenix").token_ids) == reference["pirate"]
     registry.kill()
+    for server in engines:  # while it is down: cached names and the base serve, other names are UNAVAILABLE
+        assert list(_generate(server, keys["acme"], "phoenix").token_ids) == reference["pirate"]
+        assert _code(server, keys["acme"], "") == Code.OK
+        assert _code(server, keys["acme"], "never-registered") == Code.UNAVAILABLE
     registry.start()  # same port, same data dir: a new change log (epoch)
     with Client(registry.address, api_key=keys["ops"], timeout=60) as admin:
         admin.delete("phoenix")  # made while the engines may still be reconnecting
