@@ -1,0 +1,79 @@
+"""RemoteRegistry (server/remote_registry.py) against a real `--role registry` server
+in-process (no base weights are loaded): names, files by digest, the change stream
+resumed after a broken link, deletes, refusals. Real gRPC on loopback, real SQLite,
+real adapter files."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import wait_until
+from qlora_serve.errors import FailedPrecondition, NotFound
+
+
+@pytest.fixture
+def writer(demo, tmp_path):
+    from qlora_serve.server.app import QloraServer, ServerConfig
+
+    server = QloraServer(ServerConfig(role="registry", base=str(demo.base), port=0, metrics_port=None,
+                                      http_port=None, data_dir=tmp_path / "registry", compute_dtype="float32"))
+    server.start().load()
+    yield server
+    server.stop(0)
+
+
+def _remote(writer, tmp_path, **kw):
+    from qlora_serve.server.remote_registry import RemoteRegistry
+
+    kw.setdefault("base_fingerprint", writer.runtime.registry.base_fingerprint)
+    remote = RemoteRegistry(f"127.0.0.1:{writer.port}", api_key=None, cache_dir=tmp_path / "cache", ttl_s=3600.0, **kw)
+    assert remote.wait_connected(30)
+    return remote
+
+
+def test_names_files_and_a_resumed_change_stream(writer, tmp_path, demo):
+    reg = writer.runtime.registry
+    remote = _remote(writer, tmp_path)
+    gone = []
+    remote.on_gone = gone.append
+    try:
+        poet = reg.register_path("a", demo.adapters["poet"], trusted=True)
+        rec = remote.resolve("a")
+        assert (rec.version, rec.digest, rec.path) == (1, poet.digest, tmp_path / "cache" / "store" / poet.digest)
+        assert remote.owner_of("a@1") is None and remote.aliases("a") == {}
+        remote.verify(rec)  # downloads by digest, then re-hashes
+        assert reg._store.digest_of(rec.path) == poet.digest
+        (rec.path / "adapter_model.safetensors").write_bytes(b"corrupt")
+        remote.verify(rec)  # a corrupted cached copy is fetched again
+        assert reg._store.digest_of(rec.path) == poet.digest
+
+        resets = remote._resets
+        remote._call.cancel()  # a broken link: the watcher reconnects and replays what it missed
+        reg.register_path("a", demo.adapters["pirate"], trusted=True, set_default=True)
+        wait_until(lambda: remote.resolve("a").version == 2, what="the replayed alias move")
+        assert remote._resets == resets, "the stream resumed without dropping the cache"
+        with pytest.raises(NotFound, match="no alias 'stable'"):
+            remote.resolve("a@stable")
+
+        reg.delete("a", 1)
+        wait_until(lambda: gone == [poet.digest], what="the deleted digest to leave")
+        assert not rec.path.exists()
+        with pytest.raises(NotFound, match="has no version 1"):
+            remote.resolve("a@1")
+        with pytest.raises(FailedPrecondition, match="--registry-address"):
+            remote.set_alias("a", "stable", 2)
+    finally:
+        remote.close()
+
+
+def test_a_record_for_another_base_is_refused_and_marked(writer, tmp_path, demo):
+    writer.runtime.registry.register_path("b", demo.adapters["poet"], trusted=True)
+    remote = _remote(writer, tmp_path, base_fingerprint="0123456789abcdef")
+    try:
+        rec = remote.resolve("b")
+        with pytest.raises(FailedPrecondition, match="registered for base"):
+            remote.verify(rec)
+        assert "registered for base" in remote.unusable_reason(rec.digest)
+        assert not rec.path.exists()  # nothing fetched for a base this server does not run
+    finally:
+        remote.close()
