@@ -315,6 +315,9 @@ class RemoteRegistry:
                                 self.address, exc.code().name)
             except QloraServeError as exc:  # the reconcile after a reset could not read the catalogue
                 log.warning("adapter registry at %s: %s; reconnecting", self.address, exc)
+            except Exception:  # never let the follower die (a closed channel, a file that would not go)
+                if not self._closed.is_set():
+                    log.exception("following the adapter registry at %s failed; reconnecting", self.address)
             self._synced.clear()
             self._closed.wait(delay * random.uniform(1.0, 1.5))
             delay = min(delay * 2, _BACKOFF_S[1])
