@@ -77,3 +77,23 @@ def test_a_record_for_another_base_is_refused_and_marked(writer, tmp_path, demo)
         assert not rec.path.exists()  # nothing fetched for a base this server does not run
     finally:
         remote.close()
+
+
+def test_cli_flags(capsys):
+    """`serve` takes the registry flags into ServerConfig; start-up adapters or --role
+    registry beside --registry-address, and --shared-registry beside it on ray-serve,
+    are refused before anything loads."""
+    from qlora_serve.options import values_from
+    from qlora_serve.server.cli import build_parser, main
+    from qlora_serve.server.config import ServerConfig
+
+    args = build_parser().parse_args(["serve", "--registry-address", "reg:50052", "--registry-key-file", "/k",
+                                      "--registry-cache-ttl", "2.5"])
+    config = ServerConfig(**values_from(args, ServerConfig))
+    assert (config.role, config.registry_address, str(config.registry_key_file), config.registry_cache_ttl_s) == \
+        ("engine", "reg:50052", "/k", 2.5)
+    for argv in (["serve", "--registry-address", "reg:1", "--adapter", "a=/x"],
+                 ["serve", "--registry-address", "reg:1", "--role", "registry"],
+                 ["ray-serve", "--registry-address", "reg:1", "--shared-registry"]):
+        assert main(argv) == 2, argv
+        assert "registry" in capsys.readouterr().err
