@@ -59,6 +59,7 @@ CREATE TABLE IF NOT EXISTS aliases (
 """
 _COLUMNS = "name, version, digest, source, base_fingerprint, rank, alpha, target_modules, size_bytes, created_at, owner, labels"
 
+
 def not_found(name: str) -> NotFound:
     """The NOT_FOUND of a name with no versions."""
     return NotFound(f"adapter {name!r} is not registered; {LIST_HINT}")

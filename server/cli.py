@@ -89,10 +89,8 @@ def _serve(args) -> int:
         where = "" if address == DEFAULT_ADDRESS else f" --address {address}"
         print(f"registry only (no engine): engine servers follow it with --registry-address HOST:{server.port}; "
               f"try:  qlora-serve adapters list{where}", flush=True)
-        stop.wait()
-        server.stop()
-        return 0
-    print(f"try:  {try_command(address, adapters)}", flush=True)
+    else:
+        print(f"try:  {try_command(address, adapters)}", flush=True)
     if server.http_port is not None:
         host = address.rsplit(":", 1)[0]
         print(f"      curl http://{host}:{server.http_port}/v1/models   (OpenAI-compatible HTTP API)", flush=True)
