@@ -125,6 +125,8 @@ class RemoteRegistry:
         return Unavailable("the adapter registry is unreachable; retry in a few seconds")
 
     def _record(self, info: registry_pb2.AdapterInfo) -> AdapterRecord:
+        if not DIGEST_RE.match(info.digest):  # it names a directory here: never a path
+            raise Unavailable("the adapter registry sent a malformed digest; check that it runs this qlora-serve version")
         return AdapterRecord(
             name=info.name, version=info.version, digest=info.digest, source=info.source,
             base_fingerprint=info.base_fingerprint, rank=info.rank, alpha=info.alpha,
@@ -346,7 +348,7 @@ class RemoteRegistry:
             with self._lock:
                 self._names.pop(event.name, None)
                 self._changed[event.name] = self._changed.get(event.name, 0) + 1
-            if event.kind == _Kind.REGISTRY_EVENT_KIND_DELETED and event.digest_gone:
+            if event.kind == _Kind.REGISTRY_EVENT_KIND_DELETED and event.digest_gone and DIGEST_RE.match(event.digest):
                 self._forget_files(event.digest)
             elif event.kind == _Kind.REGISTRY_EVENT_KIND_REGISTERED:
                 self.mark_usable(event.digest)  # registered again: its next load verifies it again
