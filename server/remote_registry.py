@@ -80,6 +80,8 @@ class RemoteRegistry:
         self._names: dict[str, tuple[float, tuple[AdapterRecord, ...]]] = {}  # name -> (fetched at, its versions)
         self._changed: dict[str, int] = {}  # name -> events seen for it (a read that raced one is not cached)
         self._resets = 0
+        self._catalogue: tuple[float, list[AdapterRecord]] | None = None  # (fetched at, every record)
+        self._events = 0  # every change and reset seen (the catalogue read that raced one is not cached)
         self._fetch_lock = threading.Lock()  # one download at a time
         self._unusable: dict[str, str] = {}
         self._epoch, self._seq = "", 0  # the last change applied
@@ -194,11 +196,23 @@ class RemoteRegistry:
         return dict(sorted((a, r.version) for r in records for a in r.aliases))
 
     def list(self, *, name: str | None = None, owner: str | None = None, include_public: bool = True) -> list[AdapterRecord]:
-        """As AdapterRegistry.list, read from the registry now (not cached)."""
-        records = self._fetch(validate_name(name) if name is not None else "")
-        if owner is not None:
-            records = [r for r in records if r.owner == owner or (include_public and r.owner is None)]
-        return records
+        """As AdapterRegistry.list. The whole catalogue is cached as a name is (ttl_s, dropped
+        by any event): replicas read it every second for their routing stats."""
+        if name is not None:
+            records = list(self._versions_of(validate_name(name)))
+        else:
+            now = time.monotonic()
+            with self._lock:
+                hit = self._catalogue
+                seen = self._events
+            if hit is not None and now - hit[0] < self.ttl_s:
+                records = hit[1]
+            else:
+                records = self._fetch()
+                with self._lock:
+                    if seen == self._events:
+                        self._catalogue = (now, records)
+        return [r for r in records if owner is None or r.owner == owner or (include_public and r.owner is None)]
 
     def _refuse_write(self, *_, **__):
         raise FailedPrecondition("this server follows the adapter registry of another server (--registry-address): "
@@ -338,6 +352,8 @@ class RemoteRegistry:
                 with self._lock:
                     self._names.clear()
                     self._resets += 1
+                    self._events += 1
+                    self._catalogue = None
                 self._reconcile()
                 self._epoch, self._seq = event.epoch, event.sequence
             self._synced.set()
@@ -348,6 +364,8 @@ class RemoteRegistry:
             with self._lock:
                 self._names.pop(event.name, None)
                 self._changed[event.name] = self._changed.get(event.name, 0) + 1
+                self._events += 1
+                self._catalogue = None
             if event.kind == _Kind.REGISTRY_EVENT_KIND_DELETED and event.digest_gone and DIGEST_RE.match(event.digest):
                 self._forget_files(event.digest)
             elif event.kind == _Kind.REGISTRY_EVENT_KIND_REGISTERED:

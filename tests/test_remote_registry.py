@@ -47,11 +47,13 @@ def test_names_files_and_a_resumed_change_stream(writer, tmp_path, demo):
         remote.verify(rec)  # a corrupted cached copy is fetched again
         assert reg._store.digest_of(rec.path) == poet.digest
 
+        assert [r.ref for r in remote.list()] == ["a@1"]  # the catalogue, cached until an event
         resets = remote._resets
         remote._call.cancel()  # a broken link: the watcher reconnects and replays what it missed
         reg.register_path("a", demo.adapters["pirate"], trusted=True, set_default=True)
         wait_until(lambda: remote.resolve("a").version == 2, what="the replayed alias move")
         assert remote._resets == resets, "the stream resumed without dropping the cache"
+        assert [r.ref for r in remote.list()] == ["a@1", "a@2"]
         with pytest.raises(NotFound, match="no alias 'stable'"):
             remote.resolve("a@stable")
 
