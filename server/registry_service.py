@@ -2,8 +2,10 @@
 
 Access rules (auth on): a client tenant sees and uses its own adapters and
 public ones (no owner); it registers adapters it will own; alias, delete and
-unload need ownership or the admin role; load needs read access. With auth off
-every caller is an admin.
+unload need ownership or the admin role; load needs read access; DownloadAdapter and
+WatchRegistry (what engine servers following this registry call) need the admin role.
+With auth off every caller is an admin. A `--role registry` server has no engine:
+residency is "disk" and load/unload are FAILED_PRECONDITION.
 """
 
 from __future__ import annotations
