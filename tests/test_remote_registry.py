@@ -99,3 +99,38 @@ def test_cli_flags(capsys):
                  ["ray-serve", "--registry-address", "reg:1", "--shared-registry"]):
         assert main(argv) == 2, argv
         assert "registry" in capsys.readouterr().err
+
+
+def test_a_registry_that_comes_up_later_and_a_refused_key(demo, tmp_path):
+    """Started before its registry: adapter names are UNAVAILABLE, then followed once it is
+    up. A key the registry refuses fails the start with a message for the operator."""
+    from qlora_serve.errors import Unavailable
+    from qlora_serve.server.app import QloraServer, ServerConfig
+    from qlora_serve.server.remote_registry import RemoteRegistry
+    from registry_process import _free_port
+    from e2e_keys import write_key_file
+
+    port = _free_port()
+    keys = write_key_file(tmp_path / "keys.toml", {"svc": "admin", "acme": "client"})
+    early = RemoteRegistry(f"127.0.0.1:{port}", api_key=keys["svc"], cache_dir=tmp_path / "early",
+                           base_fingerprint="x", ttl_s=3600.0)
+    refused = RemoteRegistry(f"127.0.0.1:{port}", api_key=keys["acme"], cache_dir=tmp_path / "refused",
+                             base_fingerprint="x", ttl_s=3600.0)
+    server = None
+    try:
+        assert not early.wait_connected(0.2)
+        with pytest.raises(Unavailable, match="unreachable"):
+            early.resolve("late")
+        server = QloraServer(ServerConfig(role="registry", base=str(demo.base), port=port, metrics_port=None,
+                                          http_port=None, data_dir=tmp_path / "registry", compute_dtype="float32",
+                                          key_file=tmp_path / "keys.toml")).start().load()
+        server.runtime.registry.register_path("late", demo.adapters["poet"], trusted=True)
+        assert early.wait_connected(30)  # reconnected with backoff
+        assert early.resolve("late").version == 1
+        with pytest.raises(FailedPrecondition, match="QLORA_SERVE_REGISTRY_KEY"):
+            refused.wait_connected(30)
+    finally:
+        early.close()
+        refused.close()
+        if server is not None:
+            server.stop(0)
