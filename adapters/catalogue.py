@@ -14,9 +14,10 @@ import fcntl
 import json
 import os
 import sqlite3
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
+from qlora_serve.adapters.changes import ALIAS_DELETED, ALIAS_SET
 from qlora_serve.adapters.records import ALIAS_RE, AdapterRecord, parse_ref, validate_name
 from qlora_serve.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, clip_repr
 
@@ -57,6 +58,30 @@ CREATE TABLE IF NOT EXISTS aliases (
 );
 """
 _COLUMNS = "name, version, digest, source, base_fingerprint, rank, alpha, target_modules, size_bytes, created_at, owner, labels"
+
+
+def not_found(name: str) -> NotFound:
+    """The NOT_FOUND of a name with no versions."""
+    return NotFound(f"adapter {name!r} is not registered; {LIST_HINT}")
+
+
+def pick_version(name: str, selector: str | None, versions: Sequence[int], aliases: Mapping[str, int]) -> int:
+    """The version a ref's selector names (see `Catalogue.resolve`), given the name's
+    versions (ascending, non-empty) and its aliases {alias: version}; NotFound names
+    what exists. Shared with readers that hold a copy of the name (remote registry)."""
+    if selector is None:
+        return aliases.get(DEFAULT_ALIAS, versions[-1])
+    if selector == LATEST:
+        return versions[-1]
+    if selector.isdigit():
+        if int(selector) not in versions:
+            raise NotFound(f"adapter {name!r} has no version {int(selector)} (versions: {', '.join(map(str, versions))}); {LIST_HINT}")
+        return int(selector)
+    if selector not in aliases:
+        known = ", ".join(f"{a}->{v}" for a, v in sorted(aliases.items())) or "none"
+        raise NotFound(f"adapter {name!r} has no alias {selector!r} (aliases: {known}); {LIST_HINT}")
+    return aliases[selector]
+
 
 class Catalogue:
     """The catalogue queries of `AdapterRegistry`, which sets `data_dir`, `_lock`,
@@ -212,7 +237,7 @@ class Catalogue:
         return [r[0] for r in self._query("SELECT version FROM adapters WHERE name=? ORDER BY version", (name,))]
 
     def _not_found(self, name: str) -> NotFound:
-        return NotFound(f"adapter {name!r} is not registered; {LIST_HINT}")
+        return not_found(name)
 
     def resolve(self, ref: str) -> AdapterRecord:
         """The record a ref names: "name" (the "default" alias, else the highest
@@ -222,21 +247,8 @@ class Catalogue:
             versions = self._versions(name)
             if not versions:
                 raise self._not_found(name)
-            if selector is None:
-                aliased = self._query("SELECT version FROM aliases WHERE name=? AND alias=?", (name, DEFAULT_ALIAS))
-                version = aliased[0][0] if aliased else versions[-1]
-            elif selector == LATEST:
-                version = versions[-1]
-            elif selector.isdigit():
-                version = int(selector)
-                if version not in versions:
-                    raise NotFound(f"adapter {name!r} has no version {version} (versions: {', '.join(map(str, versions))}); {LIST_HINT}")
-            else:
-                aliased = self._query("SELECT version FROM aliases WHERE name=? AND alias=?", (name, selector))
-                if not aliased:
-                    known = ", ".join(f"{a}->{v}" for a, v in sorted(self.aliases(name).items())) or "none"
-                    raise NotFound(f"adapter {name!r} has no alias {selector!r} (aliases: {known}); {LIST_HINT}")
-                version = aliased[0][0]
+            aliases = dict(self._query("SELECT alias, version FROM aliases WHERE name=?", (name,)))
+            version = pick_version(name, selector, versions, aliases)
             rows = self._query(f"SELECT {_COLUMNS} FROM adapters WHERE name=? AND version=?", (name, version))
             return self._row_to_record(rows[0], self._alias_map(name).get((name, version), ()))
 
@@ -290,14 +302,23 @@ class Catalogue:
             self.get(name, version)  # NotFound / InvalidArgument before any change
             with self._tx() as conn:
                 conn.execute("INSERT OR REPLACE INTO aliases (name, alias, version) VALUES (?, ?, ?)", (name, alias, version))
+            self._changed(ALIAS_SET, name, version=version, alias=alias)
             return self.get(name, version)  # with the alias just set
 
     def delete_alias(self, name: str, alias: str) -> None:
         """Remove `name@alias`; removing "default" makes plain `name` serve the highest version."""
         validate_name(name)
-        with self._tx() as conn:
-            if conn.execute("DELETE FROM aliases WHERE name=? AND alias=?", (name, alias)).rowcount == 0:
-                raise NotFound(f"adapter {name!r} has no alias {clip_repr(alias)}; {LIST_HINT}")
+        with self._lock:
+            with self._tx() as conn:
+                if conn.execute("DELETE FROM aliases WHERE name=? AND alias=?", (name, alias)).rowcount == 0:
+                    raise NotFound(f"adapter {name!r} has no alias {clip_repr(alias)}; {LIST_HINT}")
+            self._changed(ALIAS_DELETED, name, alias=alias)
+
+    def _changed(self, kind: str, name: str, **fields) -> None:
+        """Append a committed change to the change log (call under `_lock`, in commit order)."""
+        log = getattr(self, "changes", None)
+        if log is not None:
+            log.append(kind, name, **fields)
 
     def aliases(self, name: str) -> dict[str, int]:
         """{alias: version} of `name` ({} if it has none); NotFound for an unknown name."""

@@ -67,7 +67,8 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
-from qlora_serve.adapters.catalogue import _COLUMNS, DB_FILE, DEFAULT_ALIAS, Catalogue
+from qlora_serve.adapters.catalogue import _COLUMNS, DB_FILE, DEFAULT_ALIAS, LIST_HINT, Catalogue
+from qlora_serve.adapters.changes import ALIAS_SET, DELETED, REGISTERED, ChangeLog
 from qlora_serve.adapters.layout import (  # noqa: F401 (FINGERPRINT_KEY, METADATA_FILE: re-exported)
     ADAPTER_FILES,
     CONFIG_FILE,
@@ -80,8 +81,8 @@ from qlora_serve.adapters.layout import (  # noqa: F401 (FINGERPRINT_KEY, METADA
 from qlora_serve.adapters.paths import real_roots, resolve_adapter_dir, resolve_adapter_file
 from qlora_serve.adapters.peft_format import check_fits_base, load_lora_adapter
 from qlora_serve.adapters.records import AdapterRecord, _validate_labels, _validate_owner, validate_name
-from qlora_serve.adapters.store import ContentStore, StagedAdapter
-from qlora_serve.errors import FailedPrecondition, InvalidArgument, QloraServeError, ResourceExhausted, clip_repr
+from qlora_serve.adapters.store import DIGEST_RE, ContentStore, StagedAdapter
+from qlora_serve.errors import FailedPrecondition, InvalidArgument, NotFound, QloraServeError, ResourceExhausted, clip_repr
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +126,7 @@ class AdapterRegistry(Catalogue):
         self.max_upload_bytes = max_upload_bytes
         self.compute_dtype = compute_dtype
         self._lock = threading.RLock()
+        self.changes = ChangeLog()  # what watchers (engine replicas) replay; appended under _lock
         # digest -> why its stored files failed `verify` (adapter health). Its own lock:
         # the engine's reader thread marks, gRPC threads read, without waiting on SQLite.
         self._unusable: dict[str, str] = {}
@@ -273,7 +275,7 @@ class AdapterRegistry(Catalogue):
                     # registration lands before or after it, never between (no NOT_FOUND).
                     record = self.set_alias(name, DEFAULT_ALIAS, version) if set_default else self.get(name, version)
                     self.mark_usable(digest)
-                    return record
+                    return record  # set_alias logged its change; nothing else changed
                 self._store.commit(staged)
                 committed = True
                 record = AdapterRecord(
@@ -293,6 +295,9 @@ class AdapterRegistry(Catalogue):
                     if digest not in self._referenced_digests():
                         self._store.remove(digest)
                     raise
+                self._changed(REGISTERED, name, version=record.version, digest=digest)
+                if set_default:
+                    self._changed(ALIAS_SET, name, version=record.version, alias=DEFAULT_ALIAS)
                 self.mark_usable(digest)
                 log.info("registered adapter %s (digest %s, %d bytes)", record.ref, digest[:12], record.size_bytes)
                 return record
@@ -354,6 +359,9 @@ class AdapterRegistry(Catalogue):
                     conn.execute("DELETE FROM aliases WHERE name=? AND version=?", (rec.name, rec.version))
                     conn.execute("DELETE FROM adapters WHERE name=? AND version=?", (rec.name, rec.version))
             referenced = self._referenced_digests()
+            for rec in victims:
+                self._changed(DELETED, rec.name, version=rec.version, digest=rec.digest,
+                              digest_gone=rec.digest not in referenced)
             for digest in {rec.digest for rec in victims} - referenced:
                 self.mark_usable(digest)
                 try:
@@ -362,6 +370,15 @@ class AdapterRegistry(Catalogue):
                     log.warning("could not remove store dir %s: %s", digest, exc)
             log.info("deleted adapter versions %s", [rec.ref for rec in victims])
             return victims
+
+    def stored_path(self, digest: str) -> Path:
+        """The store directory of `digest` (what engine servers download); NotFound when
+        no registered version uses it, InvalidArgument when it is not a sha256 hex digest."""
+        if not isinstance(digest, str) or not DIGEST_RE.match(digest):
+            raise InvalidArgument(f"digest {clip_repr(digest)} is invalid: give the 64 lowercase hex digits of AdapterInfo.digest")
+        if not self._query("SELECT 1 FROM adapters WHERE digest=? LIMIT 1", (digest,)):
+            raise NotFound(f"no registered adapter version has digest {digest[:12]}...; {LIST_HINT}")
+        return self._store.path(digest)
 
     # -- adapter health ------------------------------------------------------
 

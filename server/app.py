@@ -91,12 +91,17 @@ class QloraServer:
         )
         self.health = HealthServicer(experimental_non_blocking=True)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
-        inference_pb2_grpc.add_InferenceServicer_to_server(InferenceService(self.runtime), self.grpc)
         registry_pb2_grpc.add_AdapterRegistryServicer_to_server(RegistryService(self.runtime), self.grpc)
-        self.training = TrainingService(self.runtime, config.data_dir / "jobs", max_dataset_bytes=config.max_dataset_bytes,
-                                        store_path=config.data_dir / "jobs.sqlite3")
-        training_pb2_grpc.add_TrainingServicer_to_server(self.training, self.grpc)
-        reflection.enable_server_reflection(SERVICE_NAMES + (health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc)
+        # A registry server (--role registry) serves the registry only: no base, no inference, no training.
+        self.runtime.registry_only = config.role == "registry"
+        self.services = SERVICE_NAMES[1:2] if self.runtime.registry_only else SERVICE_NAMES
+        self.training = None
+        if not self.runtime.registry_only:
+            inference_pb2_grpc.add_InferenceServicer_to_server(InferenceService(self.runtime), self.grpc)
+            self.training = TrainingService(self.runtime, config.data_dir / "jobs", max_dataset_bytes=config.max_dataset_bytes,
+                                            store_path=config.data_dir / "jobs.sqlite3")
+            training_pb2_grpc.add_TrainingServicer_to_server(self.training, self.grpc)
+        reflection.enable_server_reflection(self.services + (health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc)
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         self.port = 0
         self.metrics_port: int | None = None
@@ -105,7 +110,7 @@ class QloraServer:
         self._http = None
 
     def _set_health(self, status) -> None:
-        for name in ("",) + SERVICE_NAMES:
+        for name in ("",) + self.services:
             self.health.set(name, status)
 
     def start(self) -> "QloraServer":
@@ -127,7 +132,7 @@ class QloraServer:
                               f"({exc.strerror or exc}); choose another --metrics-port (0 = any free port) "
                               f"or pass --no-metrics") from None
             self.metrics_port = self._metrics_http.server_port
-        if self.config.http_port is not None:
+        if self.config.http_port is not None and not self.runtime.registry_only:
             from qlora_serve.server.http_api import HttpFrontEnd  # ASGI stack only when HTTP is on
 
             self._http = HttpFrontEnd(self.runtime, self.config.host, self.config.http_port, self._workers,
@@ -152,7 +157,8 @@ class QloraServer:
         deadline = time.monotonic() + grace
         self.runtime.draining = True
         self.health.enter_graceful_shutdown()
-        self.training.shutdown()  # a running training job's process must not outlive the server
+        if self.training is not None:
+            self.training.shutdown()  # a running training job's process must not outlive the server
         self.runtime.drain(grace)
         # A row leaves the engine before its handler has sent the stream's last messages
         # (a slow client reads them later): wait for the handlers too, within the grace.

@@ -80,9 +80,17 @@ def _serve(args) -> int:
         server.stop(0)
         return 2
     address = f"{'localhost' if args.host in ('127.0.0.1', '0.0.0.0', '::') else args.host}:{server.port}"
-    adapters = sorted({r.name for r in server.runtime.registry.list()})
+    try:
+        adapters = sorted({r.name for r in server.runtime.registry.list()})
+    except QloraServeError:  # a --registry-address server not reachable yet: the engine serves the base
+        adapters = []
     print(f"qlora-serve {__version__} ready on {address}  (adapters: {', '.join(adapters) or 'none'})", flush=True)
-    print(f"try:  {try_command(address, adapters)}", flush=True)
+    if config.role == "registry":
+        where = "" if address == DEFAULT_ADDRESS else f" --address {address}"
+        print(f"registry only (no engine): engine servers follow it with --registry-address HOST:{server.port}; "
+              f"try:  qlora-serve adapters list{where}", flush=True)
+    else:
+        print(f"try:  {try_command(address, adapters)}", flush=True)
     if server.http_port is not None:
         host = address.rsplit(":", 1)[0]
         print(f"      curl http://{host}:{server.http_port}/v1/models   (OpenAI-compatible HTTP API)", flush=True)

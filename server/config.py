@@ -17,6 +17,9 @@ from qlora_serve.server.engine.config import COMPUTE_DTYPES, EngineConfig
 from qlora_serve.server.requests import RequestLimits
 
 
+ROLES = ("engine", "registry")
+
+
 def default_data_dir() -> Path:
     """`$QLORA_SERVE_DATA`, else `$XDG_DATA_HOME/qlora-serve`, else `~/.local/share/qlora-serve`."""
     env = os.environ.get("QLORA_SERVE_DATA")
@@ -68,6 +71,20 @@ class ServerConfig:
     max_dataset_bytes: int = option(256 << 20, "largest training job's data (train + eval), bytes, uploaded in chunks")
     max_concurrent_rpcs: int | None = option(None, "RPCs in flight at once, server-wide; more get RESOURCE_EXHAUSTED "
                                                    "(default: max-running + max-waiting + 16)")
+    role: str = option("engine", "engine: load the base and serve inference; registry: serve only the "
+                                 "AdapterRegistry service, the one writer of the catalogue and store that engine "
+                                 "servers follow with --registry-address (loads no weights; validates adapters "
+                                 "against --base's config and --max-lora-rank)", choices=list(ROLES))
+    registry_address: str | None = option(None, "HOST:PORT of a --role registry server to follow instead of a "
+                                                "local registry: names resolved there (cached, dropped on its "
+                                                "change events), adapter files fetched by digest into "
+                                                "DATA_DIR/registry-cache and verified; register there")
+    registry_key_file: Path | None = option(None, "file holding the API key (an admin key of the registry "
+                                                  "server's key file) sent to --registry-address "
+                                                  "(default: $QLORA_SERVE_REGISTRY_KEY)")
+    registry_cache_ttl_s: float = option(5.0, "seconds a name resolved through --registry-address is reused "
+                                              "without news from the registry: how stale it may be while the "
+                                              "change stream is down", flag="registry-cache-ttl")
     engine: EngineConfig = field(default_factory=EngineConfig)
     limits: RequestLimits = field(default_factory=RequestLimits)
 
@@ -82,6 +99,13 @@ class ServerConfig:
             raise ValueError(f"grace_s must be >= 0, got {self.grace_s}")
         if self.max_concurrent_rpcs is not None and self.max_concurrent_rpcs < 1:
             raise ValueError(f"max_concurrent_rpcs must be >= 1, got {self.max_concurrent_rpcs}")
+        if self.role not in ROLES:
+            raise ValueError(f"role must be one of {list(ROLES)}, got {self.role!r}")
+        if self.registry_address is not None and (self.role == "registry" or self.adapters):
+            raise ValueError("--registry-address follows another server's registry: register adapters there "
+                             "(no --adapter, no --role registry)")
+        if self.registry_cache_ttl_s <= 0:
+            raise ValueError(f"registry_cache_ttl_s must be > 0, got {self.registry_cache_ttl_s}")
         for name, _ in self.adapters:
             if not name:
                 raise ValueError("--adapter needs NAME=PATH with a non-empty NAME")

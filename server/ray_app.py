@@ -18,9 +18,12 @@ requests, so the replica parses them and answers INVALID_ARGUMENT; `add_services
 adds AdapterRegistry, Training and Health the same way (server/ray_services.py). Every error leaves
 the replica as the status and bounded message the README documents (server/status.py),
 never a Ray traceback; API keys and quotas are checked in the replica (quotas per
-replica). Registry: with `shared_registry`, every replica reads the one catalogue and
-store that a `qlora-serve serve --data-dir` process writes (same machine: SQLite WAL);
-else each replica keeps its own under data_dir/replicas/<id> with the start-up adapters.
+replica). Registry: with `config.registry_address`, every replica follows the one
+`qlora-serve serve --role registry` server there (any node: names over gRPC with a short
+cache and its change stream, files fetched by digest into data_dir/replicas/<id>); with
+`shared_registry`, every replica reads the one catalogue and store that a `qlora-serve
+serve --data-dir` process writes (same machine: SQLite WAL); else each replica keeps its
+own under data_dir/replicas/<id> with the start-up adapters.
 """
 
 from __future__ import annotations
@@ -77,10 +80,12 @@ class QloraReplica(ReplicaServices):
     def __init__(self, config, shared_registry: bool = False, registry_writer: str = "") -> None:
         replica_id = serve.get_replica_context().replica_id.unique_id
         self.replica_id = replica_id
-        self.shared_registry, self.registry_writer = shared_registry, registry_writer
+        # A replica following a registry server has a writer too: that server.
+        self.shared_registry = shared_registry or bool(config.registry_address)
+        self.registry_writer = registry_writer or (config.registry_address or "")
         if shared_registry:  # read the registry a `qlora-serve serve` on config.data_dir writes
             self._rt = build_runtime(config, registry_reader=True)
-        else:  # a registry per replica (one SQLite writer per data_dir), start-up adapters only
+        else:  # config.registry_address: follow it (cache here); else a registry per replica (start-up adapters)
             self._rt = build_runtime(replace(config, data_dir=Path(config.data_dir) / "replicas" / replica_id))
         self._core = InferenceCore(self._rt)
 
@@ -232,9 +237,11 @@ def deployment(config, *, replicas: int = 2, num_cpus: float = 1.0, num_gpus: fl
     """The Serve application: `replicas` copies of QloraReplica at the given resources
     per replica. config: a ServerConfig (its host/ports are the proxy's business, unused).
     shared_registry: every replica reads the registry in config.data_dir, written by
-    one `qlora-serve serve --data-dir` (same machine); else each has its own.
-    registry_writer: that writer's address (host:port), named in the FAILED_PRECONDITION
-    that registry writes and Training get through the deployment ("" = described)."""
+    one `qlora-serve serve --data-dir` (same machine); else each follows
+    config.registry_address (a `--role registry` server), or has its own.
+    registry_writer: the writer's address (host:port), named in the FAILED_PRECONDITION
+    that registry writes and Training get through the deployment (default:
+    config.registry_address; "" = described)."""
     dep = serve.deployment(
         QloraReplica, name="qlora", num_replicas=replicas,
         ray_actor_options={"num_cpus": num_cpus, "num_gpus": num_gpus},
@@ -250,7 +257,10 @@ def build_app(args: dict[str, str]):
     (and in a RayService's serveConfigV2 `args`). Keys, all optional: base, data_dir,
     device, key_file, adapters ("name=path,..."), replicas, num_cpus, num_gpus,
     shared_registry ("true": read the registry a `qlora-serve serve` writes in data_dir),
-    registry_writer (that server's host:port, named to clients that try to write)."""
+    registry_writer (that server's host:port, named to clients that try to write),
+    registry_address ("host:port" of a `qlora-serve serve --role registry` to follow; any
+    node), registry_key_file (its service key; default $QLORA_SERVE_REGISTRY_KEY),
+    registry_cache_ttl (seconds)."""
     from qlora_serve.server.app import ServerConfig
 
     kw: dict[str, Any] = {}
@@ -262,6 +272,12 @@ def build_app(args: dict[str, str]):
         kw["device"] = args["device"]
     if args.get("key_file"):
         kw["key_file"] = Path(args["key_file"])
+    if args.get("registry_address"):
+        kw["registry_address"] = str(args["registry_address"])
+    if args.get("registry_key_file"):
+        kw["registry_key_file"] = Path(args["registry_key_file"])
+    if args.get("registry_cache_ttl"):
+        kw["registry_cache_ttl_s"] = float(args["registry_cache_ttl"])
     if args.get("adapters"):  # "name=path,name=path": registered at start on every replica
         kw["adapters"] = [tuple(item.split("=", 1)) for item in str(args["adapters"]).split(",") if item]
     config = ServerConfig(metrics_port=None, http_port=None, **kw)

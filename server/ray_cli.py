@@ -31,12 +31,14 @@ def add_ray_serve_parser(sub) -> None:
     p.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per replica (fractions allowed)")
     # The replica's own settings: ServerConfig's flags (defaults stated there), with the
     # help a replica needs; ports and the HTTP/metrics front ends are the proxy's business.
-    add_flags(p, ServerConfig, only=("base", "compute_dtype", "device", "adapters", "key_file"), help_overrides={
+    add_flags(p, ServerConfig, only=("base", "compute_dtype", "device", "adapters", "key_file", "registry_address",
+                                     "registry_key_file", "registry_cache_ttl_s"), help_overrides={
         "device": "auto, cpu, cuda, cuda:N (per replica)",
         "adapters": "register a PEFT adapter directory on every replica at start-up (repeatable)",
         "key_file": "TOML file of hashed API keys; checked in every replica"})
     p.add_argument("--data-dir", type=Path, default=None,
-                   help="each replica keeps its registry under DATA_DIR/replicas/<replica id>")
+                   help="each replica keeps its registry (or, with --registry-address, its cache of adapter "
+                        "files) under DATA_DIR/replicas/<replica id>")
     p.add_argument("--shared-registry", action="store_true",
                    help="replicas read the one registry that `qlora-serve serve --data-dir DATA_DIR` (started "
                         "first, same machine) writes: register there once, every replica serves it")
@@ -56,6 +58,10 @@ def _ray_serve(args) -> int:
     if args.replicas < 1:
         print(f"qlora-serve: error: --replicas must be >= 1, got {args.replicas}", file=sys.stderr)
         return 2
+    if args.shared_registry and args.registry_address:
+        print("qlora-serve: error: choose --shared-registry (one machine) or --registry-address (any node), not both",
+              file=sys.stderr)
+        return 2
     if args.ray_address is None:
         # A local cluster stays on loopback; Ray reads this when it is imported.
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -71,6 +77,8 @@ def _ray_serve(args) -> int:
         config = ServerConfig(base=args.base, metrics_port=None, http_port=None, compute_dtype=args.compute_dtype,
                               device=args.device, data_dir=(args.data_dir or default_data_dir()).resolve(),
                               adapters=args.adapters, key_file=args.key_file and args.key_file.resolve(),
+                              registry_address=args.registry_address, registry_cache_ttl_s=args.registry_cache_ttl_s,
+                              registry_key_file=args.registry_key_file and args.registry_key_file.resolve(),
                               engine=EngineConfig(**values_from(args, EngineConfig)),
                               limits=RequestLimits(**values_from(args, RequestLimits)))
     except ValueError as exc:

@@ -79,6 +79,7 @@ def refusal(method: str, action: str, shared: bool, writer: str) -> str:
     reason = ("a training job has one owner, which registers its adapter" if method in _TRAINING_METHODS
               else "the registry has one writer; replicas only read it")
     where = writer or "the `qlora-serve serve --data-dir` server whose data dir the replicas read"
+    # (with a `--role registry` server to follow, `writer` is its address)
     return (f"{method} is not served by this deployment's replicas ({reason}): {action} at the registry's "
             f"writer, {where}")
 

@@ -2,20 +2,33 @@
 
 Access rules (auth on): a client tenant sees and uses its own adapters and
 public ones (no owner); it registers adapters it will own; alias, delete and
-unload need ownership or the admin role; load needs read access. With auth off
-every caller is an admin.
+unload need ownership or the admin role; load needs read access; DownloadAdapter and
+WatchRegistry (what engine servers following this registry call) need the admin role.
+With auth off every caller is an admin. A `--role registry` server has no engine:
+residency is "disk" and load/unload are FAILED_PRECONDITION.
 """
 
 from __future__ import annotations
 
+import time
 from concurrent.futures import CancelledError, Future
 
+from qlora_serve.adapters import changes
 from qlora_serve.adapters.records import AdapterRecord
 from qlora_serve.server.auth import Principal, can_read_adapter, check_adapter_access, require_admin
-from qlora_serve.errors import InvalidArgument, PermissionDenied, ResourceExhausted, Unavailable
-from qlora_serve.server.runtime import handle_of, unary_rpc
+from qlora_serve.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, ResourceExhausted, Unavailable
+from qlora_serve.server.runtime import handle_of, streaming_rpc, unary_rpc
 from qlora_serve.v1 import registry_pb2, registry_pb2_grpc
 
+DOWNLOAD_CHUNK_BYTES = 1 << 20  # well under the default 8 MiB message limit
+WATCH_POLL_S = 0.25  # a watch notices shutdown within this
+WATCH_HEARTBEAT_S = 5.0  # an idle watch sends a heartbeat this often (watchers reconnect after 15 s of silence)
+_SYNC = registry_pb2.REGISTRY_EVENT_KIND_SYNC
+_HEARTBEAT = registry_pb2.REGISTRY_EVENT_KIND_HEARTBEAT
+_KINDS = {changes.REGISTERED: registry_pb2.REGISTRY_EVENT_KIND_REGISTERED,
+          changes.DELETED: registry_pb2.REGISTRY_EVENT_KIND_DELETED,
+          changes.ALIAS_SET: registry_pb2.REGISTRY_EVENT_KIND_ALIAS_SET,
+          changes.ALIAS_DELETED: registry_pb2.REGISTRY_EVENT_KIND_ALIAS_DELETED}
 _ENGINE_CALL_TIMEOUT_S = 120.0  # a device load waits for the current step and a disk read
 _RESIDENCY = {"device": registry_pb2.RESIDENCY_DEVICE, "host": registry_pb2.RESIDENCY_HOST,
               "disk": registry_pb2.RESIDENCY_DISK}
@@ -32,7 +45,9 @@ class RegistryService(registry_pb2_grpc.AdapterRegistryServicer):
         """The record as the API shows it. Its aliases come with the record (read in the
         same transaction), never from a second read that a concurrent delete could fail."""
         # The engine's published snapshot: residency is engine-thread state, never read live here.
-        residency = _RESIDENCY[self._rt.engine.snapshot().residency(rec.digest)]
+        # A registry server (no engine) holds every adapter on disk only.
+        engine = self._rt.engine
+        residency = _RESIDENCY[engine.snapshot().residency(rec.digest) if engine is not None else "disk"]
         return registry_pb2.AdapterInfo(
             name=rec.name, version=rec.version, digest=rec.digest, source=rec.source,
             base_fingerprint=rec.base_fingerprint, rank=rec.rank, alpha=rec.alpha,
@@ -65,6 +80,20 @@ class RegistryService(registry_pb2_grpc.AdapterRegistryServicer):
             self._rt.registry.get(name)  # raises the registry's NOT_FOUND message
         check_adapter_access(principal, records[0].owner, write=True, adapter=f"adapter {name!r}")
         return records
+
+    def _engine(self):
+        if self._rt.engine is None:
+            raise FailedPrecondition("this is a registry server (--role registry): it has no engine; load and "
+                                     "unload adapters on the engine servers that follow it")
+        return self._rt.engine
+
+    def _store(self):
+        """The local registry whose change log and files engine servers follow."""
+        registry = self._rt.registry
+        if getattr(registry, "changes", None) is None:
+            raise FailedPrecondition("this server follows another server's adapter registry (--registry-address): "
+                                     "watch and download there")
+        return registry
 
     @staticmethod
     def _wait(fut: Future, what: str):
@@ -135,7 +164,8 @@ class RegistryService(registry_pb2_grpc.AdapterRegistryServicer):
         # Committed: the engine drops the weights between steps (idempotent; running
         # requests keep theirs until they finish). Not awaited: the delete is done.
         for d in gone:
-            self._rt.engine.forget(d)
+            if self._rt.engine is not None:  # engine servers following this registry hear it as an event
+                self._rt.engine.forget(d)
         return registry_pb2.DeleteAdapterResponse(deleted=[
             registry_pb2.AdapterInfo(name=r.name, version=r.version, digest=r.digest, owner=r.owner or "")
             for r in deleted])
@@ -145,12 +175,50 @@ class RegistryService(registry_pb2_grpc.AdapterRegistryServicer):
         rec = self._rt.resolve_record(request.adapter, principal)
         # Read on the engine's reader thread (shared with requests waiting for it); only
         # the copy into a slot runs between engine steps.
-        self._wait(self._rt.engine.load_adapter(handle_of(rec)), f"loading adapter {request.adapter!r}")
+        self._wait(self._engine().load_adapter(handle_of(rec)), f"loading adapter {request.adapter!r}")
         return self._info(rec)
 
     @unary_rpc
     def UnloadAdapter(self, request, context, principal):
         rec = self._rt.resolve_record(request.adapter, principal)
         check_adapter_access(principal, rec.owner, write=True, adapter=f"adapter {request.adapter!r}")
-        self._wait(self._rt.engine.unload(rec.digest), f"unloading adapter {request.adapter!r}")
+        self._wait(self._engine().unload(rec.digest), f"unloading adapter {request.adapter!r}")
         return self._info(rec)
+
+    # ------------------------------------------------- engine servers' RPCs
+    @streaming_rpc
+    def DownloadAdapter(self, request, context, principal):
+        require_admin(principal, "downloading adapter files by digest")
+        directory = self._store().stored_path(request.digest)
+        try:
+            for path in sorted(directory.iterdir()):
+                with open(path, "rb") as f:
+                    data = f.read(DOWNLOAD_CHUNK_BYTES)
+                    yield registry_pb2.FileChunk(filename=path.name, data=data)  # an empty file: one empty chunk
+                    while data := f.read(DOWNLOAD_CHUNK_BYTES):
+                        yield registry_pb2.FileChunk(filename=path.name, data=data)
+        except FileNotFoundError:  # deleted while streaming
+            raise NotFound(f"adapter files {request.digest[:12]}... were deleted meanwhile; resolve the name again") from None
+
+    @streaming_rpc
+    def WatchRegistry(self, request, context, principal):
+        require_admin(principal, "watching the registry's changes")
+        changes = self._store().changes
+        last = changes.last
+        replay = changes.since(request.epoch, request.after_sequence) if request.epoch else None
+        seq = request.after_sequence if replay is not None else last
+        yield registry_pb2.RegistryEvent(sequence=last, epoch=changes.epoch, kind=_SYNC, reset=replay is None)
+        beat = time.monotonic()
+        while not self._rt.draining and context.is_active():
+            batch = changes.wait(seq, WATCH_POLL_S)
+            if batch and batch[0].sequence != seq + 1:
+                return  # fell behind the retained log: the watcher reconnects and resets
+            for c in batch:
+                yield registry_pb2.RegistryEvent(
+                    sequence=c.sequence, epoch=changes.epoch, kind=_KINDS[c.kind], name=c.name, version=c.version,
+                    alias=c.alias, digest=c.digest, digest_gone=c.digest_gone)
+                seq = c.sequence
+            if batch or time.monotonic() - beat >= WATCH_HEARTBEAT_S:
+                if not batch:
+                    yield registry_pb2.RegistryEvent(sequence=seq, epoch=changes.epoch, kind=_HEARTBEAT)
+                beat = time.monotonic()

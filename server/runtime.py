@@ -60,8 +60,9 @@ class Runtime:
     auth: Authenticator
     quotas: QuotaBook
     engine: Engine | None = None
-    registry: AdapterRegistry | None = None
+    registry: AdapterRegistry | None = None  # or a RemoteRegistry (--registry-address): the same reader methods
     draining: bool = False
+    registry_only: bool = False  # a `--role registry` server: no engine, ever
     base_name: str = ""  # the base model's served name (the HTTP API's `model` for "no adapter")
     _leases: dict[int, Lease] = field(default_factory=dict)  # id(Request) -> its quota lease
     _relayed: dict[int, int] = field(default_factory=dict)  # id(Request) -> output tokens handed to its handler
@@ -83,7 +84,7 @@ class Runtime:
 
     def health(self) -> str:
         """"SERVING" once loaded and not draining, else "NOT_SERVING" (the gRPC health names)."""
-        ready = not self.draining and self.engine is not None and self.registry is not None
+        ready = not self.draining and self.registry is not None and (self.engine is not None or self.registry_only)
         return "SERVING" if ready else "NOT_SERVING"
 
     def load_stats(self) -> dict:
@@ -119,7 +120,7 @@ class Runtime:
     def require_ready(self) -> None:
         if self.draining:
             raise Unavailable("server is shutting down; retry on another replica")
-        if self.engine is None or self.registry is None:
+        if self.registry is None or (self.engine is None and not self.registry_only):
             raise Unavailable("server is still loading the base model; retry in a few seconds (health: NOT_SERVING)")
 
     def authenticate(self, context) -> Principal:

@@ -337,6 +337,10 @@ class TrainingService(training_pb2_grpc.TrainingServicer):
         from qlora_serve.training.config import TrainConfig
 
         validate_name(request.adapter_name)
+        if getattr(self._rt.registry, "read_only", False):  # it would train, then fail at registration
+            raise FailedPrecondition("this server's adapter registry belongs to another server (--registry-address "
+                                     "or a shared registry), so a trained adapter could not be registered here; "
+                                     "submit the job to a server that owns its registry")
         if not train_jsonl:
             raise InvalidArgument("train_jsonl is empty: upload the training data (JSONL)")
         size = len(train_jsonl) + len(eval_jsonl)

@@ -47,7 +47,11 @@ def test_kuberay_example_is_a_valid_serve_config():
     assert serve_config.grpc_options.grpc_servicer_functions == ["qlora_serve.server.ray_app.add_services_to_proxy"]
     app = serve_config.applications[0]
     config = build_app(app.args)._bound_deployment.init_args[0]
-    assert config.adapters == [("sql", "/adapters/sql"), ("support", "/adapters/support")]
+    # Replicas follow the registry Deployment of the same file (adapters are registered there).
+    assert config.registry_address == "qlora-registry:50052" and config.adapters == []
+    registry = next(d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "qlora-registry")
+    assert registry["spec"]["replicas"] == 1
+    assert ["--role", "registry"] == registry["spec"]["template"]["spec"]["containers"][0]["args"][:2]
     assert service["spec"]["rayClusterConfig"]["rayVersion"] == __import__("ray").__version__
 
 

@@ -156,3 +156,21 @@ def load_base(name_or_path: str, *, compute_dtype: str = "bfloat16", device: str
         eos_token_ids=frozenset(eos_ids),
         max_context=int(getattr(model.config, "max_position_embeddings", 2048)),
     )
+
+
+def base_shapes(name_or_path: str) -> tuple[dict, dict[str, tuple[int, int]]]:
+    """The base's config (as a dict) and its adaptable Linear layers {module name:
+    (in_features, out_features)}, the modules the engine wraps, without loading any
+    weights: the model is built on the meta device. For a registry-only server."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(name_or_path)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except (OSError, ValueError) as exc:
+        raise FailedPrecondition(f"could not read base model {name_or_path!r}: {exc}") from None
+    head = model.get_output_embeddings()
+    shapes = {name: (m.in_features, m.out_features) for name, m in model.named_modules()
+              if isinstance(m, torch.nn.Linear) and m is not head}
+    return config.to_dict(), shapes

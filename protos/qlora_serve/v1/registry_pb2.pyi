@@ -13,10 +13,27 @@ class Residency(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     RESIDENCY_DISK: _ClassVar[Residency]
     RESIDENCY_HOST: _ClassVar[Residency]
     RESIDENCY_DEVICE: _ClassVar[Residency]
+
+class RegistryEventKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    REGISTRY_EVENT_KIND_UNSPECIFIED: _ClassVar[RegistryEventKind]
+    REGISTRY_EVENT_KIND_SYNC: _ClassVar[RegistryEventKind]
+    REGISTRY_EVENT_KIND_REGISTERED: _ClassVar[RegistryEventKind]
+    REGISTRY_EVENT_KIND_DELETED: _ClassVar[RegistryEventKind]
+    REGISTRY_EVENT_KIND_ALIAS_SET: _ClassVar[RegistryEventKind]
+    REGISTRY_EVENT_KIND_ALIAS_DELETED: _ClassVar[RegistryEventKind]
+    REGISTRY_EVENT_KIND_HEARTBEAT: _ClassVar[RegistryEventKind]
 RESIDENCY_UNSPECIFIED: Residency
 RESIDENCY_DISK: Residency
 RESIDENCY_HOST: Residency
 RESIDENCY_DEVICE: Residency
+REGISTRY_EVENT_KIND_UNSPECIFIED: RegistryEventKind
+REGISTRY_EVENT_KIND_SYNC: RegistryEventKind
+REGISTRY_EVENT_KIND_REGISTERED: RegistryEventKind
+REGISTRY_EVENT_KIND_DELETED: RegistryEventKind
+REGISTRY_EVENT_KIND_ALIAS_SET: RegistryEventKind
+REGISTRY_EVENT_KIND_ALIAS_DELETED: RegistryEventKind
+REGISTRY_EVENT_KIND_HEARTBEAT: RegistryEventKind
 
 class AdapterInfo(_message.Message):
     __slots__ = ("name", "version", "digest", "source", "base_fingerprint", "rank", "alpha", "target_modules", "size_bytes", "created_at", "owner", "labels", "aliases", "residency", "unusable_reason")
@@ -172,3 +189,39 @@ class UnloadAdapterRequest(_message.Message):
     ADAPTER_FIELD_NUMBER: _ClassVar[int]
     adapter: str
     def __init__(self, adapter: _Optional[str] = ...) -> None: ...
+
+class DownloadAdapterRequest(_message.Message):
+    __slots__ = ("digest",)
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
+    digest: str
+    def __init__(self, digest: _Optional[str] = ...) -> None: ...
+
+class WatchRegistryRequest(_message.Message):
+    __slots__ = ("after_sequence", "epoch")
+    AFTER_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    after_sequence: int
+    epoch: str
+    def __init__(self, after_sequence: _Optional[int] = ..., epoch: _Optional[str] = ...) -> None: ...
+
+class RegistryEvent(_message.Message):
+    __slots__ = ("sequence", "epoch", "kind", "name", "version", "alias", "digest", "digest_gone", "reset")
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    ALIAS_FIELD_NUMBER: _ClassVar[int]
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
+    DIGEST_GONE_FIELD_NUMBER: _ClassVar[int]
+    RESET_FIELD_NUMBER: _ClassVar[int]
+    sequence: int
+    epoch: str
+    kind: RegistryEventKind
+    name: str
+    version: int
+    alias: str
+    digest: str
+    digest_gone: bool
+    reset: bool
+    def __init__(self, sequence: _Optional[int] = ..., epoch: _Optional[str] = ..., kind: _Optional[_Union[RegistryEventKind, str]] = ..., name: _Optional[str] = ..., version: _Optional[int] = ..., alias: _Optional[str] = ..., digest: _Optional[str] = ..., digest_gone: _Optional[bool] = ..., reset: _Optional[bool] = ...) -> None: ...

@@ -74,6 +74,16 @@ class AdapterRegistryStub:
                 request_serializer=qlora__serve_dot_v1_dot_registry__pb2.UnloadAdapterRequest.SerializeToString,
                 response_deserializer=qlora__serve_dot_v1_dot_registry__pb2.AdapterInfo.FromString,
                 _registered_method=True)
+        self.DownloadAdapter = channel.unary_stream(
+                '/qlora_serve.v1.AdapterRegistry/DownloadAdapter',
+                request_serializer=qlora__serve_dot_v1_dot_registry__pb2.DownloadAdapterRequest.SerializeToString,
+                response_deserializer=qlora__serve_dot_v1_dot_registry__pb2.FileChunk.FromString,
+                _registered_method=True)
+        self.WatchRegistry = channel.unary_stream(
+                '/qlora_serve.v1.AdapterRegistry/WatchRegistry',
+                request_serializer=qlora__serve_dot_v1_dot_registry__pb2.WatchRegistryRequest.SerializeToString,
+                response_deserializer=qlora__serve_dot_v1_dot_registry__pb2.RegistryEvent.FromString,
+                _registered_method=True)
 
 
 class AdapterRegistryServicer:
@@ -135,6 +145,26 @@ class AdapterRegistryServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DownloadAdapter(self, request, context):
+        """The stored files of one adapter version, by digest, in chunks (each file's
+        chunks in order, one file after another). For engine replicas that fetch
+        adapters from a `--role registry` server; admin keys only (a digest names
+        any tenant's files).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchRegistry(self, request, context):
+        """Every committed change of the catalogue (registered, deleted, alias set or
+        removed), in order, from a sequence number on, then as they happen; never
+        ends while the server runs. Engine replicas follow it to drop cached names.
+        Admin keys only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdapterRegistryServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -177,6 +207,16 @@ def add_AdapterRegistryServicer_to_server(servicer, server):
                     servicer.UnloadAdapter,
                     request_deserializer=qlora__serve_dot_v1_dot_registry__pb2.UnloadAdapterRequest.FromString,
                     response_serializer=qlora__serve_dot_v1_dot_registry__pb2.AdapterInfo.SerializeToString,
+            ),
+            'DownloadAdapter': grpc.unary_stream_rpc_method_handler(
+                    servicer.DownloadAdapter,
+                    request_deserializer=qlora__serve_dot_v1_dot_registry__pb2.DownloadAdapterRequest.FromString,
+                    response_serializer=qlora__serve_dot_v1_dot_registry__pb2.FileChunk.SerializeToString,
+            ),
+            'WatchRegistry': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchRegistry,
+                    request_deserializer=qlora__serve_dot_v1_dot_registry__pb2.WatchRegistryRequest.FromString,
+                    response_serializer=qlora__serve_dot_v1_dot_registry__pb2.RegistryEvent.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -395,6 +435,60 @@ class AdapterRegistry:
             '/qlora_serve.v1.AdapterRegistry/UnloadAdapter',
             qlora__serve_dot_v1_dot_registry__pb2.UnloadAdapterRequest.SerializeToString,
             qlora__serve_dot_v1_dot_registry__pb2.AdapterInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DownloadAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/qlora_serve.v1.AdapterRegistry/DownloadAdapter',
+            qlora__serve_dot_v1_dot_registry__pb2.DownloadAdapterRequest.SerializeToString,
+            qlora__serve_dot_v1_dot_registry__pb2.FileChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchRegistry(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/qlora_serve.v1.AdapterRegistry/WatchRegistry',
+            qlora__serve_dot_v1_dot_registry__pb2.WatchRegistryRequest.SerializeToString,
+            qlora__serve_dot_v1_dot_registry__pb2.RegistryEvent.FromString,
             options,
             channel_credentials,
             insecure,

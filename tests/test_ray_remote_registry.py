@@ -1,0 +1,117 @@
+"""Ray Serve replicas following one registry server (`build_app(registry_address=...)`):
+a real `qlora-serve serve --role registry` process and a local Ray head on loopback with
+two demo replicas; register once on the registry, both replicas serve it, a delete
+reaches both. Replicas cache names for an hour here, so only the registry's change
+stream can make them see the delete. Skipped without the `ray` extra."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections import Counter
+from dataclasses import replace
+
+import grpc
+import pytest
+
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # keep Ray on loopback (see test_ray_serve.py)
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+pytest.importorskip("ray.serve", reason="the ray extra is not installed (pip install -e '.[ray]')")
+
+from conftest import wait_until  # noqa: E402
+from e2e_keys import md, write_key_file  # noqa: E402
+from registry_process import RegistryProcess, _free_port  # noqa: E402
+
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]
+
+PROMPT = "hello world, this is"
+
+
+@pytest.fixture(scope="module")
+def cluster(demo, tmp_path_factory):
+    """(grpc channel to Ray's proxy, keys, the registry process, the replicas' ServerConfig)."""
+    import ray
+    from ray import serve
+
+    from qlora_serve.server.ray_app import build_app, grpc_options
+
+    d = tmp_path_factory.mktemp("ray-remote-registry")
+    keys = write_key_file(d / "keys.toml", {"svc": "admin", "ops": "admin", "acme": "client"})
+    (d / "svc.key").write_text(keys["svc"])
+    registry = RegistryProcess(demo.base, d / "registry", d / "keys.toml", d / "registry.log").start()
+    ray_tmp = tempfile.mkdtemp(prefix="qray", dir="/tmp")  # short: Ray's socket paths live here
+    try:
+        ray.init(_node_ip_address="127.0.0.1", num_cpus=2, include_dashboard=False,
+                 object_store_memory=80 << 20, log_to_driver=False, _temp_dir=ray_tmp)
+        port = _free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": _free_port()}, grpc_options=grpc_options(port))
+        app = build_app({"base": str(demo.base), "data_dir": str(d / "replicas"), "key_file": str(d / "keys.toml"),
+                         "replicas": "2", "num_cpus": "0.5", "registry_address": registry.address,
+                         "registry_key_file": str(d / "svc.key"), "registry_cache_ttl": "3600"})
+        serve.run(app, name="qlora")
+        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        yield channel, keys, registry, app._bound_deployment.init_args[0]
+        channel.close()
+    finally:
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+            shutil.rmtree(ray_tmp, ignore_errors=True)
+            registry.kill()
+
+
+def _reference_tokens(config, adapter_dir) -> list[int]:
+    """Greedy tokens of the adapter registered locally, in-process, with the replicas' config."""
+    from qlora_serve.server.build import build_runtime
+    from qlora_serve.server.engine.request import FinalEvent
+    from qlora_serve.server.requests import GenerateInput, InferenceCore
+
+    rt = build_runtime(replace(config, registry_address=None, key_file=None, adapters=[("ref", str(adapter_dir))],
+                               data_dir=config.data_dir.parent / "reference"))
+    try:
+        core = InferenceCore(rt)
+        req = core.start(GenerateInput(adapter="ref", prompt=PROMPT, max_new_tokens=4), rt.authenticate_metadata(()))
+        final = [ev for ev in core.events(req, lambda: True) if isinstance(ev, FinalEvent)][0]
+        core.record("Generate", req, "OK", 0.0, final)
+        return list(final.token_ids)
+    finally:
+        rt.close(grace_s=1.0)
+
+
+def test_register_once_on_the_registry_both_replicas_serve_it_delete_reaches_both(cluster, demo):
+    from qlora_serve.server.client import Client
+    from qlora_serve.v1 import inference_pb2, inference_pb2_grpc
+
+    channel, keys, registry, config = cluster
+    want = _reference_tokens(config, demo.adapters["poet"])
+    stub = inference_pb2_grpc.InferenceStub(channel)
+
+    def generate(name):
+        return stub.Generate.with_call(inference_pb2.GenerateRequest(adapter=name, prompt=PROMPT, max_new_tokens=4),
+                                       metadata=md(keys["acme"]) + (("multiplexed_model_id", name),), timeout=120)
+
+    names = [f"remote-{i}" for i in range(12)]  # hashed over both replicas: all on one has p = 2**-11
+    with Client(registry.address, api_key=keys["ops"], timeout=60) as ops:
+        digest = {ops.upload(name, demo.adapters["poet"], owner="acme").digest for name in names}.pop()
+        served = Counter()
+        for name in names:
+            resp, call = generate(name)
+            assert list(resp.token_ids) == want, name
+            assert resp.adapter.digest == digest
+            served[dict(call.trailing_metadata()).get("qlora-replica", "")] += 1
+        assert len(served) == 2 and "" not in served, f"expected both replicas to serve: {served}"
+        for name in names:
+            ops.delete(name)
+
+    def refused(name) -> bool:
+        try:
+            generate(name)
+        except grpc.RpcError as exc:
+            assert exc.code() == grpc.StatusCode.NOT_FOUND, exc.details()
+            return True
+        return False
+
+    for name in names:
+        wait_until(lambda n=name: refused(n), what=f"the delete of {name} to reach its replica")
