@@ -217,6 +217,8 @@ def test_unreadable_chat_template_files_are_refused(demo, tmp_path, files):
             (tmp_path / name).write_bytes(body)
         with pytest.raises(InvalidArgument, match=f"chat_template file .*{name}.*{named}"):
             prepare(_cfg(demo, tmp_path, data=str(files["a"]), chat_template=str(tmp_path / name)))
+    with pytest.raises(InvalidArgument, match=r"chat_template \(inline text\) has over 1048576 bytes"):
+        prepare(_cfg(demo, tmp_path, data=str(files["a"]), chat_template="{{ x }}" * (1 << 18)))
 
 
 def test_job_chat_template_is_the_text_never_a_server_path(tok, tmp_path):

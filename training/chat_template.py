@@ -30,6 +30,9 @@ def read_chat_template(value: str) -> tuple[str, str]:
     """(template text, where it came from: the file path or "inline"). InvalidArgument
     when the file is missing, too large or not UTF-8."""
     if is_inline(value):
+        if len(value.encode("utf-8")) > MAX_TEMPLATE_BYTES:
+            raise InvalidArgument(f"chat_template (inline text) has over {MAX_TEMPLATE_BYTES} bytes; "
+                                  "a chat template is a few KiB")
         return value, "inline"
     path = Path(value)
     if not path.is_file():
