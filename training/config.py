@@ -150,6 +150,31 @@ class TrainConfig:
             raise ValueError(f"modules_to_save={self.modules_to_save} cannot be combined with register: a server "
                              "cannot serve such an adapter per request (merge it with `qlora-serve merge` instead)")
 
+    @staticmethod
+    @functools.cache
+    def _scalar_types() -> dict[str, type]:
+        """field -> its scalar type (str, int, float, bool) for every non-list field."""
+        out = {}
+        for name, t in typing.get_type_hints(TrainConfig).items():
+            if isinstance(t, types.UnionType) or typing.get_origin(t) is typing.Union:  # X | None
+                t = next(a for a in typing.get_args(t) if a is not type(None))
+            if t in (str, int, float, bool):
+                out[name] = t
+        return out
+
+    def _check_scalar_types(self) -> None:
+        """TOML and gRPC configs carry any type: refuse a wrong one naming the field
+        (e.g. learning_rate = "1e-4", a string) before any comparison raises TypeError."""
+        words = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        for name, t in self._scalar_types().items():
+            v = getattr(self, name)
+            if v is None and defaults[name] is None:  # optional field left unset
+                continue
+            accepted = {float: (int, float), str: (str, os.PathLike)}.get(t, (t,))  # 2 is a fine float; a Path a fine path
+            if not isinstance(v, accepted) or (t is not bool and isinstance(v, bool)):
+                raise ValueError(f"{name} must be {words[t]}, got {v!r} ({type(v).__name__})")
+
     def _check_data_files(self) -> None:
         """`data`: one path (str) or a list of paths (a one-element list becomes its
         string, so one file is recorded as before); `data_weights`: one number > 0 per file."""
@@ -192,31 +217,6 @@ class TrainConfig:
         if not self.data:
             return []
         return [self.data] if isinstance(self.data, str) else list(self.data)
-
-    @staticmethod
-    @functools.cache
-    def _scalar_types() -> dict[str, type]:
-        """field -> its scalar type (str, int, float, bool) for every non-list field."""
-        out = {}
-        for name, t in typing.get_type_hints(TrainConfig).items():
-            if isinstance(t, types.UnionType) or typing.get_origin(t) is typing.Union:  # X | None
-                t = next(a for a in typing.get_args(t) if a is not type(None))
-            if t in (str, int, float, bool):
-                out[name] = t
-        return out
-
-    def _check_scalar_types(self) -> None:
-        """TOML and gRPC configs carry any type: refuse a wrong one naming the field
-        (e.g. learning_rate = "1e-4", a string) before any comparison raises TypeError."""
-        words = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}
-        defaults = {f.name: f.default for f in dataclasses.fields(self)}
-        for name, t in self._scalar_types().items():
-            v = getattr(self, name)
-            if v is None and defaults[name] is None:  # optional field left unset
-                continue
-            accepted = {float: (int, float), str: (str, os.PathLike)}.get(t, (t,))  # 2 is a fine float; a Path a fine path
-            if not isinstance(v, accepted) or (t is not bool and isinstance(v, bool)):
-                raise ValueError(f"{name} must be {words[t]}, got {v!r} ({type(v).__name__})")
 
     @classmethod
     def field_names(cls) -> list[str]:

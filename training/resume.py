@@ -25,9 +25,11 @@ SETTINGS_FILE = "run_settings.json"
 # Settings a checkpoint's tensors depend on: never accepted changed (they cannot load).
 STRUCTURAL = ("base_fingerprint", "lora_r", "target_modules", "modules_to_save", "optim")
 # Free to change between a run and its resume: bookkeeping, and how long to train.
-# A chat template is compared by its text's digest (chat_template_sha256), data by data_sha256.
-VOLATILE = ("data", "chat_template", "eval_data", "out", "name", "register", "resume", "resume_allow_changes", "progress_bar",
+VOLATILE = ("data", "eval_data", "out", "name", "register", "resume", "resume_allow_changes", "progress_bar",
             "logging_steps", "save_steps", "save_total_limit", "eval_steps", "max_steps", "epochs", "base")
+
+# A chat template is compared by its text's digest (chat_template_sha256), as data is by data_sha256.
+VOLATILE += ("chat_template",)
 
 
 def run_settings(cfg: TrainConfig, base: str, model_config, train_data: Dataset, target_modules: list[str]) -> dict[str, Any]:

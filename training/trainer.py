@@ -77,8 +77,7 @@ class TrainResult:
 def prepare(cfg: TrainConfig) -> PreparedRun:
     """Run every input check and tokenize the data; loads no weights."""
     if not cfg.data:
-        raise InvalidArgument("data is required: pass --data FILE.jsonl (or data = \"...\" in the config file; "
-                              "repeat --data, or give a TOML array, for several files)")
+        raise InvalidArgument("data is required: pass --data FILE.jsonl (or data = \"...\" in the config file)")
     if not cfg.out:
         raise InvalidArgument("out is required: pass --out DIR for the adapter")
     base = resolve_base(cfg.base)
@@ -233,9 +232,9 @@ def train(
         "wall_time_s": wall,
         "peak_memory_mb": peak_memory_mb(),
     }
-    save_adapter(model, run.out, metadata)
     if cfg.chat_template:  # serving must render chats exactly as training did
         save_chat_template(run.out, run.tokenizer.chat_template)
+    save_adapter(model, run.out, metadata)
     metrics.summary = {k: metadata[k] for k in ("global_step", "stopped_early", "final_train_loss", "final_eval_loss",
                                                 "final_eval_perplexity", "wall_time_s", "peak_memory_mb", "trainable_params")}
     metrics.write()

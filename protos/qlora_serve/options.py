@@ -49,8 +49,7 @@ def add_flags(parser, cls, *, overrides: bool = False, help_overrides: dict[str,
     `store_true`; a formatter such as ArgumentDefaultsHelpFormatter shows the default.
     overrides=True (train): every flag defaults to None so a config file's value is
     replaced only by a flag the user typed; booleans are `--x/--no-x`, lists are
-    comma-separated (or a repeated flag when the field says action="append"), and the
-    help text says the field's default itself.
+    comma-separated, and the help text says the field's default itself.
     help_overrides / metavars: field name -> a longer help text / a metavar.
     only: the fields to give flags (None = every field with help)."""
     # field name -> the field whose `--no-X` switch is listed right after that field's flag
@@ -74,7 +73,7 @@ def add_flags(parser, cls, *, overrides: bool = False, help_overrides: dict[str,
         if t is bool:
             kw.update(action=argparse.BooleanOptionalAction if overrides else "store_true",
                       default=None if overrides else default)
-        elif typing.get_origin(t) is list and overrides and meta.get("action") != "append":
+        elif typing.get_origin(t) is list and overrides and meta.get("action") != "append":  # append: a repeated flag
             kw.update(default=None, metavar=metavar or "A,B,...")
         else:
             if typing.get_origin(t) is list:  # action="append": the element type converts
