@@ -71,6 +71,7 @@ from qlora_serve.adapters.catalogue import _COLUMNS, DB_FILE, DEFAULT_ALIAS, LIS
 from qlora_serve.adapters.changes import ALIAS_SET, DELETED, REGISTERED, ChangeLog
 from qlora_serve.adapters.layout import (  # noqa: F401 (FINGERPRINT_KEY, METADATA_FILE: re-exported)
     ADAPTER_FILES,
+    CHAT_TEMPLATE_FILE,
     CONFIG_FILE,
     FINGERPRINT_KEY,
     METADATA_FILE,
@@ -87,6 +88,21 @@ from qlora_serve.errors import FailedPrecondition, InvalidArgument, NotFound, Ql
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_UPLOAD_BYTES = 256 << 20  # 256 MiB
+
+
+MAX_CHAT_TEMPLATE_BYTES = 1 << 20  # real templates are a few KiB
+
+
+def _check_chat_template_file(path: Path) -> None:
+    """An adapter's chat template is read as UTF-8 text on chat requests: refuse one that cannot be."""
+    raw = path.read_bytes()
+    if len(raw) > MAX_CHAT_TEMPLATE_BYTES or not raw.strip():
+        raise InvalidArgument(f"{path} must hold a chat template of 1 to {MAX_CHAT_TEMPLATE_BYTES} bytes, "
+                              f"has {len(raw)}")
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidArgument(f"{path} is not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start})") from None
 
 
 class AdapterRegistry(Catalogue):
@@ -325,6 +341,8 @@ class AdapterRegistry(Catalogue):
             declared = adapter.config.base_fingerprint
             fingerprint = self._check_fingerprint(meta.get("base_fingerprint") if declared is None else declared, shown)
             check_fits_base(adapter, self.linear_shapes)
+            if CHAT_TEMPLATE_FILE in staged.files:
+                _check_chat_template_file(staged.dir / CHAT_TEMPLATE_FILE)
         except QloraServeError as exc:
             raise type(exc)(str(exc).replace(str(staged.dir), shown)) from None
         return fingerprint, adapter

@@ -14,8 +14,9 @@ files; `gc()` at open removes both.
 
 Digest definition (stable, documented so other tools can recompute it):
 sha256 over the UTF-8 lines `"{name}\\0{size}\\0{sha256(file) hex}\\n"` of the
-files serving reads (`DIGESTED_FILES`: adapter_config.json and
-adapter_model.safetensors), sorted by name. A README.md or metadata file is stored
+files serving reads (`DIGESTED_FILES`: adapter_config.json,
+adapter_model.safetensors and, when present, chat_template.jinja), sorted by name, so an
+adapter without a chat template keeps the digest it always had. A README.md or metadata file is stored
 beside them but is not part of the identity: registering the same served files
 with another README is the same content. Versions registered before this rule
 carry the digest over every stored file (`every_file=True`); both verify.
@@ -33,6 +34,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from qlora_serve.adapters.layout import CHAT_TEMPLATE_FILE
 from qlora_serve.adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE
 from qlora_serve.errors import InvalidArgument
 
@@ -42,7 +44,7 @@ STORE_DIR = "store"
 TMP_DIR = "tmp"
 COPY_CHUNK_BYTES = 1 << 20  # 1 MiB: large enough for throughput, small enough to bound memory
 DIGEST_RE = re.compile(r"^[0-9a-f]{64}$")
-DIGESTED_FILES = (CONFIG_FILE, WEIGHTS_FILE)  # what serving reads: an adapter's identity
+DIGESTED_FILES = (CONFIG_FILE, WEIGHTS_FILE, CHAT_TEMPLATE_FILE)  # what serving reads: an adapter's identity
 
 
 def manifest_digest(files: dict[str, tuple[int, str]], *, every_file: bool = False) -> str:

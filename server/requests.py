@@ -17,15 +17,18 @@ for HTTP). `CallLog` is the one access-log line and refusal metric per call.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import queue
 import time
 import uuid
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 from qlora_serve import errors
+from qlora_serve.adapters.layout import CHAT_TEMPLATE_FILE
 from qlora_serve.errors import Cancelled, DeadlineExceeded, InvalidArgument, QloraServeError
 from qlora_serve.server.engine.chat import render_chat
 from qlora_serve.options import option
@@ -185,6 +188,21 @@ class GenerateInput:
     top_logprobs: int = 0
 
 
+@functools.lru_cache(maxsize=256)
+def _template_of(path: str, digest: str) -> str | None:
+    """The chat template stored with adapter `digest` (its store dir never changes), or None."""
+    try:
+        return (Path(path) / CHAT_TEMPLATE_FILE).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+
+
+def adapter_chat_template(adapter: AdapterHandle) -> str | None:
+    """The adapter's own chat template (`chat_template.jinja`, saved by `qlora-serve train
+    --chat-template`), so its chats render as its training data did; None = the base's."""
+    return _template_of(adapter.path, adapter.digest)
+
+
 class InferenceCore:
     """Validation, adapter access, quota and engine hand-off for one request
     (see the module docstring for the call sequence)."""
@@ -192,8 +210,9 @@ class InferenceCore:
     def __init__(self, runtime: "Runtime") -> None:
         self._rt = runtime
 
-    def validate(self, inp: GenerateInput) -> tuple[list[int], SamplingParams]:
-        """Prompt ids and sampling parameters, or InvalidArgument naming what to fix."""
+    def validate(self, inp: GenerateInput, template: str | None = None) -> tuple[list[int], SamplingParams]:
+        """Prompt ids and sampling parameters, or InvalidArgument naming what to fix.
+        template: the chat template for `messages` (an adapter's own), else the tokenizer's."""
         limits: RequestLimits = self._rt.limits
         engine = self._rt.engine
         if sum(map(bool, (inp.prompt, len(inp.prompt_token_ids), len(inp.messages)))) > 1:
@@ -204,7 +223,7 @@ class InferenceCore:
                 raise InvalidArgument(f"prompt has {size} bytes; the limit is {limits.max_prompt_bytes} "
                                       f"(--max-prompt-bytes; --max-prompt-tokens is {limits.max_prompt_tokens})")
         if inp.messages:
-            ids = render_chat(self._rt.tokenizer, inp.messages)
+            ids = render_chat(self._rt.tokenizer, inp.messages, template=template)
         elif inp.prompt:
             ids = list(self._rt.tokenizer(inp.prompt).input_ids)
         else:
@@ -267,8 +286,12 @@ class InferenceCore:
         deadline = time.monotonic() + rt.limits.request_timeout_s
         if timeout_s is not None:
             deadline = min(deadline, time.monotonic() + timeout_s)
-        ids, params = self.validate(inp)
-        adapter: AdapterHandle | None = rt.resolve_adapter(inp.adapter, principal) if inp.adapter else None
+        adapter: AdapterHandle | None = None
+        if inp.adapter and inp.messages:  # an adapter trained with its own chat template renders its chats
+            adapter = rt.resolve_adapter(inp.adapter, principal)
+        ids, params = self.validate(inp, template=adapter_chat_template(adapter) if adapter else None)
+        if inp.adapter and adapter is None:
+            adapter = rt.resolve_adapter(inp.adapter, principal)
         if is_active is not None and not is_active():
             rid = inp.request_id or "-"
             if time.monotonic() >= deadline:

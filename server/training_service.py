@@ -371,6 +371,10 @@ class TrainingService(training_pb2_grpc.TrainingServicer):
             raise InvalidArgument(f"config_toml sets modules_to_save={cfg.modules_to_save}: the server cannot serve "
                                   "such an adapter per request; train it locally (qlora-serve train) and merge it")
         self._check_targets(cfg.target_modules)
+        if cfg.chat_template:  # refused now, not when the job runs
+            from qlora_serve.training.chat_template import check_job_chat_template
+
+            check_job_chat_template(cfg.chat_template, self._rt.tokenizer)
         workdir.mkdir(parents=True)
         try:
             self._write_checked(workdir / "train.jsonl", train_jsonl, "train_jsonl", cfg.format)

@@ -226,6 +226,32 @@ def test_chat_messages_render_with_the_tokenizers_template(fp32_server, client):
     assert [t for c in chunks for t in c.token_ids] == list(same.token_ids)
 
 
+def test_an_adapters_own_chat_template_renders_its_chats(fp32_server, client, demo, tmp_path):
+    """Issue 13 defect 11: an adapter trained with --chat-template carries chat_template.jinja;
+    chat requests to it render with that template (what training rendered), others with the base's."""
+    template = ("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }} {{ m['content'] }}\n{% endfor %}"
+                "{% if add_generation_prompt %}[assistant] {% endif %}")
+    adapter = tmp_path / "templated"
+    shutil.copytree(demo.adapters["poet"], adapter)
+    (adapter / "chat_template.jinja").write_text(template)
+    info = client.upload("poet-templated", adapter)
+    tok = fp32_server.runtime.tokenizer
+    msgs = [{"role": r, "content": c} for r, c in CHAT]
+    own = tok.apply_chat_template(msgs, chat_template=template, add_generation_prompt=True, tokenize=True,
+                                  return_dict=False)
+    base = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=False)
+    assert len(own) != len(base)
+    chat = client.chat(CHAT, adapter="poet-templated", max_new_tokens=4)
+    same = client.generate(prompt_token_ids=own, adapter="poet-templated", max_new_tokens=4)
+    assert chat.prompt_tokens == len(own) and list(chat.token_ids) == list(same.token_ids)
+    assert client.chat(CHAT, adapter="poet", max_new_tokens=4).prompt_tokens == len(base)
+    # The template is part of the adapter's identity: the same weights without it are another digest.
+    assert info.digest != client.get_adapter("poet").digest
+    (adapter / "chat_template.jinja").write_bytes(b"{{ caf\xe9 }}")
+    code, details = status_of(lambda: client.upload("poet-latin1", adapter))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "chat_template.jinja is not UTF-8" in details, details
+
+
 def test_bad_chat_requests_are_invalid_argument(client):
     code, details = status_of(lambda: client.generate("hello", messages=CHAT, max_new_tokens=2))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "one of prompt, prompt_token_ids or messages" in details

@@ -163,6 +163,9 @@ def test_bad_submissions_are_invalid_argument_and_create_no_job(srv, client, dat
         (dict(config_toml="lora_rank = 8\n"), "did you mean 'lora_r'?"),
         (dict(train_jsonl=b'{"text": "ok"}\n{"text": "caf\xe9"}\n'), "train_jsonl:2: not UTF-8"),
         (dict(config_toml='format = "alpaca"\n'), "train_jsonl:1: alpaca format needs"),
+        (dict(config_toml='chat_template = "/etc/passwd"\n'), "not a path: a path would name a file on the server"),
+        (dict(config_toml='chat_template = "{% for m in messages %}{{ m.content }"\n'), "does not render a sample"),
+        (dict(config_toml="data_weights = [0.5, 0.5]\n"), "data_weights has 2 value(s) but data names 1 file(s)"),
     ]
     before = len(client.list_jobs())
     for kw, needle in cases:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
+import math
 import os
 import tomllib
 import types
@@ -41,8 +42,11 @@ class TrainConfig:
 
     # --- what to train on, where to write ---
     base: str | None = _f(None, "Base model: a local directory or a hub id. Default: the embedded tiny demo base.")
-    data: str | None = _f(None, "Training data: JSONL, JSONL.gz, JSON array or CSV of {text} | {prompt, completion} | {messages} | alpaca | sharegpt records. Required.")
+    # A list type (a TOML array; --data repeated on the CLI) or one path string: a path may hold ',' or ':'.
+    data: list[str] | str | None = _f(None, "Training data: JSONL, JSONL.gz, JSON array or CSV of {text} | {prompt, completion} | {messages} | alpaca | sharegpt records. Required. Repeat --data (a TOML array) to mix several files, each in its own format.", action="append")
+    data_weights: list[float] | None = _f(None, "Mixing weights, one per data file (comma-separated on the CLI): each file's share of the mixed training set, sampled with --seed. Default: every file once.", metavar="W1,W2,...")
     format: str = _f("auto", "Record format of the data files: auto (detected from the keys), text, prompt_completion, messages, alpaca or sharegpt.")
+    chat_template: str | None = _f(None, "Jinja chat template for messages / alpaca / sharegpt records instead of the tokenizer's: a FILE.jinja path, or the template text itself (a value containing {{ or {%). Saved with the adapter as chat_template.jinja.", metavar="FILE.jinja")
     eval_data: str | None = _f(None, "Optional validation data (same file types and formats): reports eval loss and perplexity.")
     val_fraction: float = _f(0.0, "Hold out this fraction of the training examples (seeded shuffle) as validation data, in [0, 0.5]; instead of eval_data.")
     train_on_inputs: bool = _f(False, "Put the loss on prompt / user tokens too, not only on completions / assistant turns.")
@@ -137,8 +141,11 @@ class TrainConfig:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
         if self.max_grad_norm < 0:
             raise ValueError(f"max_grad_norm must be >= 0 (0 disables clipping), got {self.max_grad_norm!r}")
+        self._check_data_files()
         if self.format not in FORMATS:
             raise ValueError(f"format must be one of {FORMATS}, got {self.format!r}")
+        if self.chat_template is not None and not str(self.chat_template).strip():
+            raise ValueError("chat_template is empty: give a FILE.jinja path or the template text, or leave it unset")
         if not (0 <= self.val_fraction <= 0.5):
             raise ValueError(f"val_fraction must be in [0, 0.5], got {self.val_fraction!r}")
         if self.val_fraction and self.eval_data:
@@ -184,6 +191,49 @@ class TrainConfig:
             accepted = {float: (int, float), str: (str, os.PathLike)}.get(t, (t,))  # 2 is a fine float; a Path a fine path
             if not isinstance(v, accepted) or (t is not bool and isinstance(v, bool)):
                 raise ValueError(f"{name} must be {words[t]}, got {v!r} ({type(v).__name__})")
+
+    def _check_data_files(self) -> None:
+        """`data`: one path (str) or a list of paths (a one-element list becomes its
+        string, so one file is recorded as before); `data_weights`: one number > 0 per file."""
+        data = self.data
+        if isinstance(data, (list, tuple)):
+            if not all(isinstance(p, (str, os.PathLike)) and str(p) for p in data):
+                raise ValueError(f"data must be a path or a list of paths, got {data!r}")
+            data = [str(p) for p in data]
+            dup = next((p for i, p in enumerate(data) if p in data[:i]), None)
+            if dup is not None:
+                raise ValueError(f"data lists {_shown(dup)} twice; give each file once (data_weights weights it)")
+            data = data[0] if len(data) == 1 else (data or None)
+        elif isinstance(data, os.PathLike):
+            data = str(data)
+        elif data is not None and not isinstance(data, str):
+            raise ValueError(f"data must be a path or a list of paths, got {data!r} ({type(data).__name__})")
+        self.data = data
+        weights = self.data_weights
+        if weights is None:
+            return
+        if isinstance(weights, str):  # the CLI's "0.7,0.3"
+            try:
+                weights = [float(w) for w in weights.split(",") if w.strip()]
+            except ValueError:
+                raise ValueError(f"data_weights must be comma-separated numbers, got {weights!r}") from None
+        if (not isinstance(weights, (list, tuple)) or not weights
+                or not all(isinstance(w, (int, float)) and not isinstance(w, bool) for w in weights)):
+            raise ValueError(f"data_weights must be a list of numbers, one per data file, got {weights!r}")
+        if not all(math.isfinite(w) and w > 0 for w in weights):
+            raise ValueError(f"data_weights must all be finite numbers > 0, got {list(weights)!r}")
+        self.data_weights = [float(w) for w in weights]
+        files = self.data_files
+        if files and len(files) != len(weights):
+            raise ValueError(f"data_weights has {len(weights)} value(s) but data names {len(files)} file(s); "
+                             "give one weight per file, in the same order")
+
+    @property
+    def data_files(self) -> list[str]:
+        """The training data paths, in order ([] when unset)."""
+        if not self.data:
+            return []
+        return [self.data] if isinstance(self.data, str) else list(self.data)
 
     @classmethod
     def field_names(cls) -> list[str]:

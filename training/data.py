@@ -61,6 +61,8 @@ class Dataset:
     truncated_examples: int = 0
     truncated_tokens: int = 0
     label_tokens: int = field(default=0)
+    # Per data file of the run (training/mixing.py): path, sha256, format, counts, share.
+    sources: list[dict] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.examples)

@@ -29,15 +29,22 @@ VOLATILE = ("data", "eval_data", "out", "name", "register", "resume", "resume_al
             "logging_steps", "save_steps", "save_total_limit", "eval_steps", "max_steps", "epochs", "base",
             "early_stopping_patience", "early_stopping_threshold", "keep_best", "report_to")
 
+# A chat template is compared by its text's digest (chat_template_sha256), as data is by data_sha256.
+VOLATILE += ("chat_template",)
+
 
 def run_settings(cfg: TrainConfig, base: str, model_config, train_data: Dataset, target_modules: list[str]) -> dict[str, Any]:
     """The settings a resume compares: config fields (less VOLATILE), resolved target
-    modules, base fingerprint and the training data's sha256."""
+    modules, base fingerprint, the training data's sha256 (of a mix: its files' digests
+    and shares, training/mixing.py) and the chat template's sha256 when one is set."""
+    from .chat_template import read_chat_template, template_digest
     from .export import fingerprint_of
 
     out = {k: v for k, v in cfg.to_dict().items() if k not in VOLATILE}
     out.update(target_modules=list(target_modules), data_sha256=train_data.digest,
                base_fingerprint=fingerprint_of(base, model_config)["base_fingerprint"])
+    if cfg.chat_template:  # absent otherwise, so settings written before this key still match
+        out["chat_template_sha256"] = template_digest(read_chat_template(cfg.chat_template)[0])
     return out
 
 

@@ -22,8 +22,10 @@ from qlora_serve.errors import InvalidArgument
 
 from .collate import make_collator, packing_is_isolated
 from .config import TrainConfig
-from .data import Dataset, load_dataset
-from .resume import check_resume_settings, metrics_before, run_settings, split_validation, write_run_settings
+from .chat_template import save_chat_template, template_record, use_chat_template
+from .data import Dataset
+from .mixing import dataset_record, load_training_data
+from .resume import check_resume_settings, metrics_before, run_settings, write_run_settings
 from .export import fingerprint_of, save_adapter
 from .feedback import EventSink, FeedbackCallback, MetricsFile, QuietProgressCallback, peak_memory_mb
 from .reporting import LOSS_CURVE_FILE, check_report_to, report_callbacks, write_loss_curve
@@ -92,10 +94,8 @@ def prepare(cfg: TrainConfig) -> PreparedRun:
     base = resolve_base(cfg.base)
     tokenizer = load_tokenizer(base)
     model_config = load_base_config(base)
-    train_data = load_dataset(cfg.data, tokenizer, cfg.max_seq_len, cfg.format, cfg.train_on_inputs)
-    eval_data = load_dataset(cfg.eval_data, tokenizer, cfg.max_seq_len, cfg.format, cfg.train_on_inputs) if cfg.eval_data else None
-    if cfg.val_fraction:
-        train_data, eval_data = split_validation(train_data, cfg.val_fraction, cfg.seed)
+    use_chat_template(cfg.chat_template, tokenizer)  # before tokenizing: the data is rendered with it
+    train_data, eval_data = load_training_data(cfg, tokenizer)  # one file, or several mixed by data_weights
     if cfg.eval_steps and eval_data is None:
         raise InvalidArgument("eval_steps is set but there is no validation data; pass --eval-data FILE.jsonl or --val-fraction")
     target_modules = resolve_target_modules(cfg, model_config)
@@ -253,11 +253,8 @@ def train(
         "name": run.name,
         "base_model": cfg.base or "qlora-serve-demo-tiny-llama",
         **fingerprint_of(run.base, run.model_config),
-        "dataset": {"path": str(run.train_data.path), "sha256": run.train_data.digest, "format": run.train_data.format,
-                    "examples": len(run.train_data), "tokens": run.train_data.num_tokens,
-                    "label_tokens": run.train_data.label_tokens,
-                    "truncated_examples": run.train_data.truncated_examples,
-                    "truncated_tokens": run.train_data.truncated_tokens},
+        "dataset": dataset_record(run.train_data),
+        "chat_template": template_record(cfg.chat_template, run.tokenizer),  # {source, sha256} or None
         "eval_dataset": None if run.eval_data is None else {
             "path": str(run.eval_data.path), "sha256": run.eval_data.digest, "examples": len(run.eval_data)},
         "hyperparameters": {**cfg.to_dict(), "target_modules": run.target_modules, "packing": packing},
@@ -274,6 +271,8 @@ def train(
         "wall_time_s": wall,
         "peak_memory_mb": peak_memory_mb(),
     }
+    if cfg.chat_template:  # serving must render chats exactly as training did
+        save_chat_template(run.out, run.tokenizer.chat_template)
     save_adapter(model, run.out, metadata)
     metrics.summary = {k: metadata[k] for k in (
         "global_step", "stopped_early", "stopped_by_early_stopping", "best_step", "best_eval_loss", "adapter_step",

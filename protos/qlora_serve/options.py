@@ -73,7 +73,7 @@ def add_flags(parser, cls, *, overrides: bool = False, help_overrides: dict[str,
         if t is bool:
             kw.update(action=argparse.BooleanOptionalAction if overrides else "store_true",
                       default=None if overrides else default)
-        elif typing.get_origin(t) is list and overrides:
+        elif typing.get_origin(t) is list and overrides and meta.get("action") != "append":  # append: a repeated flag
             kw.update(default=None, metavar=metavar or "A,B,...")
         else:
             if typing.get_origin(t) is list:  # action="append": the element type converts
