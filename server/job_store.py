@@ -1,9 +1,10 @@
 """Training jobs persisted in SQLite (`DATA_DIR/jobs.sqlite3`, beside the adapter
 registry), so a restarted server lists every job and its result.
 
-A job that was QUEUED or RUNNING when the server stopped cannot continue (its process
-died with the server): on load it is marked FAILED with that reason; its checkpoints
-stay in its work directory.
+A job that was QUEUED or RUNNING when the server stopped is taken up again by the
+restarted server's JobManager (resumed from its last checkpoint) or marked FAILED with
+the reason; `cancel_requested` is kept so a job cancelled just before the stop stays
+cancelled.
 """
 
 from __future__ import annotations
@@ -33,12 +34,15 @@ CREATE TABLE IF NOT EXISTS jobs (
     finished_at REAL NOT NULL,
     result_name TEXT NOT NULL,
     result_version INTEGER NOT NULL,
-    result_digest TEXT NOT NULL
+    result_digest TEXT NOT NULL,
+    cancel_requested INTEGER NOT NULL DEFAULT 0
 )
 """
+# Columns added after the first release: (name, definition) for ALTER TABLE on older files.
+_ADDED = (("cancel_requested", "INTEGER NOT NULL DEFAULT 0"),)
 _FIELDS = ("id", "adapter_name", "owner", "set_default", "config", "workdir", "state", "step", "max_steps", "loss",
            "eval_loss", "error", "created_at", "started_at", "finished_at", "result_name", "result_version",
-           "result_digest")
+           "result_digest", "cancel_requested")
 
 
 class JobStore:
@@ -51,13 +55,17 @@ class JobStore:
         self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute(_SCHEMA)
+        have = {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}
+        for name, definition in _ADDED:
+            if name not in have:
+                self._db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {definition}")
 
     def save(self, job) -> None:
         """Upsert `job` (a training_service.Job)."""
         row = (job.id, job.adapter_name, job.owner, int(job.set_default), json.dumps(job.config), str(job.workdir),
                int(job.state), int(job.step), int(job.max_steps), float(job.loss), float(job.eval_loss), job.error,
                job.created_at, job.started_at, job.finished_at, job.adapter.name, int(job.adapter.version),
-               job.adapter.digest)
+               job.adapter.digest, int(job.cancel_requested))
         marks = ", ".join("?" * len(_FIELDS))
         with self._lock:
             self._db.execute(f"INSERT OR REPLACE INTO jobs ({', '.join(_FIELDS)}) VALUES ({marks})", row)
@@ -69,7 +77,7 @@ class JobStore:
         for row in rows:
             d = dict(zip(_FIELDS, row))
             d["config"] = json.loads(d["config"])
-            d["set_default"] = bool(d["set_default"])
+            d["set_default"], d["cancel_requested"] = bool(d["set_default"]), bool(d["cancel_requested"])
             out.append(d)
         return out
 

@@ -47,6 +47,7 @@ class Job:
     adapter: common_pb2.AdapterRef = field(default_factory=common_pb2.AdapterRef)
     events: list[training_pb2.TrainingEvent] = field(default_factory=list)
     cancel_requested: bool = False
+    interrupted: bool = False  # stopped by the server's shutdown; resumes at the next start
     process = None  # the TrainingJob while running
 
     @property
@@ -62,15 +63,21 @@ class Job:
 
 class JobManager:
     """Runs queued jobs one after another on a worker thread; with a `store`, every job
-    is persisted and the jobs of earlier server runs are listed again."""
+    is persisted and the jobs of earlier server runs are listed again. resume: jobs an
+    earlier server left unfinished run again (`_take_up`). base_name: the served base.
+    resources: each job process's share (training.jobs.JobResources; None = defaults)."""
 
-    def __init__(self, runtime, store=None) -> None:
+    def __init__(self, runtime, store=None, *, resume: bool = False, base_name: str | None = None,
+                 resources=None) -> None:
         self._rt = runtime
         self._jobs: dict[str, Job] = {}
         self._queue: list[Job] = []
         self._cv = threading.Condition()
         self._closed = False
         self._store = store
+        self._resume = resume
+        self._base_name = base_name
+        self._resources = resources
         if store is not None:
             self._restore(store)
         self._worker = threading.Thread(target=self._work, name="training-jobs", daemon=True)
@@ -108,21 +115,33 @@ class JobManager:
             if job in self._queue:
                 self._queue.remove(job)
                 self._end(job, S.JOB_STATE_CANCELLED, "cancelled", {})
-            elif job.process is not None:
+                return job
+            self._save(job)  # a restart before the job has stopped must not resume it
+            if job.process is not None:
                 job.process.cancel()
         return job
 
     def shutdown(self) -> None:
-        """Server stop: queued jobs never start; a running job's process is killed
-        (its last checkpoint stays on disk). Ends every job, so watchers return."""
+        """Server stop: queued jobs do not start here; a running job's process is killed
+        (its last checkpoint stays on disk). With `resume`, both stay QUEUED / RUNNING
+        in the store and the next start takes them up again; without, they end
+        CANCELLED. Watchers return either way."""
         with self._cv:
             self._closed = True
+            running = [j for j in self._jobs.values() if not j.ended and j.process is not None]
             for job in list(self._queue):
                 self._queue.remove(job)
-                self._end(job, S.JOB_STATE_CANCELLED, "cancelled", {"reason": "server shutdown"})
-            running = [j for j in self._jobs.values() if not j.ended and j.process is not None]
+                if self._resume:
+                    job.interrupted = True
+                    self._event(job, "interrupted", {"reason": "server shutdown", "resumes_at_next_start": True})
+                else:
+                    self._end(job, S.JOB_STATE_CANCELLED, "cancelled", {"reason": "server shutdown"})
             for job in running:
-                job.cancel_requested = True
+                if self._resume and not job.cancel_requested:
+                    job.interrupted = True
+                    self._event(job, "interrupted", {"reason": "server shutdown", "resumes_at_next_start": True})
+                else:
+                    job.cancel_requested = True
         for job in running:
             job.process.kill()
 
@@ -131,17 +150,18 @@ class JobManager:
         sent = 0
         while True:
             with self._cv:
-                while sent == len(job.events) and not job.ended and is_active():
+                while sent == len(job.events) and not job.ended and not self._closed and is_active():
                     self._cv.wait(timeout=0.5)
                 batch, sent = job.events[sent:], len(job.events)
-                done = job.ended and sent == len(job.events)
+                done = (job.ended or self._closed) and sent == len(job.events)
             yield from batch
             if done or not is_active():
                 return
 
     # ---------------------------------------------------------- internals
     def _restore(self, store) -> None:
-        """Jobs of earlier server runs; one that had not ended died with that server."""
+        """Jobs of earlier server runs; one that had not ended was interrupted by that
+        server's stop: taken up again (`_take_up`), or CANCELLED if cancelled before it."""
         for row in store.load():
             name, version, digest = row.pop("result_name"), row.pop("result_version"), row.pop("result_digest")
             job = Job(**{**row, "workdir": Path(row["workdir"])})
@@ -149,14 +169,57 @@ class JobManager:
                 job.adapter = common_pb2.AdapterRef(name=name, version=version, digest=digest)
             with self._cv:
                 self._jobs[job.id] = job
-                if not job.ended:
-                    was = "RUNNING at step %d" % job.step if job.state == S.JOB_STATE_RUNNING else "QUEUED"
-                    job.error = (f"interrupted: the server stopped while the job was {was}; its checkpoints are in "
-                                 f"the job's work directory; submit it again")
-                    self._end(job, S.JOB_STATE_FAILED, "error", {"message": job.error})
+                if not job.ended and job.cancel_requested:
+                    self._end(job, S.JOB_STATE_CANCELLED, "cancelled", {"reason": "cancelled before the server stopped"})
+                elif not job.ended:
+                    self._take_up(job)
                 else:  # its event history is gone: one event with its final state, so WatchJob ends meaningfully
                     kind = {S.JOB_STATE_SUCCEEDED: "registered", S.JOB_STATE_CANCELLED: "cancelled"}.get(job.state, "error")
                     self._event(job, kind, {"restored": True})
+
+    def _take_up(self, job: Job) -> None:
+        """A job the earlier server left QUEUED or RUNNING (caller holds the condition):
+        queue it again (a RUNNING one resumes from its newest complete checkpoint), or
+        mark it FAILED saying why it cannot continue."""
+        from qlora_serve.training.jobs import resumable_checkpoint
+
+        was = "RUNNING at step %d" % job.step if job.state == S.JOB_STATE_RUNNING else "QUEUED"
+        why = self._cannot_resume(job) if self._resume else "--no-resume-interrupted-jobs is set"
+        found = None
+        if why is None and job.state == S.JOB_STATE_RUNNING:
+            found = resumable_checkpoint(job.config.get("out", job.workdir / "out"), discard_incomplete=True)
+            if found is None:
+                why = f"it had written no checkpoint yet (one every save_steps = {job.config.get('save_steps', 200)} steps)"
+        if why is not None:
+            job.error = f"interrupted: the server stopped while the job was {was}; it cannot resume: {why}; submit it again"
+            self._end(job, S.JOB_STATE_FAILED, "error", {"message": job.error})
+            return
+        details = {"reason": "the server restarted", "was": was}
+        if found is not None:
+            path, step = found
+            details.update(from_step=step, checkpoint=str(path), interrupted_at_step=job.step)
+            job.config = {**job.config, "resume": True}
+            job.step = step
+        job.state, job.error = S.JOB_STATE_QUEUED, ""
+        self._queue.append(job)
+        self._save(job)
+        self._event(job, "resumed" if found is not None else "requeued", details)
+
+    def _cannot_resume(self, job: Job) -> str | None:
+        """Why an interrupted job cannot run again on this server (None: it can)."""
+        from qlora_serve.training.config import TrainConfig
+
+        if self._base_name is not None and job.config.get("base") != self._base_name:
+            return f"it trains base {clip_repr(job.config.get('base'))} but this server serves {clip_repr(self._base_name)}"
+        for key in ("data", "eval_data"):
+            path = job.config.get(key)
+            if path and not Path(path).is_file():
+                return f"its uploaded dataset {path} is gone"
+        try:
+            TrainConfig.from_dict(job.config, source="job config")
+        except (ValueError, InvalidArgument) as exc:
+            return f"its settings are refused now: {exc}"
+        return None
 
     def _save(self, job: Job) -> None:
         if self._store is not None:
@@ -191,11 +254,16 @@ class JobManager:
                 self._save(job)
             result = None
             try:  # anything going wrong with one job fails that job, never this worker thread
-                process = run_job_in_subprocess(TrainConfig.from_dict(job.config, source="job config"))
+                process = run_job_in_subprocess(TrainConfig.from_dict(job.config, source="job config"),
+                                                self._resources)
                 with self._cv:
                     job.process = process
                     stop_now = job.cancel_requested  # cancelled while the process was starting
-                if stop_now:
+                    closing = self._closed  # the server began stopping while it was starting
+                    job.interrupted = closing and self._resume and not stop_now
+                if closing:
+                    process.kill()
+                elif stop_now:
                     process.cancel()
                 for ev in process:
                     with self._cv:
@@ -218,6 +286,9 @@ class JobManager:
             self._finish(job, result or {"event": "error", "message": "the job ended without a result"})
 
     def _finish(self, job: Job, result: dict) -> None:
+        if job.interrupted:  # killed by the server's shutdown: the store keeps it RUNNING for the next start
+            log.info("training job %s interrupted by the server's shutdown at step %d", job.id, job.step)
+            return
         if job.cancel_requested and (result.get("event") == "error" or result.get("cancelled")):
             # Cancelled: stopped after a step, or killed when it did not stop within the grace period.
             with self._cv:
@@ -252,10 +323,12 @@ class JobManager:
 class TrainingService(training_pb2_grpc.TrainingServicer):
     """Implements qlora_serve.v1.Training."""
 
-    def __init__(self, runtime, jobs_dir: Path, max_dataset_bytes: int, store_path: Path | None = None) -> None:
+    def __init__(self, runtime, jobs_dir: Path, max_dataset_bytes: int, store_path: Path | None = None, *,
+                 resume: bool = False, resources=None) -> None:
         self._rt = runtime
         self._jobs_dir = jobs_dir
         self._store_path = store_path
+        self._resume, self._resources = resume, resources
         self._max_bytes = max_dataset_bytes
         self._manager: JobManager | None = None
         self._linear_names: tuple[list[str], str | None] | None = None
@@ -266,8 +339,15 @@ class TrainingService(training_pb2_grpc.TrainingServicer):
             if self._manager is None:
                 from qlora_serve.server.job_store import JobStore
 
-                self._manager = JobManager(self._rt, JobStore(self._store_path) if self._store_path else None)
+                self._manager = JobManager(self._rt, JobStore(self._store_path) if self._store_path else None,
+                                           resume=self._resume, base_name=self._rt.engine.base.name,
+                                           resources=self._resources)
             return self._manager
+
+    def start(self) -> None:
+        """Called once the base has loaded: jobs an earlier server left unfinished are
+        taken up now, not at the first Training call."""
+        self._mgr()
 
     def shutdown(self) -> None:
         """Called by the server's stop(): kill a running job's process, drop the queue."""
