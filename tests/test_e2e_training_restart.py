@@ -1,7 +1,8 @@
 """Training jobs survive a server restart, end to end: a real `qlora-serve serve`
 process (the CLI, `--no-http`) trains a job that checkpoints every few steps, is
 SIGKILLed mid-job, and is started again on the same data dir. The job's own process
-exits with the server (no orphan goes on writing checkpoints); the restarted server
+runs niced (--training-nice) and exits with the server (no orphan goes on writing
+checkpoints); the restarted server
 resumes the job under the same id from its last checkpoint (a "resumed" event naming
 the step), then a SIGTERM stops the server mid-job and the next start resumes it
 again; it finishes, and its adapter is registered and served. A job cancelled before
@@ -90,6 +91,10 @@ def alive(pid: int) -> bool:
     return state != "Z"
 
 
+def nice_of(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[16])
+
+
 def watch_until(client, job_id: str, stop) -> list:
     """WatchJob events until `stop(event)` (then the call is cancelled) or the job ends."""
     events, call = [], client.watch_job(job_id)
@@ -121,6 +126,7 @@ def test_job_resumes_after_sigkill_and_sigterm_then_registers_and_serves(char_ba
     assert s1.client.cancel_job(cancelled.id).state == T.JOB_STATE_CANCELLED
     watch_until(s1.client, job.id, logged_step_at_least(SAVE + 5))  # checkpoint-SAVE is complete by now
     (worker,) = s1.job_processes()
+    assert nice_of(worker) == min(19, nice_of(s1.proc.pid) + 10)  # --training-nice's default: inference first
     assert s1.signal(signal.SIGKILL) == -signal.SIGKILL
     wait_until(lambda: not alive(worker), timeout=30, what="the job process to exit with its server")
 
@@ -128,7 +134,6 @@ def test_job_resumes_after_sigkill_and_sigterm_then_registers_and_serves(char_ba
     s2 = Server(char_base, data_dir, log)
     again = s2.client.get_job(job.id)
     assert again.state in (T.JOB_STATE_QUEUED, T.JOB_STATE_RUNNING) and not again.error, again
-    first_resume = SAVE  # recorded below
     events = watch_until(s2.client, job.id, logged_step_at_least(3 * SAVE + 5))
     resumed = events[0]
     assert resumed.event == "resumed", [e.event for e in events]

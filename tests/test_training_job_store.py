@@ -142,3 +142,48 @@ def test_store_of_an_earlier_release_opens_and_keeps_cancel_requests(tmp_path):
     store.save(_job(tmp_path, "new", T.JOB_STATE_RUNNING, cancel_requested=True))
     assert [(r["id"], r["cancel_requested"]) for r in store.load()] == [("old", False), ("new", True)]
     store.close()
+
+
+# ------------------------------------------------------------ the flags
+def _serve_config(*argv: str):
+    import argparse
+
+    from qlora_serve.options import add_flags, values_from
+    from qlora_serve.server.config import ServerConfig
+
+    parser = argparse.ArgumentParser()
+    add_flags(parser, ServerConfig)
+    return ServerConfig(**values_from(parser.parse_args(list(argv)), ServerConfig))
+
+
+def test_serve_flags_for_resuming_and_the_training_share():
+    import pytest
+
+    from qlora_serve.training.jobs import JobResources, default_training_threads
+
+    assert _serve_config().resume_interrupted_jobs is True
+    assert _serve_config("--no-resume-interrupted-jobs").resume_interrupted_jobs is False
+    cfg = _serve_config("--training-threads", "3", "--training-nice", "0", "--training-gpu-memory-fraction", "0.4")
+    assert cfg.training_resources() == JobResources(threads=3, nice=0, gpu_memory_fraction=0.4)
+    assert _serve_config().training_resources() == JobResources(threads=None, nice=10, gpu_memory_fraction=None)
+    assert default_training_threads() >= 1
+    for argv, flag in ((("--training-threads", "0"), "--training-threads"), (("--training-nice", "20"), "--training-nice"),
+                       (("--training-nice", "-1"), "--training-nice"),
+                       (("--training-gpu-memory-fraction", "0"), "--training-gpu-memory-fraction"),
+                       (("--training-gpu-memory-fraction", "1.5"), "--training-gpu-memory-fraction"),
+                       (("--training-gpu-memory-fraction", "nan"), "--training-gpu-memory-fraction")):
+        with pytest.raises(ValueError, match=flag):
+            _serve_config(*argv)
+
+
+def test_job_resources_bound_the_job_process():
+    """In a fresh process, as in a job's: torch's intra-op threads and the niceness."""
+    import subprocess
+    import sys
+
+    code = ("import os; from qlora_serve.training.jobs import JobResources; before = os.nice(0); "
+            "JobResources(threads=1, nice=3).apply(); import torch; "
+            "print(torch.get_num_threads(), os.nice(0) - before, os.environ['OMP_NUM_THREADS'])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["1", "3", "1"]
