@@ -3,12 +3,14 @@
 
 For each training share (`--shares`), starts a real `qlora-serve serve` on the demo
 (subprocess, `--no-http --no-metrics`, its own data dir) with that share's flags, then:
-  1. idle: `--requests` sequential Generate calls (adapter pirate, `--max-new-tokens`)
-     after `--warmup` unmeasured ones, no job;
+  1. idle: `--requests` sequential Generate calls (adapter pirate, `--max-new-tokens`
+     tokens each, ignore_eos) after `--warmup` unmeasured ones, no job;
   2. job:  submits a training job on the server (SubmitJob: the demo base, {"text"}
      lines of the demo corpus, a step count that outlasts the measurement), waits for
      its first logged step (its process has loaded the model and is training), then
-     the same sequential Generate calls; then cancels the job.
+     the same sequential Generate calls; then cancels the job, waits for it to end and
+     measures idle again (idle = before + after, so load drift averages out).
+`--repeats` rounds run the shares interleaved (a b a b), each on a fresh server.
 Reports p50 / p95 latency (client side, ms) of each phase, the ratios job/idle, and the
 job's training throughput while it shared the machine (median tokens/s of its log
 events), so the trade-off is visible: a smaller share costs training speed.
@@ -125,7 +127,8 @@ def run_share(name: str, args, data: Path, data_dir: Path, log) -> dict:
                     pass
                 started.set()
 
-            threading.Thread(target=follow, daemon=True).start()
+            watcher = threading.Thread(target=follow, daemon=True)
+            watcher.start()
             if not started.wait(600) or not logs:
                 raise RuntimeError(f"the training job did not start training: {client.get_job(job.id)}")
             load1 = os.getloadavg()
@@ -134,14 +137,18 @@ def run_share(name: str, args, data: Path, data_dir: Path, log) -> dict:
             during = [e["tokens_per_s"] for e in logs[first:] if e.get("tokens_per_s")]
             state = client.get_job(job.id)
             client.cancel_job(job.id)
-        return {"share": name, "flags": share_flags(name), "idle": summary(idle), "job": summary(busy),
-                "p50_ratio": statistics.median(busy) / statistics.median(idle),
-                "p95_ratio": summary(busy)["p95_ms"] / summary(idle)["p95_ms"],
+            watcher.join(300)  # the job's process has stopped
+            after = latencies(client, args.requests, 0, args.max_new_tokens)
+        idle_all = idle + after  # before and after the job: load drift on a shared machine averages out
+        return {"share": name, "flags": share_flags(name), "idle": summary(idle_all), "job": summary(busy),
+                "idle_before": summary(idle), "idle_after": summary(after),
+                "p50_ratio": statistics.median(busy) / statistics.median(idle_all),
+                "p95_ratio": summary(busy)["p95_ms"] / summary(idle_all)["p95_ms"],
                 "job_tokens_per_s": statistics.median(during) if during else None,
                 "job_steps_during": (state.step - logs[first - 1]["step"]) if logs else None,
                 "job_state_during": state.state, "load_average": {"before_idle": load0, "before_job": load1,
                                                                    "after": os.getloadavg()},
-                "idle_s": [round(x, 5) for x in idle], "job_s": [round(x, 5) for x in busy]}
+                "idle_s": [round(x, 5) for x in idle_all], "job_s": [round(x, 5) for x in busy]}
     finally:
         server.stop()
 
@@ -152,6 +159,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--requests", type=int, default=40, help="measured Generate calls per phase")
     p.add_argument("--warmup", type=int, default=5, help="unmeasured Generate calls before the idle phase")
     p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--repeats", type=int, default=1, help="rounds over the shares, interleaved (a b a b)")
     p.add_argument("--out", default=None, help="JSON path (default bench-results/training-share-<timestamp>.json)")
     return p.parse_args(argv)
 
@@ -166,21 +174,25 @@ def main(argv=None) -> int:
         data = work / "train.jsonl"
         data.write_text("".join(json.dumps({"text": line}) + "\n" for line in corpus("pirate", 400, seed=1)))
         with open(work / "server.log", "w") as log:
-            for i, name in enumerate(args.shares.split(",")):
-                print(f"share {name!r}: starting a server ...", file=sys.stderr, flush=True)
-                rows.append(run_share(name.strip(), args, data, work / f"data-{i}", log))
+            runs = [(r, name.strip()) for r in range(args.repeats) for name in args.shares.split(",")]
+            for i, (r, name) in enumerate(runs):
+                print(f"round {r + 1}, share {name!r}: starting a server ...", file=sys.stderr, flush=True)
+                rows.append({"round": r + 1, **run_share(name, args, data, work / f"data-{i}", log)})
                 r = rows[-1]
                 print(f"  idle p50 {r['idle']['p50_ms']:.1f} ms, during the job {r['job']['p50_ms']:.1f} ms "
                       f"(x{r['p50_ratio']:.2f})", file=sys.stderr, flush=True)
 
     print(f"\nGenerate latency beside a training job ({args.requests} sequential calls per phase, "
           f"{args.max_new_tokens} tokens, demo base; goal: p50 ratio <= 1.25 at the default share)\n")
-    print("| share | idle p50 ms | idle p95 ms | job p50 ms | job p95 ms | p50 ratio | p95 ratio | job tokens/s |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("| round | share | idle p50 ms | idle p95 ms | job p50 ms | job p95 ms | p50 ratio | p95 ratio | job tokens/s |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         tps = f"{r['job_tokens_per_s']:.0f}" if r["job_tokens_per_s"] else "-"
-        print(f"| {r['share']} | {r['idle']['p50_ms']:.1f} | {r['idle']['p95_ms']:.1f} | {r['job']['p50_ms']:.1f} | "
+        print(f"| {r['round']} | {r['share']} | {r['idle']['p50_ms']:.1f} | {r['idle']['p95_ms']:.1f} | {r['job']['p50_ms']:.1f} | "
               f"{r['job']['p95_ms']:.1f} | {r['p50_ratio']:.2f} | {r['p95_ratio']:.2f} | {tps} |")
+    for name in dict.fromkeys(r["share"] for r in rows):
+        ratios = [r["p50_ratio"] for r in rows if r["share"] == name]
+        print(f"share {name}: p50 ratio median {statistics.median(ratios):.2f} over {len(ratios)} round(s)")
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out = Path(args.out) if args.out else Path(__file__).resolve().parents[1] / "bench-results" / f"training-share-{stamp}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
