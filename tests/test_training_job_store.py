@@ -10,6 +10,8 @@ import json
 import sqlite3
 import time
 
+import pytest
+
 from qlora_serve.server.job_store import JobStore
 from qlora_serve.server.training_service import Job, JobManager
 from qlora_serve.v1 import common_pb2
@@ -157,8 +159,6 @@ def _serve_config(*argv: str):
 
 
 def test_serve_flags_for_resuming_and_the_training_share():
-    import pytest
-
     from qlora_serve.training.jobs import JobResources, default_training_threads
 
     assert _serve_config().resume_interrupted_jobs is True
@@ -187,3 +187,21 @@ def test_job_resources_bound_the_job_process():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == ["1", "3", "1"]
+
+
+@pytest.mark.cuda
+def test_gpu_memory_fraction_caps_the_job_process():
+    """--training-gpu-memory-fraction: past the cap, the job's allocations fail (OOM in the
+    job, not in the server)."""
+    import subprocess
+    import sys
+
+    code = ("import torch\nfrom qlora_serve.training.jobs import JobResources\n"
+            "JobResources(nice=0, gpu_memory_fraction=0.05).apply()\n"
+            "total = torch.cuda.get_device_properties(0).total_memory\n"
+            "small = torch.empty(int(total * 0.02), dtype=torch.uint8, device='cuda')\n"
+            "try:\n    torch.empty(int(total * 0.10), dtype=torch.uint8, device='cuda'); print('no cap')\n"
+            "except torch.OutOfMemoryError:\n    print('capped')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["capped"]
