@@ -15,6 +15,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from qlora_serve.errors import InvalidArgument, clip_repr
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
     id TEXT PRIMARY KEY,
@@ -84,3 +86,31 @@ class JobStore:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+
+def resume_plan(config: dict, workdir: Path, *, running: bool, resume: bool,
+                base_name: str | None) -> tuple[str | None, tuple[Path, int] | None]:
+    """What a restarted server does with a job the earlier one left unfinished:
+    (why it cannot run again, None) or (None, the (checkpoint, step) a `running` job
+    resumes from; None for a queued one, which starts afresh). An incomplete newest
+    checkpoint (the process died while saving) is deleted; the one before it is used."""
+    from qlora_serve.training.config import TrainConfig
+    from qlora_serve.training.jobs import resumable_checkpoint
+
+    if not resume:
+        return "--no-resume-interrupted-jobs is set", None
+    if base_name is not None and config.get("base") != base_name:
+        return f"it trains base {clip_repr(config.get('base'))} but this server serves {clip_repr(base_name)}", None
+    for key in ("data", "eval_data"):
+        if config.get(key) and not Path(config[key]).is_file():
+            return f"its uploaded dataset {config[key]} is gone", None
+    try:
+        TrainConfig.from_dict(config, source="job config")
+    except (ValueError, InvalidArgument) as exc:
+        return f"its settings are refused now: {exc}", None
+    if not running:
+        return None, None
+    found = resumable_checkpoint(config.get("out", workdir / "out"), discard_incomplete=True)
+    if found is None:
+        return f"it had written no checkpoint yet (one every save_steps = {config.get('save_steps', 200)} steps)", None
+    return None, found

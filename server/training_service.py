@@ -15,6 +15,7 @@ from pathlib import Path
 
 from qlora_serve.server.auth import Principal, check_adapter_access
 from qlora_serve.errors import InvalidArgument, NotFound, PermissionDenied, ResourceExhausted, Unavailable, clip_repr
+from qlora_serve.server.job_store import resume_plan
 from qlora_serve.server.runtime import streaming_rpc, unary_rpc
 from qlora_serve.v1 import common_pb2, training_pb2, training_pb2_grpc
 
@@ -129,19 +130,15 @@ class JobManager:
         with self._cv:
             self._closed = True
             running = [j for j in self._jobs.values() if not j.ended and j.process is not None]
-            for job in list(self._queue):
-                self._queue.remove(job)
-                if self._resume:
+            queued, self._queue = self._queue, []
+            for job in queued + running:
+                if self._resume and not job.cancel_requested:  # the store keeps it QUEUED / RUNNING
                     job.interrupted = True
                     self._event(job, "interrupted", {"reason": "server shutdown", "resumes_at_next_start": True})
+                elif job in running:
+                    job.cancel_requested = True
                 else:
                     self._end(job, S.JOB_STATE_CANCELLED, "cancelled", {"reason": "server shutdown"})
-            for job in running:
-                if self._resume and not job.cancel_requested:
-                    job.interrupted = True
-                    self._event(job, "interrupted", {"reason": "server shutdown", "resumes_at_next_start": True})
-                else:
-                    job.cancel_requested = True
         for job in running:
             job.process.kill()
 
@@ -179,47 +176,22 @@ class JobManager:
 
     def _take_up(self, job: Job) -> None:
         """A job the earlier server left QUEUED or RUNNING (caller holds the condition):
-        queue it again (a RUNNING one resumes from its newest complete checkpoint), or
-        mark it FAILED saying why it cannot continue."""
-        from qlora_serve.training.jobs import resumable_checkpoint
-
+        queued again (a RUNNING one resumes from its newest complete checkpoint), or
+        FAILED saying why it cannot continue (job_store.resume_plan)."""
         was = "RUNNING at step %d" % job.step if job.state == S.JOB_STATE_RUNNING else "QUEUED"
-        why = self._cannot_resume(job) if self._resume else "--no-resume-interrupted-jobs is set"
-        found = None
-        if why is None and job.state == S.JOB_STATE_RUNNING:
-            found = resumable_checkpoint(job.config.get("out", job.workdir / "out"), discard_incomplete=True)
-            if found is None:
-                why = f"it had written no checkpoint yet (one every save_steps = {job.config.get('save_steps', 200)} steps)"
+        why, found = resume_plan(job.config, job.workdir, running=job.state == S.JOB_STATE_RUNNING,
+                                 resume=self._resume, base_name=self._base_name)
         if why is not None:
             job.error = f"interrupted: the server stopped while the job was {was}; it cannot resume: {why}; submit it again"
-            self._end(job, S.JOB_STATE_FAILED, "error", {"message": job.error})
-            return
+            return self._end(job, S.JOB_STATE_FAILED, "error", {"message": job.error})
         details = {"reason": "the server restarted", "was": was}
         if found is not None:
-            path, step = found
-            details.update(from_step=step, checkpoint=str(path), interrupted_at_step=job.step)
-            job.config = {**job.config, "resume": True}
-            job.step = step
+            details.update(from_step=found[1], checkpoint=str(found[0]), interrupted_at_step=job.step)
+            job.config, job.step = {**job.config, "resume": True}, found[1]
         job.state, job.error = S.JOB_STATE_QUEUED, ""
         self._queue.append(job)
         self._save(job)
         self._event(job, "resumed" if found is not None else "requeued", details)
-
-    def _cannot_resume(self, job: Job) -> str | None:
-        """Why an interrupted job cannot run again on this server (None: it can)."""
-        from qlora_serve.training.config import TrainConfig
-
-        if self._base_name is not None and job.config.get("base") != self._base_name:
-            return f"it trains base {clip_repr(job.config.get('base'))} but this server serves {clip_repr(self._base_name)}"
-        for key in ("data", "eval_data"):
-            path = job.config.get(key)
-            if path and not Path(path).is_file():
-                return f"its uploaded dataset {path} is gone"
-        try:
-            TrainConfig.from_dict(job.config, source="job config")
-        except (ValueError, InvalidArgument) as exc:
-            return f"its settings are refused now: {exc}"
-        return None
 
     def _save(self, job: Job) -> None:
         if self._store is not None:
@@ -287,7 +259,6 @@ class JobManager:
 
     def _finish(self, job: Job, result: dict) -> None:
         if job.interrupted:  # killed by the server's shutdown: the store keeps it RUNNING for the next start
-            log.info("training job %s interrupted by the server's shutdown at step %d", job.id, job.step)
             return
         if job.cancel_requested and (result.get("event") == "error" or result.get("cancelled")):
             # Cancelled: stopped after a step, or killed when it did not stop within the grace period.
@@ -345,8 +316,7 @@ class TrainingService(training_pb2_grpc.TrainingServicer):
             return self._manager
 
     def start(self) -> None:
-        """Called once the base has loaded: jobs an earlier server left unfinished are
-        taken up now, not at the first Training call."""
+        """Once the base has loaded: take up jobs an earlier server left unfinished now."""
         self._mgr()
 
     def shutdown(self) -> None:

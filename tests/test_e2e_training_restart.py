@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from caesar_task import RECIPE, caesar, char_base, write_caesar_data  # noqa: F401 (char_base: a fixture)
+from caesar_task import RECIPE, caesar, char_base, write_caesar_data  # noqa: F401, F811 (char_base: a fixture)
 from conftest import wait_until
 from qlora_serve.server.client import Client
 from qlora_serve.v1 import training_pb2 as T
