@@ -15,7 +15,6 @@ from pathlib import Path
 
 from qlora_serve.server.auth import Principal, check_adapter_access
 from qlora_serve.errors import InvalidArgument, NotFound, PermissionDenied, ResourceExhausted, Unavailable, clip_repr
-from qlora_serve.server.job_store import resume_plan
 from qlora_serve.server.runtime import streaming_rpc, unary_rpc
 from qlora_serve.v1 import common_pb2, training_pb2, training_pb2_grpc
 
@@ -178,6 +177,8 @@ class JobManager:
         """A job the earlier server left QUEUED or RUNNING (caller holds the condition):
         queued again (a RUNNING one resumes from its newest complete checkpoint), or
         FAILED saying why it cannot continue (job_store.resume_plan)."""
+        from qlora_serve.server.job_store import resume_plan
+
         was = "RUNNING at step %d" % job.step if job.state == S.JOB_STATE_RUNNING else "QUEUED"
         why, found = resume_plan(job.config, job.workdir, running=job.state == S.JOB_STATE_RUNNING,
                                  resume=self._resume, base_name=self._base_name)
