@@ -75,9 +75,7 @@ class JobManager:
         self._cv = threading.Condition()
         self._closed = False
         self._store = store
-        self._resume = resume
-        self._base_name = base_name
-        self._resources = resources
+        self._resume, self._base_name, self._resources = resume, base_name, resources
         if store is not None:
             self._restore(store)
         self._worker = threading.Thread(target=self._work, name="training-jobs", daemon=True)
@@ -122,10 +120,9 @@ class JobManager:
         return job
 
     def shutdown(self) -> None:
-        """Server stop: queued jobs do not start here; a running job's process is killed
-        (its last checkpoint stays on disk). With `resume`, both stay QUEUED / RUNNING
-        in the store and the next start takes them up again; without, they end
-        CANCELLED. Watchers return either way."""
+        """Server stop: a running job's process is killed (its checkpoints stay on disk).
+        With `resume`, queued and running jobs are left to the next start; without,
+        they end CANCELLED. Watchers return either way."""
         with self._cv:
             self._closed = True
             running = [j for j in self._jobs.values() if not j.ended and j.process is not None]
