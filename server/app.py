@@ -94,8 +94,7 @@ class QloraServer:
         inference_pb2_grpc.add_InferenceServicer_to_server(InferenceService(self.runtime), self.grpc)
         registry_pb2_grpc.add_AdapterRegistryServicer_to_server(RegistryService(self.runtime), self.grpc)
         self.training = TrainingService(self.runtime, config.data_dir / "jobs", max_dataset_bytes=config.max_dataset_bytes,
-                                        store_path=config.data_dir / "jobs.sqlite3",
-                                        resume=config.resume_interrupted_jobs, resources=config.training_resources())
+                                        store_path=config.data_dir / "jobs.sqlite3")
         training_pb2_grpc.add_TrainingServicer_to_server(self.training, self.grpc)
         reflection.enable_server_reflection(SERVICE_NAMES + (health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc)
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -141,7 +140,8 @@ class QloraServer:
         """Load the base (NF4 + double quant), open the registry, register start-up adapters, go SERVING."""
         cfg = self.config
         load_runtime(self.runtime, cfg)
-        self.training.start()  # jobs an earlier run left unfinished resume now
+        if self.training is not None:  # jobs an earlier run left unfinished resume now
+            self.training.start(resume=cfg.resume_interrupted_jobs, resources=cfg.training_resources())
         self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info("serving on %s:%d (metrics: %s, OpenAI HTTP API: %s)", cfg.host, self.port,
                  f"http://{cfg.metrics_address}:{self.metrics_port}/metrics" if self.metrics_port else "off",

@@ -66,8 +66,6 @@ class ServerConfig:
     max_message_bytes: int = option(8 << 20, "largest gRPC message, bytes")
     max_upload_bytes: int = option(DEFAULT_MAX_UPLOAD_BYTES, "largest adapter upload, bytes")
     max_dataset_bytes: int = option(256 << 20, "largest training job's data (train + eval), bytes, uploaded in chunks")
-    max_concurrent_rpcs: int | None = option(None, "RPCs in flight at once, server-wide; more get RESOURCE_EXHAUSTED "
-                                                   "(default: max-running + max-waiting + 16)")
     resume_interrupted_jobs: bool = option(True, "a training job interrupted by a server stop or crash resumes from "
                                                  "its last checkpoint at the next start (without one: FAILED with "
                                                  "the reason); --no-resume-interrupted-jobs marks it FAILED")
@@ -78,6 +76,8 @@ class ServerConfig:
     training_gpu_memory_fraction: float | None = option(
         None, "cap on a training job's CUDA caching allocator, as a fraction of the device's memory, in (0, 1] "
               "(torch.cuda.set_per_process_memory_fraction; default: no cap)")
+    max_concurrent_rpcs: int | None = option(None, "RPCs in flight at once, server-wide; more get RESOURCE_EXHAUSTED "
+                                                   "(default: max-running + max-waiting + 16)")
     engine: EngineConfig = field(default_factory=EngineConfig)
     limits: RequestLimits = field(default_factory=RequestLimits)
 

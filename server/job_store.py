@@ -98,7 +98,7 @@ def resume_plan(config: dict, workdir: Path, *, running: bool, resume: bool,
     from qlora_serve.training.jobs import resumable_checkpoint
 
     if not resume:
-        return "--no-resume-interrupted-jobs is set", None
+        return "resuming is off on this server (--no-resume-interrupted-jobs, or its registry is another's)", None
     if base_name is not None and config.get("base") != base_name:
         return f"it trains base {clip_repr(config.get('base'))} but this server serves {clip_repr(base_name)}", None
     for key in ("data", "eval_data"):

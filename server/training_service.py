@@ -292,12 +292,10 @@ class JobManager:
 class TrainingService(training_pb2_grpc.TrainingServicer):
     """Implements qlora_serve.v1.Training."""
 
-    def __init__(self, runtime, jobs_dir: Path, max_dataset_bytes: int, store_path: Path | None = None, *,
-                 resume: bool = False, resources=None) -> None:
+    def __init__(self, runtime, jobs_dir: Path, max_dataset_bytes: int, store_path: Path | None = None) -> None:
         self._rt = runtime
         self._jobs_dir = jobs_dir
         self._store_path = store_path
-        self._resume, self._resources = resume, resources
         self._max_bytes = max_dataset_bytes
         self._manager: JobManager | None = None
         self._linear_names: tuple[list[str], str | None] | None = None
@@ -305,17 +303,21 @@ class TrainingService(training_pb2_grpc.TrainingServicer):
 
     def _mgr(self) -> JobManager:
         with self._lock:
-            if self._manager is None:
-                from qlora_serve.server.job_store import JobStore
-
-                self._manager = JobManager(self._rt, JobStore(self._store_path) if self._store_path else None,
-                                           resume=self._resume, base_name=self._rt.engine.base.name,
-                                           resources=self._resources)
+            if self._manager is None:  # the base has loaded, start() is about to run
+                raise Unavailable("the Training service is still starting; retry in a few seconds")
             return self._manager
 
-    def start(self) -> None:
-        """Once the base has loaded: take up jobs an earlier server left unfinished now."""
-        self._mgr()
+    def start(self, *, resume: bool = False, resources=None) -> None:
+        """Once the base has loaded: open the job store; with `resume`, jobs an earlier
+        server left unfinished run again now (not where the registry belongs to another
+        server: their adapters could not be registered here). resources: each job
+        process's share (training.jobs.JobResources)."""
+        from qlora_serve.server.job_store import JobStore
+
+        with self._lock:
+            self._manager = self._manager or JobManager(
+                self._rt, JobStore(self._store_path) if self._store_path else None, base_name=self._rt.engine.base.name,
+                resume=resume and not getattr(self._rt.registry, "read_only", False), resources=resources)
 
     def shutdown(self) -> None:
         """Called by the server's stop(): kill a running job's process, drop the queue."""
