@@ -88,29 +88,46 @@ class JobStore:
             self._db.close()
 
 
-def resume_plan(config: dict, workdir: Path, *, running: bool, resume: bool,
-                base_name: str | None) -> tuple[str | None, tuple[Path, int] | None]:
-    """What a restarted server does with a job the earlier one left unfinished:
-    (why it cannot run again, None) or (None, the (checkpoint, step) a `running` job
-    resumes from; None for a queued one, which starts afresh). An incomplete newest
-    checkpoint (the process died while saving) is deleted; the one before it is used."""
-    from qlora_serve.training.config import TrainConfig
+def prepare_resume(job, *, resume: bool, base_name: str | None) -> tuple[str, dict]:
+    """What a restarted server does with a job (training_service.Job) the earlier one left
+    QUEUED or RUNNING: ("resumed" | "requeued", event details) with the job set to run
+    again (a RUNNING one from its newest complete checkpoint: `resume = true` in its
+    config; an incomplete newer checkpoint, the process having died while saving, is
+    deleted), or ("error", details) with job.error saying why it cannot run again."""
     from qlora_serve.training.jobs import resumable_checkpoint
+    from qlora_serve.v1.training_pb2 import JOB_STATE_QUEUED, JOB_STATE_RUNNING
+
+    running = job.state == JOB_STATE_RUNNING
+    was = f"RUNNING at step {job.step}" if running else "QUEUED"
+    why, found = _why_not(job.config, resume, base_name), None
+    if why is None and running:
+        found = resumable_checkpoint(job.config.get("out", job.workdir / "out"), discard_incomplete=True)
+        if found is None:
+            why = f"it had written no checkpoint yet (one every save_steps = {job.config.get('save_steps', 200)} steps)"
+    if why is not None:
+        job.error = f"interrupted: the server stopped while the job was {was}; it cannot resume: {why}; submit it again"
+        return "error", {"message": job.error}
+    details = {"reason": "the server restarted", "was": was}
+    if found is not None:
+        details.update(from_step=found[1], checkpoint=str(found[0]), interrupted_at_step=job.step)
+        job.config, job.step = {**job.config, "resume": True}, found[1]
+    job.state, job.error = JOB_STATE_QUEUED, ""
+    return ("resumed" if found is not None else "requeued"), details
+
+
+def _why_not(config: dict, resume: bool, base_name: str | None) -> str | None:
+    """Why a job with this config cannot run again on this server (None: it can)."""
+    from qlora_serve.training.config import TrainConfig
 
     if not resume:
-        return "resuming is off on this server (--no-resume-interrupted-jobs, or its registry is another's)", None
+        return "resuming is off on this server (--no-resume-interrupted-jobs, or its registry is another's)"
     if base_name is not None and config.get("base") != base_name:
-        return f"it trains base {clip_repr(config.get('base'))} but this server serves {clip_repr(base_name)}", None
+        return f"it trains base {clip_repr(config.get('base'))} but this server serves {clip_repr(base_name)}"
     for key in ("data", "eval_data"):
         if config.get(key) and not Path(config[key]).is_file():
-            return f"its uploaded dataset {config[key]} is gone", None
+            return f"its uploaded dataset {config[key]} is gone"
     try:
         TrainConfig.from_dict(config, source="job config")
     except (ValueError, InvalidArgument) as exc:
-        return f"its settings are refused now: {exc}", None
-    if not running:
-        return None, None
-    found = resumable_checkpoint(config.get("out", workdir / "out"), discard_incomplete=True)
-    if found is None:
-        return f"it had written no checkpoint yet (one every save_steps = {config.get('save_steps', 200)} steps)", None
-    return None, found
+        return f"its settings are refused now: {exc}"
+    return None

@@ -63,9 +63,8 @@ class Job:
 
 class JobManager:
     """Runs queued jobs one after another on a worker thread; with a `store`, every job
-    is persisted and the jobs of earlier server runs are listed again. resume: jobs an
-    earlier server left unfinished run again (`_take_up`). base_name: the served base.
-    resources: each job process's share (training.jobs.JobResources; None = defaults)."""
+    is persisted and the jobs of earlier server runs are listed again (`resume`: see
+    job_store.prepare_resume). resources: each job process's share (jobs.JobResources)."""
 
     def __init__(self, runtime, store=None, *, resume: bool = False, base_name: str | None = None,
                  resources=None) -> None:
@@ -153,8 +152,7 @@ class JobManager:
 
     # ---------------------------------------------------------- internals
     def _restore(self, store) -> None:
-        """Jobs of earlier server runs; one that had not ended was interrupted by that
-        server's stop: taken up again (`_take_up`), or CANCELLED if cancelled before it."""
+        """Jobs of earlier server runs; an unfinished one is taken up again unless it was cancelled."""
         for row in store.load():
             name, version, digest = row.pop("result_name"), row.pop("result_version"), row.pop("result_digest")
             job = Job(**{**row, "workdir": Path(row["workdir"])})
@@ -172,24 +170,15 @@ class JobManager:
 
     def _take_up(self, job: Job) -> None:
         """A job the earlier server left QUEUED or RUNNING (caller holds the condition):
-        queued again (a RUNNING one resumes from its newest complete checkpoint), or
-        FAILED saying why it cannot continue (job_store.resume_plan)."""
-        from qlora_serve.server.job_store import resume_plan
+        queued again, or FAILED saying why (job_store.prepare_resume)."""
+        from qlora_serve.server.job_store import prepare_resume
 
-        was = "RUNNING at step %d" % job.step if job.state == S.JOB_STATE_RUNNING else "QUEUED"
-        why, found = resume_plan(job.config, job.workdir, running=job.state == S.JOB_STATE_RUNNING,
-                                 resume=self._resume, base_name=self._base_name)
-        if why is not None:
-            job.error = f"interrupted: the server stopped while the job was {was}; it cannot resume: {why}; submit it again"
-            return self._end(job, S.JOB_STATE_FAILED, "error", {"message": job.error})
-        details = {"reason": "the server restarted", "was": was}
-        if found is not None:
-            details.update(from_step=found[1], checkpoint=str(found[0]), interrupted_at_step=job.step)
-            job.config, job.step = {**job.config, "resume": True}, found[1]
-        job.state, job.error = S.JOB_STATE_QUEUED, ""
+        kind, details = prepare_resume(job, resume=self._resume, base_name=self._base_name)
+        if kind == "error":
+            return self._end(job, S.JOB_STATE_FAILED, kind, details)
         self._queue.append(job)
         self._save(job)
-        self._event(job, "resumed" if found is not None else "requeued", details)
+        self._event(job, kind, details)
 
     def _save(self, job: Job) -> None:
         if self._store is not None:
@@ -308,10 +297,8 @@ class TrainingService(training_pb2_grpc.TrainingServicer):
             return self._manager
 
     def start(self, *, resume: bool = False, resources=None) -> None:
-        """Once the base has loaded: open the job store; with `resume`, jobs an earlier
-        server left unfinished run again now (not where the registry belongs to another
-        server: their adapters could not be registered here). resources: each job
-        process's share (training.jobs.JobResources)."""
+        """Once the base has loaded: open the job store, resume unfinished jobs (not when the
+        registry is another server's: their adapters could not be registered here)."""
         from qlora_serve.server.job_store import JobStore
 
         with self._lock:
