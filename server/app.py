@@ -145,6 +145,8 @@ class QloraServer:
         """Load the base (NF4 + double quant), open the registry, register start-up adapters, go SERVING."""
         cfg = self.config
         load_runtime(self.runtime, cfg)
+        if self.training is not None:  # jobs an earlier run left unfinished resume now
+            self.training.start(resume=cfg.resume_interrupted_jobs, resources=cfg.training_resources())
         self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info("serving on %s:%d (metrics: %s, OpenAI HTTP API: %s)", cfg.host, self.port,
                  f"http://{cfg.metrics_address}:{self.metrics_port}/metrics" if self.metrics_port else "off",

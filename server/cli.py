@@ -351,6 +351,8 @@ def _event_line(ev) -> str:
         return f"{head} FAILED: {j.error}"
     if ev.event == "cancelled":
         return f"{head} CANCELLED at step {j.step}"
+    if ev.event == "resumed":  # a server restart interrupted it (README "Jobs survive a restart")
+        return f"{head} resumed from step {d.get('from_step')} (interrupted at step {d.get('interrupted_at_step')})"
     return f"{head} {ev.event} ({_job_state(j).lower()})"
 
 

@@ -69,6 +69,16 @@ class ServerConfig:
     max_message_bytes: int = option(8 << 20, "largest gRPC message, bytes")
     max_upload_bytes: int = option(DEFAULT_MAX_UPLOAD_BYTES, "largest adapter upload, bytes")
     max_dataset_bytes: int = option(256 << 20, "largest training job's data (train + eval), bytes, uploaded in chunks")
+    resume_interrupted_jobs: bool = option(True, "a training job interrupted by a server stop or crash resumes from "
+                                                 "its last checkpoint at the next start (without one: FAILED with "
+                                                 "the reason); --no-resume-interrupted-jobs marks it FAILED")
+    training_threads: int | None = option(None, "torch intra-op threads of a training job's process on CPU "
+                                                "(default: max(1, cores // 2), so inference keeps a core)")
+    training_nice: int = option(10, "niceness added to a training job's process (0-19): the OS runs the "
+                                    "server's inference threads first")
+    training_gpu_memory_fraction: float | None = option(
+        None, "cap on a training job's CUDA caching allocator, as a fraction of the device's memory, in (0, 1] "
+              "(torch.cuda.set_per_process_memory_fraction; default: no cap)")
     max_concurrent_rpcs: int | None = option(None, "RPCs in flight at once, server-wide; more get RESOURCE_EXHAUSTED "
                                                    "(default: max-running + max-waiting + 16)")
     role: str = option("engine", "engine: load the base and serve inference; registry: serve only the "
@@ -109,4 +119,12 @@ class ServerConfig:
         for name, _ in self.adapters:
             if not name:
                 raise ValueError("--adapter needs NAME=PATH with a non-empty NAME")
+        self.training_resources()  # raises ValueError naming a bad training share
+
+    def training_resources(self):
+        """The training job's share of the machine (qlora_serve.training.jobs.JobResources)."""
+        from qlora_serve.training.jobs import JobResources
+
+        return JobResources(threads=self.training_threads, nice=self.training_nice,
+                            gpu_memory_fraction=self.training_gpu_memory_fraction)
 

@@ -48,6 +48,7 @@ class Job:
     adapter: common_pb2.AdapterRef = field(default_factory=common_pb2.AdapterRef)
     events: list[training_pb2.TrainingEvent] = field(default_factory=list)
     cancel_requested: bool = False
+    interrupted: bool = False  # stopped by the server's shutdown; resumes at the next start
     process = None  # the TrainingJob while running
 
     @property
@@ -63,15 +64,18 @@ class Job:
 
 class JobManager:
     """Runs queued jobs one after another on a worker thread; with a `store`, every job
-    is persisted and the jobs of earlier server runs are listed again."""
+    is persisted and the jobs of earlier server runs are listed again (`resume`: see
+    job_store.prepare_resume). resources: each job process's share (jobs.JobResources)."""
 
-    def __init__(self, runtime, store=None) -> None:
+    def __init__(self, runtime, store=None, *, resume: bool = False, base_name: str | None = None,
+                 resources=None) -> None:
         self._rt = runtime
         self._jobs: dict[str, Job] = {}
         self._queue: list[Job] = []
         self._cv = threading.Condition()
         self._closed = False
         self._store = store
+        self._resume, self._base_name, self._resources = resume, base_name, resources
         if store is not None:
             self._restore(store)
         self._worker = threading.Thread(target=self._work, name="training-jobs", daemon=True)
@@ -109,21 +113,28 @@ class JobManager:
             if job in self._queue:
                 self._queue.remove(job)
                 self._end(job, S.JOB_STATE_CANCELLED, "cancelled", {})
-            elif job.process is not None:
+                return job
+            self._save(job)  # a restart before the job has stopped must not resume it
+            if job.process is not None:
                 job.process.cancel()
         return job
 
     def shutdown(self) -> None:
-        """Server stop: queued jobs never start; a running job's process is killed
-        (its last checkpoint stays on disk). Ends every job, so watchers return."""
+        """Server stop: a running job's process is killed (its checkpoints stay on disk).
+        With `resume`, queued and running jobs are left to the next start; without,
+        they end CANCELLED. Watchers return either way."""
         with self._cv:
             self._closed = True
-            for job in list(self._queue):
-                self._queue.remove(job)
-                self._end(job, S.JOB_STATE_CANCELLED, "cancelled", {"reason": "server shutdown"})
             running = [j for j in self._jobs.values() if not j.ended and j.process is not None]
-            for job in running:
-                job.cancel_requested = True
+            queued, self._queue = self._queue, []
+            for job in queued + running:
+                if self._resume and not job.cancel_requested:  # the store keeps it QUEUED / RUNNING
+                    job.interrupted = True
+                    self._event(job, "interrupted", {"reason": "server shutdown", "resumes_at_next_start": True})
+                elif job in running:
+                    job.cancel_requested = True
+                else:
+                    self._end(job, S.JOB_STATE_CANCELLED, "cancelled", {"reason": "server shutdown"})
         for job in running:
             job.process.kill()
 
@@ -132,17 +143,17 @@ class JobManager:
         sent = 0
         while True:
             with self._cv:
-                while sent == len(job.events) and not job.ended and is_active():
+                while sent == len(job.events) and not job.ended and not self._closed and is_active():
                     self._cv.wait(timeout=0.5)
                 batch, sent = job.events[sent:], len(job.events)
-                done = job.ended and sent == len(job.events)
+                done = (job.ended or self._closed) and sent == len(job.events)
             yield from batch
             if done or not is_active():
                 return
 
     # ---------------------------------------------------------- internals
     def _restore(self, store) -> None:
-        """Jobs of earlier server runs; one that had not ended died with that server."""
+        """Jobs of earlier server runs; an unfinished one is taken up again unless it was cancelled."""
         for row in store.load():
             name, version, digest = row.pop("result_name"), row.pop("result_version"), row.pop("result_digest")
             job = Job(**{**row, "workdir": Path(row["workdir"])})
@@ -150,14 +161,25 @@ class JobManager:
                 job.adapter = common_pb2.AdapterRef(name=name, version=version, digest=digest)
             with self._cv:
                 self._jobs[job.id] = job
-                if not job.ended:
-                    was = "RUNNING at step %d" % job.step if job.state == S.JOB_STATE_RUNNING else "QUEUED"
-                    job.error = (f"interrupted: the server stopped while the job was {was}; its checkpoints are in "
-                                 f"the job's work directory; submit it again")
-                    self._end(job, S.JOB_STATE_FAILED, "error", {"message": job.error})
+                if not job.ended and job.cancel_requested:
+                    self._end(job, S.JOB_STATE_CANCELLED, "cancelled", {"reason": "cancelled before the server stopped"})
+                elif not job.ended:
+                    self._take_up(job)
                 else:  # its event history is gone: one event with its final state, so WatchJob ends meaningfully
                     kind = {S.JOB_STATE_SUCCEEDED: "registered", S.JOB_STATE_CANCELLED: "cancelled"}.get(job.state, "error")
                     self._event(job, kind, {"restored": True})
+
+    def _take_up(self, job: Job) -> None:
+        """A job the earlier server left QUEUED or RUNNING (caller holds the condition):
+        queued again, or FAILED saying why (job_store.prepare_resume)."""
+        from qlora_serve.server.job_store import prepare_resume
+
+        kind, details = prepare_resume(job, resume=self._resume, base_name=self._base_name)
+        if kind == "error":
+            return self._end(job, S.JOB_STATE_FAILED, kind, details)
+        self._queue.append(job)
+        self._save(job)
+        self._event(job, kind, details)
 
     def _save(self, job: Job) -> None:
         if self._store is not None:
@@ -192,11 +214,16 @@ class JobManager:
                 self._save(job)
             result = None
             try:  # anything going wrong with one job fails that job, never this worker thread
-                process = run_job_in_subprocess(TrainConfig.from_dict(job.config, source="job config"))
+                process = run_job_in_subprocess(TrainConfig.from_dict(job.config, source="job config"),
+                                                self._resources)
                 with self._cv:
                     job.process = process
                     stop_now = job.cancel_requested  # cancelled while the process was starting
-                if stop_now:
+                    closing = self._closed  # the server began stopping while it was starting
+                    job.interrupted = closing and self._resume and not stop_now
+                if closing:
+                    process.kill()
+                elif stop_now:
                     process.cancel()
                 for ev in process:
                     with self._cv:
@@ -219,6 +246,8 @@ class JobManager:
             self._finish(job, result or {"event": "error", "message": "the job ended without a result"})
 
     def _finish(self, job: Job, result: dict) -> None:
+        if job.interrupted:  # killed by the server's shutdown: the store keeps it RUNNING for the next start
+            return
         if job.cancel_requested and (result.get("event") == "error" or result.get("cancelled")):
             # Cancelled: stopped after a step, or killed when it did not stop within the grace period.
             with self._cv:
@@ -265,11 +294,19 @@ class TrainingService(training_pb2_grpc.TrainingServicer):
 
     def _mgr(self) -> JobManager:
         with self._lock:
-            if self._manager is None:
-                from qlora_serve.server.job_store import JobStore
-
-                self._manager = JobManager(self._rt, JobStore(self._store_path) if self._store_path else None)
+            if self._manager is None:  # the base has loaded, start() is about to run
+                raise Unavailable("the Training service is still starting; retry in a few seconds")
             return self._manager
+
+    def start(self, *, resume: bool = False, resources=None) -> None:
+        """Once the base has loaded: open the job store, resume unfinished jobs (not when the
+        registry is another server's: their adapters could not be registered here)."""
+        from qlora_serve.server.job_store import JobStore
+
+        with self._lock:
+            self._manager = self._manager or JobManager(
+                self._rt, JobStore(self._store_path) if self._store_path else None, base_name=self._rt.engine.base.name,
+                resume=resume and not getattr(self._rt.registry, "read_only", False), resources=resources)
 
     def shutdown(self) -> None:
         """Called by the server's stop(): kill a running job's process, drop the queue."""

@@ -46,7 +46,8 @@ def add_flags(parser, cls, *, overrides: bool = False, help_overrides: dict[str,
     """One --flag per field of `cls` that has help (see `option`).
 
     overrides=False (serve): each flag defaults to the field's default, booleans are
-    `store_true`; a formatter such as ArgumentDefaultsHelpFormatter shows the default.
+    `store_true` (`--x/--no-x` when the field defaults to True); a formatter such as
+    ArgumentDefaultsHelpFormatter shows the default.
     overrides=True (train): every flag defaults to None so a config file's value is
     replaced only by a flag the user typed; booleans are `--x/--no-x`, lists are
     comma-separated, and the help text says the field's default itself.
@@ -70,8 +71,8 @@ def add_flags(parser, cls, *, overrides: bool = False, help_overrides: dict[str,
             metavar = meta["flag"].replace("-", "_").upper()
         if metavar is not None:
             kw["metavar"] = metavar
-        if t is bool:
-            kw.update(action=argparse.BooleanOptionalAction if overrides else "store_true",
+        if t is bool:  # a switch that is on by default needs its --no-x to turn it off
+            kw.update(action=argparse.BooleanOptionalAction if overrides or default else "store_true",
                       default=None if overrides else default)
         elif typing.get_origin(t) is list and overrides and meta.get("action") != "append":  # append: a repeated flag
             kw.update(default=None, metavar=metavar or "A,B,...")
