@@ -65,6 +65,16 @@ def not_found(name: str) -> NotFound:
     return NotFound(f"adapter {name!r} is not registered; {LIST_HINT}")
 
 
+def version_ref(name: str, version: int | None) -> str:
+    """The ref of `name@version` (plain `name` when version is None), both checked."""
+    validate_name(name)
+    if version is None:
+        return name
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise InvalidArgument(f"version must be a positive integer, got {version!r}")
+    return f"{name}@{version}"
+
+
 def pick_version(name: str, selector: str | None, versions: Sequence[int], aliases: Mapping[str, int]) -> int:
     """The version a ref's selector names (see `Catalogue.resolve`), given the name's
     versions (ascending, non-empty) and its aliases {alias: version}; NotFound names
@@ -264,12 +274,7 @@ class Catalogue:
 
     def get(self, name: str, version: int | None = None) -> AdapterRecord:
         """`name@version`, or what plain `name` resolves to when version is None."""
-        validate_name(name)
-        if version is None:
-            return self.resolve(name)
-        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
-            raise InvalidArgument(f"version must be a positive integer, got {version!r}")
-        return self.resolve(f"{name}@{version}")
+        return self.resolve(version_ref(name, version))
 
     def list(self, *, name: str | None = None, owner: str | None = None, include_public: bool = True) -> list[AdapterRecord]:
         """Records ordered by (name, version), with their aliases, read in one

@@ -69,6 +69,7 @@ from pathlib import Path
 
 from qlora_serve.adapters.catalogue import _COLUMNS, DB_FILE, DEFAULT_ALIAS, LIST_HINT, Catalogue
 from qlora_serve.adapters.changes import ALIAS_SET, DELETED, REGISTERED, ChangeLog
+from qlora_serve.adapters.health import HealthMarks
 from qlora_serve.adapters.layout import (  # noqa: F401 (FINGERPRINT_KEY, METADATA_FILE: re-exported)
     ADAPTER_FILES,
     CHAT_TEMPLATE_FILE,
@@ -105,7 +106,7 @@ def _check_chat_template_file(path: Path) -> None:
         raise InvalidArgument(f"{path} is not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start})") from None
 
 
-class AdapterRegistry(Catalogue):
+class AdapterRegistry(Catalogue, HealthMarks):
     """The catalogue + store. See the module docstring for semantics.
 
     data_dir: where registry.sqlite3, store/ and tmp/ live (created if absent).
@@ -143,10 +144,7 @@ class AdapterRegistry(Catalogue):
         self.compute_dtype = compute_dtype
         self._lock = threading.RLock()
         self.changes = ChangeLog()  # what watchers (engine replicas) replay; appended under _lock
-        # digest -> why its stored files failed `verify` (adapter health). Its own lock:
-        # the engine's reader thread marks, gRPC threads read, without waiting on SQLite.
-        self._unusable: dict[str, str] = {}
-        self._health_lock = threading.Lock()
+        HealthMarks.__init__(self)  # digests whose stored files failed `verify`
         if read_only:  # a reader beside the one writer (which holds the lock): see _open_reader
             self._lock_fd = None
             self._conn = self._open_reader()
@@ -398,24 +396,7 @@ class AdapterRegistry(Catalogue):
             raise NotFound(f"no registered adapter version has digest {digest[:12]}...; {LIST_HINT}")
         return self._store.path(digest)
 
-    # -- adapter health ------------------------------------------------------
-
-    def mark_unusable(self, digest: str, reason: str) -> None:
-        """Record that `digest`'s stored files cannot be served (`reason` says why);
-        inference refuses it at once until it verifies again, is registered again
-        (which re-commits its files) or is deleted. Thread-safe."""
-        with self._health_lock:
-            self._unusable[digest] = reason
-
-    def mark_usable(self, digest: str) -> None:
-        """Clear `digest`'s unusable mark, if any. Thread-safe."""
-        with self._health_lock:
-            self._unusable.pop(digest, None)
-
-    def unusable_reason(self, digest: str) -> str | None:
-        """Why `digest` is marked unusable, or None when it is not. Thread-safe."""
-        with self._health_lock:
-            return self._unusable.get(digest)
+    # -- adapter health (marks: HealthMarks) ---------------------------------
 
     def verify(self, record: AdapterRecord) -> None:
         """Check a record is servable by this server, before loading it: its

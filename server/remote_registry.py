@@ -34,7 +34,8 @@ from pathlib import Path
 
 import grpc
 
-from qlora_serve.adapters.catalogue import not_found, pick_version
+from qlora_serve.adapters.catalogue import not_found, pick_version, version_ref
+from qlora_serve.adapters.health import HealthMarks
 from qlora_serve.adapters.layout import ADAPTER_FILES
 from qlora_serve.adapters.records import AdapterRecord, parse_ref, validate_name
 from qlora_serve.adapters.store import DIGEST_RE, ContentStore, manifest_digest
@@ -52,7 +53,7 @@ _MAX_NAMES = 10_000  # cached names, oldest dropped first (unknown names are cac
 _Kind = registry_pb2.RegistryEventKind
 
 
-class RemoteRegistry:
+class RemoteRegistry(HealthMarks):
     """Reads the registry at `address` with `api_key` (an admin key of the registry's key
     file; None when its auth is off). cache_dir: where fetched adapter files live.
     base_fingerprint / allow_fingerprint_mismatch: as AdapterRegistry (checked in verify).
@@ -83,7 +84,7 @@ class RemoteRegistry:
         self._catalogue: tuple[float, list[AdapterRecord]] | None = None  # (fetched at, every record)
         self._events = 0  # every change and reset seen (the catalogue read that raced one is not cached)
         self._fetch_lock = threading.Lock()  # one download at a time
-        self._unusable: dict[str, str] = {}
+        HealthMarks.__init__(self)
         self._epoch, self._seq = "", 0  # the last change applied
         self._closed = threading.Event()
         self._synced = threading.Event()  # the change stream is connected (its first message came)
@@ -181,12 +182,7 @@ class RemoteRegistry:
 
     def get(self, name: str, version: int | None = None) -> AdapterRecord:
         """`name@version`, or what plain `name` resolves to when version is None."""
-        validate_name(name)
-        if version is None:
-            return self.resolve(name)
-        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
-            raise InvalidArgument(f"version must be a positive integer, got {version!r}")
-        return self.resolve(f"{name}@{version}")
+        return self.resolve(version_ref(name, version))
 
     def aliases(self, name: str) -> dict[str, int]:
         """{alias: version} of `name`; NotFound for an unknown name."""
@@ -221,19 +217,6 @@ class RemoteRegistry:
     register_path = register_files = set_alias = delete_alias = delete = _refuse_write
 
     # ---------------------------------------------------------------- files
-    def mark_unusable(self, digest: str, reason: str) -> None:
-        with self._lock:
-            self._unusable[digest] = reason
-
-    def mark_usable(self, digest: str) -> None:
-        with self._lock:
-            self._unusable.pop(digest, None)
-
-    def unusable_reason(self, digest: str) -> str | None:
-        """Why `digest` failed `verify` on this server, or None."""
-        with self._lock:
-            return self._unusable.get(digest)
-
     def verify(self, record: AdapterRecord) -> None:
         """Fetch the record's files when not cached here, and check them as
         AdapterRegistry.verify does (FailedPrecondition marks the digest unusable)."""
