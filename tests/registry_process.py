@@ -3,15 +3,11 @@ a fixed free loopback port, so it can be killed and started again there."""
 
 from __future__ import annotations
 
-import os
-import queue
 import signal
 import socket
-import subprocess
-import sys
-import threading
-import time
 from pathlib import Path
+
+from server_process import start_serve
 
 
 def _free_port() -> int:
@@ -24,7 +20,7 @@ class RegistryProcess:
     """`qlora-serve serve --role registry` on a fixed port (restartable there)."""
 
     def __init__(self, base: Path, data_dir: Path, key_file: Path, log: Path) -> None:
-        self.args = [sys.executable, "-m", "qlora_serve.server.cli", "serve", "--role", "registry", "--base", str(base),
+        self.args = ["--role", "registry", "--base", str(base),
                      "--port", str(_free_port()), "--no-metrics", "--no-http", "--data-dir", str(data_dir),
                      "--key-file", str(key_file), "--compute-dtype", "float32", "--grace", "0"]
         self.address = f"127.0.0.1:{self.args[self.args.index('--port') + 1]}"
@@ -32,19 +28,8 @@ class RegistryProcess:
         self.proc = None
 
     def start(self) -> "RegistryProcess":
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-        self.proc = subprocess.Popen(self.args, stdout=subprocess.PIPE, stderr=open(self.log, "ab"), text=True, env=env)
-        lines: queue.Queue = queue.Queue()
-        threading.Thread(target=lambda: [lines.put(line) for line in self.proc.stdout], daemon=True).start()
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
-            except queue.Empty:
-                self.kill()
-                raise AssertionError(f"registry did not start in 120 s; see {self.log}") from None
-            if "ready on" in line:
-                return self
+        self.proc, _ = start_serve(self.args, self.log, what="registry")
+        return self
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

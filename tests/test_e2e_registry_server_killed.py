@@ -17,10 +17,8 @@ from __future__ import annotations
 
 import json
 import os
-import queue
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -30,6 +28,7 @@ import pytest
 
 from qlora_serve.adapters.store import manifest_digest
 from qlora_serve.server.client import Client
+from server_process import start_serve
 
 PAD_BYTES = 12 << 20  # README.md size: makes the staging window tens of milliseconds wide
 MAX_REGISTRATIONS = 30  # per round; the kill normally comes after 3
@@ -41,24 +40,9 @@ class ServerProcess:
     back from its "ready on" line)."""
 
     def __init__(self, base: Path, data_dir: Path, log: Path, *extra: str) -> None:
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "qlora_serve.server.cli", "serve", "--base", str(base), "--port", "0",
-             "--no-metrics", "--no-http", "--data-dir", str(data_dir), "--compute-dtype", "float32", "--grace", "0",
-             *extra],
-            stdout=subprocess.PIPE, stderr=open(log, "ab"), text=True, env=env)
-        lines: queue.Queue = queue.Queue()
-        threading.Thread(target=lambda: [lines.put(line) for line in self.proc.stdout], daemon=True).start()
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
-            except queue.Empty:
-                self.kill()
-                raise AssertionError(f"server did not start in 120 s; see {log}") from None
-            if "ready on" in line:
-                self.address = "127.0.0.1:" + line.split("ready on ", 1)[1].split()[0].rsplit(":", 1)[1]
-                return
+        self.proc, self.address = start_serve(
+            ["--base", str(base), "--port", "0", "--no-metrics", "--no-http", "--data-dir", str(data_dir),
+             "--compute-dtype", "float32", "--grace", "0", *extra], log)
 
     def kill(self) -> None:
         if self.proc.poll() is None:

@@ -12,19 +12,14 @@ the crash stays cancelled; a job still queued at the crash runs after the restar
 from __future__ import annotations
 
 import json
-import os
-import queue
 import signal
-import subprocess
-import sys
-import threading
-import time
 from pathlib import Path
 
 import pytest
 
 from caesar_task import RECIPE, caesar, char_base, write_caesar_data  # noqa: F401, F811 (char_base: a fixture)
 from conftest import wait_until
+from server_process import start_serve
 from qlora_serve.server.client import Client
 from qlora_serve.v1 import training_pb2 as T
 
@@ -44,24 +39,10 @@ class Server:
     from its "ready on" line (printed once the base has loaded)."""
 
     def __init__(self, base: Path, data_dir: Path, log: Path) -> None:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "qlora_serve.server.cli", "serve", "--base", str(base), "--port", "0",
-             "--no-metrics", "--no-http", "--data-dir", str(data_dir), "--compute-dtype", "float32", "--grace", "5"],
-            stdout=subprocess.PIPE, stderr=open(log, "ab"), text=True, env=env)
-        lines: queue.Queue = queue.Queue()
-        threading.Thread(target=lambda: [lines.put(line) for line in self.proc.stdout], daemon=True).start()
-        deadline = time.monotonic() + 240
-        while True:
-            try:
-                line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
-            except queue.Empty:
-                self.signal(signal.SIGKILL)
-                raise AssertionError(f"server did not start in 240 s; see {log}") from None
-            if "ready on" in line:
-                self.address = "127.0.0.1:" + line.split("ready on ", 1)[1].split()[0].rsplit(":", 1)[1]
-                self.client = Client(self.address, timeout=120)
-                return
+        self.proc, self.address = start_serve(
+            ["--base", str(base), "--port", "0", "--no-metrics", "--no-http", "--data-dir", str(data_dir),
+             "--compute-dtype", "float32", "--grace", "5"], log, timeout_s=240, omp_threads=None)
+        self.client = Client(self.address, timeout=120)
 
     def job_processes(self) -> list[int]:
         """Pids of this server's training job processes (multiprocessing spawn children)."""
