@@ -8,7 +8,8 @@ that `qlora-serve serve --role registry` server over gRPC:
   INVALID_ARGUMENT), UploadAdapter's stream message by message as the client sends it;
 - the caller's credentials exactly as received (`authorization` / `x-api-key`), never
   the replica's service key: the registry checks the caller's rights and tenancy;
-- its answer unchanged: the message, or the status code, details and trailing metadata.
+- its answer unchanged: the message, or the status code, details and trailing metadata
+  (Ray 2.60's proxy passes code and details of an error on, not its trailing metadata).
   Only a registry that cannot be reached at all gets a message of ours (UNAVAILABLE).
 
 Ray's proxy does not pass the caller's deadline to the replica; it cancels the replica's

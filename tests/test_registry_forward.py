@@ -133,3 +133,11 @@ def test_the_forwarding_server_sees_its_own_write_at_once(writer, demo, tmp_path
     finally:
         fwd.close()
         remote.close()
+
+
+def test_training_refusal_on_replicas_following_a_registry_server_says_how_to_train():
+    from qlora_serve.server.ray_services import refusal
+
+    msg = refusal("SubmitJob", "submit training jobs", True, "reg:50052", registry_server=True)
+    assert "one owner" in msg and "qlora-serve train ... --register reg:50052" in msg
+    assert "at the registry's writer" not in msg  # a --role registry server runs no jobs
