@@ -23,6 +23,7 @@ when the registry's change stream reaches them.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 from collections.abc import Iterable
 from typing import Any
@@ -86,8 +87,9 @@ class RegistryForwarder:
         metadata: the caller's invocation metadata (only its credentials go on)."""
         loop = asyncio.get_running_loop()
         streaming = _SERVICE.methods_by_name[method].client_streaming
+        pending: list = []  # the stream's next message being awaited for gRPC's sending thread
         if streaming:
-            request = self._pull(request, loop)
+            request = self._pull(request, loop, pending)
         else:
             request = _raw(request)
         call = self._calls[method].future(request, metadata=credentials(metadata),
@@ -102,6 +104,8 @@ class RegistryForwarder:
             await done
         except asyncio.CancelledError:  # the caller left (or its deadline passed at the proxy)
             call.cancel()
+            for fut in pending:  # unblock the sending thread
+                fut.cancel()
             raise
         try:
             response = call.result()
@@ -111,14 +115,17 @@ class RegistryForwarder:
         return response
 
     @staticmethod
-    def _pull(stream, loop: asyncio.AbstractEventLoop):
+    def _pull(stream, loop: asyncio.AbstractEventLoop, pending: list):
         """The async request stream as an iterator gRPC's sending thread consumes, one
-        message at a time from the event loop (the caller's pace: nothing is buffered)."""
+        message at a time from the event loop (the caller's pace: nothing is buffered).
+        pending: holds the future of the message awaited, so a cancel can end the wait."""
         it = stream.__aiter__()
         while True:
+            fut = asyncio.run_coroutine_threadsafe(it.__anext__(), loop)
+            pending[:] = [fut]
             try:
-                msg = asyncio.run_coroutine_threadsafe(it.__anext__(), loop).result(_UPLOAD_TIMEOUT_S)
-            except StopAsyncIteration:
+                msg = fut.result(_UPLOAD_TIMEOUT_S)
+            except (StopAsyncIteration, concurrent.futures.CancelledError):
                 return
             yield _raw(msg)
 

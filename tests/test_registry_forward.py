@@ -141,3 +141,33 @@ def test_training_refusal_on_replicas_following_a_registry_server_says_how_to_tr
     msg = refusal("SubmitJob", "submit training jobs", True, "reg:50052", registry_server=True)
     assert "one owner" in msg and "qlora-serve train ... --register reg:50052" in msg
     assert "at the registry's writer" not in msg  # a --role registry server runs no jobs
+
+
+def test_a_cancelled_forward_ends_the_registrys_call(writer, demo):
+    """The caller leaves mid-upload (Ray cancels the replica's call): the forwarded call
+    is cancelled, so the registry's handler stops waiting for the rest of the stream."""
+    from conftest import wait_until
+
+    from qlora_serve.server.registry_forward import RegistryForwarder
+
+    server, keys = writer
+    fwd = RegistryForwarder(f"127.0.0.1:{server.port}")
+
+    async def stalled():
+        yield registry_pb2.UploadAdapterRequest(header=registry_pb2.UploadHeader(name="stalled")).SerializeToString()
+        await asyncio.Event().wait()  # the rest never comes
+
+    async def main():
+        task = asyncio.create_task(fwd.forward("UploadAdapter", stalled(), md(keys["acme"])))
+        await asyncio.to_thread(wait_until, lambda: server.guard.in_flight() == 1, what="the upload to reach the registry")
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        # While the caller's stream is still open (this loop runs): only the cancel ends it.
+        await asyncio.to_thread(wait_until, lambda: server.guard.in_flight() == 0, what="the registry's upload to end")
+
+    try:
+        asyncio.run(main())
+        assert server.runtime.registry.list(name="stalled") == []
+    finally:
+        fwd.close()
