@@ -15,7 +15,8 @@ No header: the least loaded replica. Draining replicas come last.
 The contract through the proxy: Ray's proxy would parse requests itself (a malformed
 one became UNKNOWN); `add_inference_to_proxy` registers the service with raw-bytes
 requests, so the replica parses them and answers INVALID_ARGUMENT; `add_services_to_proxy`
-adds AdapterRegistry, Training and Health the same way (server/ray_services.py). Every error leaves
+adds AdapterRegistry, Training and Health the same way (server/ray_services.py; registry
+writes are forwarded to the registry server the replicas follow, if any). Every error leaves
 the replica as the status and bounded message the README documents (server/status.py),
 never a Ray traceback; API keys and quotas are checked in the replica (quotas per
 replica). Registry: with `config.registry_address`, every replica follows the one
@@ -47,6 +48,7 @@ from qlora_serve.server.engine.request import FinalEvent
 from qlora_serve.server.inference_service import input_of, response_of, stream_message
 from qlora_serve.server.ray_router import ROUTING_STATS_PERIOD_S, AdapterRouter
 from qlora_serve.server.ray_services import ReplicaServices, add_services_to_proxy  # noqa: F401 (re-export)
+from qlora_serve.server.registry_forward import RegistryForwarder
 from qlora_serve.server.requests import CallLog, InferenceCore
 from qlora_serve.server.status import code_for, public_message
 from qlora_serve.v1 import inference_pb2
@@ -88,6 +90,11 @@ class QloraReplica(ReplicaServices):
         else:  # config.registry_address: follow it (cache here); else a registry per replica (start-up adapters)
             self._rt = build_runtime(replace(config, data_dir=Path(config.data_dir) / "replicas" / replica_id))
         self._core = InferenceCore(self._rt)
+        # Registry writes reaching this replica go to the registry server it follows.
+        self._forwarder = None
+        if config.registry_address and not shared_registry:
+            self._forwarder = RegistryForwarder(config.registry_address, registry=self._rt.registry,
+                                                max_message_bytes=config.max_message_bytes)
 
     # ------------------------------------------------------- Serve hooks
     def check_health(self) -> None:
@@ -119,6 +126,8 @@ class QloraReplica(ReplicaServices):
         rt = getattr(self, "_rt", None)
         if rt is not None:
             rt.close(grace_s=5.0)
+        if getattr(self, "_forwarder", None) is not None:
+            self._forwarder.close()
 
     # ------------------------------------------------------------ helpers
     def _parse(self, raw, ctx):
@@ -240,8 +249,8 @@ def deployment(config, *, replicas: int = 2, num_cpus: float = 1.0, num_gpus: fl
     one `qlora-serve serve --data-dir` (same machine); else each follows
     config.registry_address (a `--role registry` server), or has its own.
     registry_writer: the writer's address (host:port), named in the FAILED_PRECONDITION
-    that registry writes and Training get through the deployment (default:
-    config.registry_address; "" = described)."""
+    that registry writes (unless forwarded to config.registry_address) and Training get
+    through the deployment (default: config.registry_address; "" = described)."""
     dep = serve.deployment(
         QloraReplica, name="qlora", num_replicas=replicas,
         ray_actor_options={"num_cpus": num_cpus, "num_gpus": num_gpus},

@@ -44,7 +44,8 @@ def add_ray_serve_parser(sub) -> None:
                         "first, same machine) writes: register there once, every replica serves it")
     p.add_argument("--registry-writer", default="", metavar="HOST:PORT",
                    help="that writer's gRPC address, named to clients whose registry writes or Training "
-                        "calls reach the replicas (FAILED_PRECONDITION)")
+                        "calls reach the replicas (FAILED_PRECONDITION; with --registry-address, writes are "
+                        "forwarded there instead)")
     add_flags(p.add_argument_group("engine (per replica)"), EngineConfig)
     add_flags(p.add_argument_group("request limits"), RequestLimits)
     p.set_defaults(func=_ray_serve)

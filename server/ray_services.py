@@ -5,10 +5,14 @@ Training and grpc.health.v1.Health, through Ray's gRPC proxy with raw-bytes requ
   UnloadAdapter) are answered by the replica Ray routes the call to, with the gRPC
   server's own handlers (server/registry_service.py): the same checks, messages and
   statuses; residency and Load/Unload are that replica's (trailer `qlora-replica`).
-- Registry writes (RegisterAdapter, UploadAdapter, SetAlias, DeleteAdapter) and every
-  Training RPC are FAILED_PRECONDITION with a message naming the registry's writer: the
-  catalogue has one writer and a training job one owner (which registers its adapter),
-  and replicas are neither. Every replica serves what the writer registers.
+- Registry writes (RegisterAdapter, UploadAdapter, SetAlias, DeleteAdapter): with
+  `config.registry_address` they are forwarded to that registry server with the caller's
+  own credentials, and its answer is relayed unchanged (server/registry_forward.py).
+  Otherwise (`--shared-registry`, or a registry per replica) they are FAILED_PRECONDITION
+  with a message naming the registry's writer: the catalogue has one writer, and
+  replicas only read it. Every replica serves what the writer registers.
+- Every Training RPC is FAILED_PRECONDITION: a training job has one owner (which
+  registers its adapter), and a replica is not one.
 - Health.Check / Watch / List answer the runtime of the replica that takes the call:
   Serve's router prefers serving replicas, so through the proxy SERVING means "a replica
   can take requests". Training reports NOT_SERVING (never served here).
@@ -27,6 +31,7 @@ from grpc_health.v1 import health_pb2
 
 from qlora_serve.errors import FailedPrecondition, InvalidArgument, NotFound
 from qlora_serve.server.auth import DEFAULT_EXEMPT_METHODS
+from qlora_serve.server.registry_forward import Forwarded
 from qlora_serve.server.registry_service import RegistryService
 from qlora_serve.v1 import inference_pb2, registry_pb2, training_pb2
 
@@ -68,9 +73,14 @@ def parse(method: str, raw):
     return msg
 
 
-def refusal(method: str, action: str, shared: bool, writer: str) -> str:
+def refusal(method: str, action: str, shared: bool, writer: str, registry_server: bool = False) -> str:
     """The FAILED_PRECONDITION message for a registry write or Training call on a replica:
-    why, and where to `action` instead (writer: its host:port, "" = described)."""
+    why, and where to `action` instead (writer: its host:port, "" = described).
+    registry_server: the writer is a `--role registry` server (it runs no training)."""
+    if registry_server and method in _TRAINING_METHODS:
+        return (f"{method} is not served by this deployment (a training job has one owner, which registers its "
+                f"adapter; neither a replica nor the registry server {writer} runs jobs): train with `qlora-serve "
+                f"train ... --register {writer}`, and the adapter it registers there reaches every replica")
     if not shared:  # no writer at all: each replica has its own registry
         return (f"{method} is not served by this deployment's replicas (each keeps its own registry of its "
                 f"start-up adapters, so a change would reach one replica only): run `qlora-serve serve --data-dir "
@@ -86,7 +96,10 @@ def refusal(method: str, action: str, shared: bool, writer: str) -> str:
 
 class ReplicaServices:
     """AdapterRegistry, Training and Health methods of `QloraReplica`. Uses its `_rt`
-    (Runtime), `replica_id`, `shared_registry`, `registry_writer` and `_fail`."""
+    (Runtime), `replica_id`, `shared_registry`, `registry_writer`, `_forwarder` (a
+    RegistryForwarder when the replicas follow a registry server, else None) and `_fail`."""
+
+    _forwarder = None
 
     # ------------------------------------------------------------ helpers
     def _answer(self, method: str, raw, ctx, fn):
@@ -108,9 +121,29 @@ class ReplicaServices:
     def _refuse(self, method: str, ctx, action: str):
         """FAILED_PRECONDITION naming the writer, after readiness and the key."""
         def refuse(_msg, _principal):
-            raise FailedPrecondition(refusal(method, action, self.shared_registry, self.registry_writer))
+            raise FailedPrecondition(refusal(method, action, self.shared_registry, self.registry_writer,
+                                             registry_server=self._forwarder is not None))
 
         return self._answer(method, b"", ctx, refuse)
+
+    async def _write(self, method: str, request, ctx, action: str):
+        """A registry write: forwarded to the registry server the replicas follow (its
+        answer relayed, the replica in the trailer), else refused naming the writer."""
+        from qlora_serve.server.ray_app import REPLICA_TRAILER, _Failed
+
+        if self._forwarder is None:
+            return self._refuse(method, ctx, action)
+        try:
+            response = await self._forwarder.forward(method, request, ctx.invocation_metadata())
+        except Forwarded as exc:
+            ctx.set_trailing_metadata([*exc.trailers, (REPLICA_TRAILER, self.replica_id)])
+            ctx.set_code(exc.code)
+            ctx.set_details(exc.details)
+            raise _Failed(exc.details) from None
+        except Exception as exc:
+            raise self._fail(ctx, exc, "") from None
+        ctx.set_trailing_metadata([(REPLICA_TRAILER, self.replica_id)])
+        return response
 
     def _registry(self, method: str, raw, ctx):
         svc = RegistryService(self._rt)
@@ -144,16 +177,16 @@ class ReplicaServices:
         return await asyncio.to_thread(self._registry, "UnloadAdapter", request, grpc_context)
 
     async def RegisterAdapter(self, request, grpc_context):
-        return self._refuse("RegisterAdapter", grpc_context, "register adapters")
+        return await self._write("RegisterAdapter", request, grpc_context, "register adapters")
 
-    async def UploadAdapter(self, request, grpc_context):  # the upload stream is not read
-        return self._refuse("UploadAdapter", grpc_context, "upload adapters")
+    async def UploadAdapter(self, request, grpc_context):  # refused: the upload stream is not read
+        return await self._write("UploadAdapter", request, grpc_context, "upload adapters")
 
     async def SetAlias(self, request, grpc_context):
-        return self._refuse("SetAlias", grpc_context, "set aliases")
+        return await self._write("SetAlias", request, grpc_context, "set aliases")
 
     async def DeleteAdapter(self, request, grpc_context):
-        return self._refuse("DeleteAdapter", grpc_context, "delete adapters")
+        return await self._write("DeleteAdapter", request, grpc_context, "delete adapters")
 
     # ----------------------------------------------------------- Training
     _TRAINING = "submit, watch and cancel training jobs"

@@ -210,6 +210,15 @@ class RemoteRegistry(HealthMarks):
                         self._catalogue = (now, records)
         return [r for r in records if owner is None or r.owner == owner or (include_public and r.owner is None)]
 
+    def invalidate(self, name: str) -> None:
+        """Drop `name` (and the catalogue) from the cache now, as its change event will:
+        a write this server forwarded to the registry is seen by its next request."""
+        with self._lock:
+            self._names.pop(name, None)
+            self._changed[name] = self._changed.get(name, 0) + 1  # a read racing this one is not cached
+            self._events += 1
+            self._catalogue = None
+
     def _refuse_write(self, *_, **__):
         raise FailedPrecondition("this server follows the adapter registry of another server (--registry-address): "
                                  "register, alias and delete adapters there")
@@ -344,11 +353,7 @@ class RemoteRegistry(HealthMarks):
             log.info("following the adapter registry at %s (change %d%s)", self.address, self._seq,
                      ", caches dropped" if event.reset else "")
         elif event.kind != _Kind.REGISTRY_EVENT_KIND_HEARTBEAT:
-            with self._lock:
-                self._names.pop(event.name, None)
-                self._changed[event.name] = self._changed.get(event.name, 0) + 1
-                self._events += 1
-                self._catalogue = None
+            self.invalidate(event.name)
             if event.kind == _Kind.REGISTRY_EVENT_KIND_DELETED and event.digest_gone and DIGEST_RE.match(event.digest):
                 self._forget_files(event.digest)
             elif event.kind == _Kind.REGISTRY_EVENT_KIND_REGISTERED:

@@ -19,10 +19,12 @@ def _free_port() -> int:
 class RegistryProcess:
     """`qlora-serve serve --role registry` on a fixed port (restartable there)."""
 
-    def __init__(self, base: Path, data_dir: Path, key_file: Path, log: Path) -> None:
+    def __init__(self, base: Path, data_dir: Path, key_file: Path, log: Path, allowed_root: Path | None = None) -> None:
         self.args = ["--role", "registry", "--base", str(base),
                      "--port", str(_free_port()), "--no-metrics", "--no-http", "--data-dir", str(data_dir),
                      "--key-file", str(key_file), "--compute-dtype", "float32", "--grace", "0"]
+        if allowed_root is not None:  # RegisterAdapter may read server-side paths there
+            self.args += ["--allowed-adapter-root", str(allowed_root)]
         self.address = f"127.0.0.1:{self.args[self.args.index('--port') + 1]}"
         self.log = log
         self.proc = None
