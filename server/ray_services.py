@@ -188,6 +188,17 @@ class ReplicaServices:
     async def DeleteAdapter(self, request, grpc_context):
         return await self._write("DeleteAdapter", request, grpc_context, "delete adapters")
 
+    # Engines follow the registry server itself (--registry-address), never a deployment.
+    _FOLLOW = "follow the registry (engines connect to the registry server with --registry-address)"
+
+    async def DownloadAdapter(self, request, grpc_context):
+        self._refuse("DownloadAdapter", grpc_context, self._FOLLOW)
+        yield  # pragma: no cover (never reached: a generator for a streaming RPC)
+
+    async def WatchRegistry(self, request, grpc_context):
+        self._refuse("WatchRegistry", grpc_context, self._FOLLOW)
+        yield  # pragma: no cover (never reached: a generator for a streaming RPC)
+
     # ----------------------------------------------------------- Training
     _TRAINING = "submit, watch and cancel training jobs"
 
@@ -209,6 +220,9 @@ class ReplicaServices:
 
     async def CancelJob(self, request, grpc_context):
         return self._refuse("CancelJob", grpc_context, self._TRAINING)
+
+    async def GetJobArtifact(self, request, grpc_context):
+        return self._refuse("GetJobArtifact", grpc_context, self._TRAINING)
 
     # ------------------------------------------------------------- Health
     async def Check(self, request, grpc_context):

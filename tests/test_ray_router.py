@@ -113,3 +113,20 @@ def test_router_keeps_a_cold_adapter_on_its_replica_while_it_loads():
     assert rank([a_busy, b], "pirate", placements, now=108.0)[0] == [a_busy]  # sliding: refreshed at 104
     assert rank([a_busy, b], "pirate", placements, now=120.0)[0] == [b]  # expired: least loaded again
     assert rank([a_busy, b], "poet", placements, now=120.0)[0] == [b]  # other names are not affected
+
+
+def test_replica_defines_every_rpc_the_proxy_forwards():
+    """Ray calls the replica method named like the RPC; a missing one would leak Ray's
+    "method does not exist" error instead of a documented status. Streaming RPCs must be
+    async generators, unary ones coroutines."""
+    import inspect
+
+    from qlora_serve.server.ray_app import QloraReplica
+    from qlora_serve.server.ray_services import SERVICES
+
+    for service in SERVICES:
+        for m in service.methods:
+            fn = getattr(QloraReplica, m.name, None)
+            assert fn is not None, f"{service.name}.{m.name} is not defined on the replica"
+            want = inspect.isasyncgenfunction if m.server_streaming else inspect.iscoroutinefunction
+            assert want(fn), f"{service.name}.{m.name}: streaming={m.server_streaming} but {fn} is not that kind"
