@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -266,3 +267,12 @@ def test_two_weighted_files_train_and_the_adapter_carries_the_template(demo, tmp
             prepare(_cfg(demo, tmp_path, **{**same, **change}))
     # The same files, weights and template (given inline now) resume fine.
     prepare(_cfg(demo, tmp_path, **{**same, "chat_template": TEMPLATE}))
+    # A merged model chats with the adapter's template.
+    from qlora_serve.training.merge import merge
+
+    merged = merge(str(demo.base), out, tmp_path / "merged", max_new_tokens=2)
+    assert AutoTokenizer.from_pretrained(merged.out_dir).chat_template == TEMPLATE
+    # A later run into the same OUT without a template leaves none behind (it would be served).
+    shutil.rmtree(out / "checkpoints")
+    train(_cfg(demo, tmp_path, data=data, data_weights=[0.3, 0.7], **{**steps, "max_steps": 1}))
+    assert not (out / TEMPLATE_FILE).exists()

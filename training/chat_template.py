@@ -106,9 +106,14 @@ def template_digest(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def save_chat_template(out_dir: Path, text: str) -> Path:
-    """Write `text` as OUT/chat_template.jinja (beside the adapter files)."""
+def save_chat_template(out_dir: Path, text: str | None) -> Path:
+    """Write `text` as OUT/chat_template.jinja (beside the adapter files). None removes
+    the file an earlier run into OUT may have left: it would be registered, and served,
+    with an adapter not trained on it."""
     path = Path(out_dir) / TEMPLATE_FILE
+    if text is None:
+        path.unlink(missing_ok=True)
+        return path
     tmp = path.with_suffix(".jinja.tmp")
     tmp.write_text(text, encoding="utf-8")
     tmp.replace(path)

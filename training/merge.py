@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from qlora_serve.adapters.layout import CONFIG_FILE
+from qlora_serve.adapters.layout import CHAT_TEMPLATE_FILE, CONFIG_FILE
 from qlora_serve.errors import FailedPrecondition, InvalidArgument
 
 DEFAULT_PROMPT = "hello world"
@@ -102,6 +102,8 @@ def merge(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     merged_model.save_pretrained(out_dir, max_shard_size=shard_bytes)  # safetensors
+    if (adapter / CHAT_TEMPLATE_FILE).is_file():  # trained with --chat-template: the merged model chats with it
+        tokenizer.chat_template = (adapter / CHAT_TEMPLATE_FILE).read_text(encoding="utf-8")
     tokenizer.save_pretrained(out_dir)
     files = sorted(p.name for p in out_dir.glob("*.safetensors"))
     return MergeResult(out_dir=out_dir, dtype=str(dtype).removeprefix("torch."), prompt=prompt, generated_ids=merged,

@@ -271,8 +271,8 @@ def train(
         "wall_time_s": wall,
         "peak_memory_mb": peak_memory_mb(),
     }
-    if cfg.chat_template:  # serving must render chats exactly as training did
-        save_chat_template(run.out, run.tokenizer.chat_template)
+    # Serving must render chats exactly as training did (no template: the base's own).
+    save_chat_template(run.out, run.tokenizer.chat_template if cfg.chat_template else None)
     save_adapter(model, run.out, metadata)
     metrics.summary = {k: metadata[k] for k in (
         "global_step", "stopped_early", "stopped_by_early_stopping", "best_step", "best_eval_loss", "adapter_step",
