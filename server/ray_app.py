@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import shutil
 import threading
 import time
 from dataclasses import replace
@@ -85,10 +86,13 @@ class QloraReplica(ReplicaServices):
         # A replica following a registry server has a writer too: that server.
         self.shared_registry = shared_registry or bool(config.registry_address)
         self.registry_writer = registry_writer or (config.registry_address or "")
+        # This replica's own files (a registry of its start-up adapters, or the files it
+        # fetched from the registry server): rebuilt by any replica, removed at shutdown.
+        self._own_dir = None if shared_registry else Path(config.data_dir) / "replicas" / replica_id
         if shared_registry:  # read the registry a `qlora-serve serve` on config.data_dir writes
             self._rt = build_runtime(config, registry_reader=True)
         else:  # config.registry_address: follow it (cache here); else a registry per replica (start-up adapters)
-            self._rt = build_runtime(replace(config, data_dir=Path(config.data_dir) / "replicas" / replica_id))
+            self._rt = build_runtime(replace(config, data_dir=self._own_dir))
         self._core = InferenceCore(self._rt)
         # Registry writes reaching this replica go to the registry server it follows.
         self._forwarder = None
@@ -128,6 +132,8 @@ class QloraReplica(ReplicaServices):
             rt.close(grace_s=5.0)
         if getattr(self, "_forwarder", None) is not None:
             self._forwarder.close()
+        if getattr(self, "_own_dir", None) is not None:  # a replaced replica's id never comes back
+            shutil.rmtree(self._own_dir, ignore_errors=True)
 
     # ------------------------------------------------------------ helpers
     def _parse(self, raw, ctx):
@@ -251,6 +257,9 @@ def deployment(config, *, replicas: int = 2, num_cpus: float = 1.0, num_gpus: fl
     registry_writer: the writer's address (host:port), named in the FAILED_PRECONDITION
     that registry writes (unless forwarded to config.registry_address) and Training get
     through the deployment (default: config.registry_address; "" = described)."""
+    if shared_registry and config.registry_address:
+        raise ValueError("shared_registry and registry_address are exclusive: read the registry of a "
+                         "`qlora-serve serve --data-dir` on this machine, or follow a `--role registry` server")
     dep = serve.deployment(
         QloraReplica, name="qlora", num_replicas=replicas,
         ray_actor_options={"num_cpus": num_cpus, "num_gpus": num_gpus},

@@ -205,3 +205,20 @@ def test_writes_through_the_proxy_are_forwarded_with_the_callers_key_and_reach_b
         # holding a name keeps getting its requests until it hears of the delete.
         for name in names:
             wait_until(lambda n=name: generate(n)[0] == Code.NOT_FOUND, what=f"the delete of {name} to arrive")
+
+
+def test_replicas_remove_their_cache_when_stopped(cluster):
+    """Last in the module: each replica's fetched files live under DATA_DIR/replicas/<id>;
+    a replica's id never comes back, so a stopped replica removes its directory."""
+    import time
+
+    from ray import serve
+
+    config = cluster[3]
+    own = config.data_dir / "replicas"
+    assert len([p for p in own.iterdir() if p.is_dir()]) == 2  # one per running replica
+    serve.delete("qlora")
+    deadline = time.monotonic() + 120  # a bound on waiting, not a speed assertion
+    while any(p.is_dir() for p in own.iterdir()):
+        assert time.monotonic() < deadline, f"left behind: {sorted(p.name for p in own.iterdir())}"
+        time.sleep(1)

@@ -130,3 +130,11 @@ def test_replica_defines_every_rpc_the_proxy_forwards():
             assert fn is not None, f"{service.name}.{m.name} is not defined on the replica"
             want = inspect.isasyncgenfunction if m.server_streaming else inspect.iscoroutinefunction
             assert want(fn), f"{service.name}.{m.name}: streaming={m.server_streaming} but {fn} is not that kind"
+
+
+def test_shared_registry_and_a_registry_server_are_exclusive():
+    from qlora_serve.server.config import ServerConfig
+    from qlora_serve.server.ray_app import deployment
+
+    with pytest.raises(ValueError, match="exclusive"):
+        deployment(ServerConfig(registry_address="registry:50052"), shared_registry=True)
