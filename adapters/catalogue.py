@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
 import sqlite3
 from collections.abc import Iterator, Mapping, Sequence
@@ -27,6 +28,8 @@ SCHEMA_VERSION = 1
 DEFAULT_ALIAS = "default"
 LATEST = "latest"
 LIST_HINT = "list adapters with `qlora-serve adapters list`"
+
+log = logging.getLogger(__name__)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS names (
@@ -332,6 +335,20 @@ class Catalogue:
             if not self._versions(name):
                 raise self._not_found(name)
             return dict(self._query("SELECT alias, version FROM aliases WHERE name=? ORDER BY alias", (name,)))
+
+    def _repair_sizes(self) -> None:
+        """Set each row's size_bytes to its stored copy's (bytes). Rows written before
+        the size came from the store could carry the size of a discarded copy with
+        another README, which made followers refuse the download as oversized."""
+        for digest, size in self._query("SELECT DISTINCT digest, size_bytes FROM adapters"):
+            try:
+                actual = self._store.size_of(digest)
+            except OSError:  # missing or unreadable: verify() reports it on load
+                continue
+            if actual != size:
+                with self._tx() as conn:
+                    conn.execute("UPDATE adapters SET size_bytes=? WHERE digest=?", (actual, digest))
+                log.info("adapter files %s: size_bytes %d -> %d (the stored copy's)", digest[:12], size, actual)
 
     def _referenced_digests(self) -> set[str]:
         return {r[0] for r in self._query("SELECT DISTINCT digest FROM adapters")}

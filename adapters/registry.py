@@ -159,6 +159,7 @@ class AdapterRegistry(Catalogue, HealthMarks):
             # Nothing can be in flight yet, so every tmp entry and unreferenced
             # store dir is a leftover of a crash (or of a failed delete).
             self._store.gc(self._referenced_digests())
+            self._repair_sizes()
         except sqlite3.DatabaseError as exc:  # e.g. "file is not a database": a corrupted catalogue
             self.close()
             raise FailedPrecondition(
@@ -292,14 +293,17 @@ class AdapterRegistry(Catalogue, HealthMarks):
                     return record  # set_alias logged its change; nothing else changed
                 self._store.commit(staged)
                 committed = True
+                size = self._store.size_of(digest)  # the stored copy's (kept if already there), not this stage's
                 record = AdapterRecord(
                     name=name, version=0, digest=digest, source=source, base_fingerprint=fingerprint,
                     rank=adapter.rank, alpha=adapter.alpha, target_modules=tuple(adapter.target_modules),
-                    size_bytes=staged.size_bytes, created_at=time.time(), owner=owner, labels=labels,
+                    size_bytes=size, created_at=time.time(), owner=owner, labels=labels,
                     path=self._store.path(digest),
                 )
                 try:
                     with self._tx() as conn:
+                        # A corrupt stored copy that commit replaced may differ in README: same size for all.
+                        conn.execute("UPDATE adapters SET size_bytes=? WHERE digest=?", (size, digest))
                         record = self._insert_version(conn, record)
                         if set_default:
                             conn.execute("INSERT OR REPLACE INTO aliases (name, alias, version) VALUES (?, ?, ?)", (name, DEFAULT_ALIAS, record.version))

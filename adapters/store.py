@@ -166,6 +166,12 @@ class ContentStore:
         _fsync_dir(self.root)
         return final
 
+    def size_of(self, digest: str) -> int:
+        """Total bytes of the files in `store/<digest>`: what a record of that digest
+        serves and a download sends. Not the stage's size: a stage of an already
+        stored digest may carry another README or metadata file, and is discarded."""
+        return sum(p.stat().st_size for p in self.path(digest).iterdir())
+
     def digest_of(self, directory: Path, *, every_file: bool = False) -> str:
         """Re-hash the files in `directory` into its digest (used by verify and commit)."""
         files: dict[str, tuple[int, str]] = {}

@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 
 _SERVER_SET = ("base", "data", "eval_data", "out", "name", "register", "resume", "progress_bar")
 _MAX_QUEUED_JOBS = 16
+_FINISH_AT_STOP_S = 120.0  # a stopping server waits this long for a trained job's registration
 S = training_pb2  # enum values: S.JOB_STATE_*
 
 
@@ -49,6 +50,7 @@ class Job:
     events: list[training_pb2.TrainingEvent] = field(default_factory=list)
     cancel_requested: bool = False
     interrupted: bool = False  # stopped by the server's shutdown; resumes at the next start
+    finishing: bool = False  # its process sent its result: it ends as that says, even if the server stops
     process = None  # the TrainingJob while running
 
     @property
@@ -121,13 +123,14 @@ class JobManager:
 
     def shutdown(self) -> None:
         """Server stop: a running job's process is killed (its checkpoints stay on disk).
-        With `resume`, queued and running jobs are left to the next start; without,
-        they end CANCELLED. Watchers return either way."""
+        With `resume`, queued and running jobs are left to the next start, else CANCELLED; one whose
+        result came already ends by it (awaited up to _FINISH_AT_STOP_S s). Watchers return either way."""
         with self._cv:
             self._closed = True
             running = [j for j in self._jobs.values() if not j.ended and j.process is not None]
             queued, self._queue = self._queue, []
-            for job in queued + running:
+            finishing = [j for j in running if j.finishing]
+            for job in queued + [j for j in running if not j.finishing]:
                 if self._resume and not job.cancel_requested:  # the store keeps it QUEUED / RUNNING
                     job.interrupted = True
                     self._event(job, "interrupted", {"reason": "server shutdown", "resumes_at_next_start": True})
@@ -137,6 +140,8 @@ class JobManager:
                     self._end(job, S.JOB_STATE_CANCELLED, "cancelled", {"reason": "server shutdown"})
         for job in running:
             job.process.kill()
+        with self._cv:  # registered while the registry is still open
+            self._cv.wait_for(lambda: all(j.ended for j in finishing), timeout=_FINISH_AT_STOP_S)
 
     def watch(self, job: Job, is_active):
         """Every event of the job so far, then new ones until it ends or the client leaves."""
@@ -236,6 +241,7 @@ class JobManager:
                             job.eval_loss = float(ev["eval_loss"])
                         if kind in ("done", "error"):
                             result = ev
+                            job.finishing = not job.interrupted  # a shutdown from now on lets it finish
                         else:
                             if kind in ("log", "eval"):
                                 self._save(job)  # progress survives a restart (shown in ListJobs)

@@ -129,6 +129,78 @@ def test_restart_resumes_interrupted_jobs_or_says_why_not(tmp_path, demo):
     assert rows["no-checkpoint"]["state"] == T.JOB_STATE_FAILED
 
 
+def test_a_job_that_sent_its_result_before_the_stop_is_registered(tmp_path, demo, monkeypatch):
+    """The stop comes after the job process sent "done" but before the job was registered:
+    the job still ends SUCCEEDED with its adapter registered (it is not left to re-train at
+    the next start, nor FAILED there for want of a checkpoint: save_steps > max_steps)."""
+    import threading
+    from types import SimpleNamespace
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import qlora_serve.training.jobs as jobs
+    from conftest import wait_until
+    from qlora_serve.adapters.fingerprint import base_fingerprint
+    from qlora_serve.adapters.registry import AdapterRegistry
+
+    received, go = threading.Event(), threading.Event()
+    real_start = jobs.run_job_in_subprocess
+
+    class HeldAfterResult:
+        """The real job process; the worker's next read after its terminal event waits for `go`,
+        so the stop lands exactly between the result's arrival and the job's registration."""
+
+        def __init__(self, *args):
+            self._job = real_start(*args)
+
+        def __iter__(self):
+            for ev in self._job:
+                yield ev
+                if ev.get("event") in jobs.TERMINAL_EVENTS:
+                    received.set()
+                    go.wait()
+
+        def __getattr__(self, attr):  # cancel, kill, is_alive: the real process's
+            return getattr(self._job, attr)
+
+    monkeypatch.setattr(jobs, "run_job_in_subprocess", HeldAfterResult)
+    model = AutoModelForCausalLM.from_pretrained(demo.base, dtype=torch.float32)
+    shapes = {n: (m.in_features, m.out_features) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    fp = base_fingerprint(demo.base, json.loads((demo.base / "config.json").read_text()))
+    registry = AdapterRegistry(tmp_path / "registry", base_fingerprint=fp, linear_shapes=shapes, max_rank=16)
+    workdir = tmp_path / "jobs" / "j1"
+    workdir.mkdir(parents=True)
+    (workdir / "train.jsonl").write_text('{"prompt": "one two", "completion": " three"}\n' * 4)
+    config = {"base": str(demo.base), "name": "trained", "data": str(workdir / "train.jsonl"),
+              "out": str(workdir / "out"), "progress_bar": False, "compute_dtype": "float32", "max_steps": 1,
+              "batch_size": 1, "grad_accum": 1, "lora_r": 4, "logging_steps": 1, "save_steps": 1000}
+    manager = JobManager(SimpleNamespace(registry=registry), JobStore(tmp_path / "jobs.sqlite3"), resume=True,
+                         base_name=str(demo.base))
+    try:
+        job = manager.submit(Job(id="j1", adapter_name="trained", owner=None, set_default=True, config=config,
+                                 workdir=workdir))
+        assert received.wait(600), "the job sent no result"
+        stopping = threading.Thread(target=manager.shutdown)  # the server stops now
+        stopping.start()
+        wait_until(lambda: manager._closed, what="the stop to begin")
+        with manager._cv:  # the stop has dealt with every job (it sets _closed and does so under this lock)
+            pass
+        go.set()
+        stopping.join(300)
+        manager._worker.join(300)
+        assert not stopping.is_alive() and not manager._worker.is_alive()
+        assert job.state == T.JOB_STATE_SUCCEEDED, (job.error, [e.event for e in job.events])
+        assert registry.resolve("trained").ref == "trained@1" and job.adapter.version == 1
+    finally:
+        go.set()
+        manager.shutdown()
+        registry.close()
+    rows = {r["id"]: r for r in JobStore(tmp_path / "jobs.sqlite3").load()}
+    assert (rows["j1"]["state"], rows["j1"]["result_name"], rows["j1"]["result_version"]) == \
+        (T.JOB_STATE_SUCCEEDED, "trained", 1)
+
+
 def test_store_of_an_earlier_release_opens_and_keeps_cancel_requests(tmp_path):
     """A jobs.sqlite3 written before the cancel_requested column existed gains it."""
     path = tmp_path / "jobs.sqlite3"
