@@ -47,9 +47,9 @@ def task_files(work: Path, held_out: int) -> dict:
     return {"train": str(files["train"]), "held_out": files["held_out"], "train_sample": words[:held_out]}
 
 
-def recipe(steps: int) -> dict:
+def recipe(steps: int, learning_rate: float | None = None) -> dict:
     """The shared optimizer recipe of the accuracy runs (caesar_task.RECIPE, `steps` steps)."""
-    return dict(learning_rate=RECIPE["learning_rate"], warmup_ratio=RECIPE["warmup_ratio"],
+    return dict(learning_rate=learning_rate or RECIPE["learning_rate"], warmup_ratio=RECIPE["warmup_ratio"],
                 max_grad_norm=RECIPE["max_grad_norm"], lora_r=RECIPE["lora_r"], lora_alpha=RECIPE["lora_alpha"],
                 lora_dropout=RECIPE["lora_dropout"], batch_size=RECIPE["batch_size"], grad_accum=RECIPE["grad_accum"],
                 steps=steps)
