@@ -34,7 +34,7 @@ def render(result: dict) -> str:
              f"phase incl. the resident model; tokens/s = real tokens, best of {s['repeats']} interleaved run(s), "
              f"{s['threads'] or 'default'} thread(s)",
              "",
-             f"{'variant':<46} {'peak MiB':>9} {'load+train':>10} {'model MiB':>9} {'tokens/s':>9} {'pad %':>6} {'loss':>7}"]
+             f"{'variant':<46} {'peak MiB':>9} {'load+train':>10} {'model MiB':>9} {'tokens/s':>9} {'pad %':>6} {'mean loss':>9}"]
     for v, x in r.items():
         if "error" in x:
             lines.append(f"{VARIANT_NAMES[v]:<46} error: {x['error'][:80]}")
@@ -42,18 +42,18 @@ def render(result: dict) -> str:
         pad = x.get("pad_fraction")
         lines.append(f"{VARIANT_NAMES[v]:<46} {fmt_mib(x['peak_train_bytes']):>9} {fmt_mib(x['peak_bytes']):>10} "
                      f"{fmt_mib(x['model_resident_bytes']):>9} {x['tokens_per_s'] or 0:>9.1f} "
-                     f"{fmt(None if pad is None else 100 * pad, '.1f'):>6} {fmt(x['final_loss']):>7}")
+                     f"{fmt(None if pad is None else 100 * pad, '.1f'):>6} {fmt(x['final_loss']):>9}")
     if acc:
         a = result["settings"]["accuracy"]
         lines += ["", f"accuracy: Caesar shift, tiny byte-level base, {a['steps']} steps x batch {a['batch_size']}, "
                       f"lr {a['learning_rate']}, greedy exact match on {a['held_out']} held-out / {a['held_out']} training words",
-                  f"{'variant':<46} {'held-out':>9} {'train':>9} {'loss':>7} {'wall s':>7}"]
+                  f"{'variant':<46} {'held-out':>9} {'train':>9} {'mean loss':>9} {'wall s':>7}"]
         for v, x in acc.items():
             if "error" in x:
                 lines.append(f"{VARIANT_NAMES[v]:<46} error: {x['error'][:80]}")
                 continue
             lines.append(f"{VARIANT_NAMES[v]:<46} {x['held_out_exact']:>9.3f} {x['train_exact']:>9.3f} "
-                         f"{fmt(x['final_loss']):>7} {x['wall_s']:>7.0f}")
+                         f"{fmt(x['final_loss']):>9} {x['wall_s']:>7.0f}")
     lines.append("")
     for k, v in result["ratios"].items():
         lines.append(f"{k:<46} {fmt(v)}")
