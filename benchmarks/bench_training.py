@@ -270,7 +270,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--accuracy-lr", type=float, default=None, help="learning rate of the accuracy runs (default 5e-3; the tests' 1e-2 diverges on some word splits)")
     p.add_argument("--accuracy-only", action="store_true", help="skip the speed phase")
     p.add_argument("--quick", action="store_true",
-                   help="a few minutes on 2 cores: 1 repeat, 3 speed steps, 150 accuracy steps on 40 held-out words")
+                   help="~8 min on 2 shared cores: 1 repeat, 3 speed steps, 150 accuracy steps on 40 held-out words")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads in each variant (default: 1 on CPU, where shared cores make multi-threaded "
                         "step times erratic; torch's default on GPU)")
