@@ -1,22 +1,35 @@
 #!/usr/bin/env python
-"""Training benchmark (issue 4, "Benchmark"): peak memory and tokens/s, same model, same batch.
+"""Training benchmark (issues 4 and 13, "Benchmark"): tokens/s, peak memory and accuracy
+against the recipes users would otherwise run, same model, same data, same steps.
 
-  (a) qlora   this trainer (`qlora_serve.training.train`): NF4 + double-quant base, LoRA,
-              padding-free packing, paged AdamW 8-bit, non-reentrant checkpointing;
-  (b) lora16  the same trainer and settings on the base loaded in 16-bit (bf16 on a GPU;
-              fp32 on CPU, where bf16 matmuls are slow): only the quantization differs;
-  (c) seed    the seed recipe: NF4 + double-quant base, `prepare_model_for_kbit_training`,
-              the same LoRA, plain `transformers.Trainer` with `DataCollatorForLanguageModeling`
-              (pads each micro-batch to its longest example, no packing), paged AdamW 8-bit,
-              `gradient_checkpointing=True`.
+  (a) qlora     this trainer (`qlora_serve.training.train`): NF4 + double-quant base, LoRA,
+                padding-free packing, paged AdamW 8-bit, non-reentrant checkpointing;
+  (b) lora16    the same trainer and settings on the base loaded in 16-bit (bf16 on a GPU;
+                fp32 on CPU, where bf16 matmuls are slow): only the quantization differs;
+  (c) seed      the seed recipe: NF4 + double quant, `prepare_model_for_kbit_training`, the
+                same LoRA, plain `transformers.Trainer` + `DataCollatorForLanguageModeling`
+                (pads each micro-batch to its longest example), paged AdamW 8-bit,
+                `gradient_checkpointing=True`;
+  (d) trl       the same model recipe through trl's `SFTTrainer` with its defaults for a
+                prompt/completion dataset (completion-only loss, packing=False: padding);
+  (e) trl_pack  (d) with `packing=True` (trl's "bfd" strategy, padding-free rows), one packed
+                row per micro-batch holding about a batch's worth of tokens.
+(benchmarks/training_baselines.py has (c)-(e).)
 
-Every variant trains the same examples in the same order (one epoch of
-steps x batch x grad_accum examples, Trainer's seeded sampler), LoRA r=16, alpha=32 on
-every Linear but the head, the same learning rate and compute dtype. Each variant runs
-in a fresh child process, so its peak memory is its own.
+Speed phase: the data is {"prompt", "completion"} JSONL of mixed lengths (prompt word counts
+log-uniform in [min_words, max_words]: many short prompts, a long tail; completions 4-32
+words), where padding costs the padded recipes and packing matters. Every variant trains
+the same examples (one epoch of steps x batch x grad_accum, Trainer's seeded sampler;
+(e) packs the same examples into bins), LoRA r=16, alpha=32 on every Linear but the head,
+the same learning rate, schedule and compute dtype. Each run is a fresh child process, so
+its peak memory is its own.
+
+Accuracy phase (benchmarks/training_accuracy.py): (a), (c), (d), (e) train the tests'
+Caesar-shift task (tests/caesar_task.py) on a tiny byte-level base with one shared recipe
+and the same steps; greedy exact match on held-out words, adapter loaded with plain PEFT.
 
 tokens/s: real (non-pad) tokens trained per second over steps warmup+1..N (the first
-`--warmup-steps` steps are excluded; padding the seed recipe adds is not counted as work).
+`--warmup-steps` steps are excluded; padding is not counted as work).
 
 Peak memory (the headline is the training phase: the peak while training, the resident
 model included, measured from a baseline taken just before the model loads):
@@ -46,6 +59,7 @@ Prints a table with the ratios, writes JSON to bench-results/training-<timestamp
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import math
 import os
@@ -57,20 +71,18 @@ import time
 from pathlib import Path
 
 from machine import machine_info  # benchmarks/machine.py (the script's folder is on sys.path)
+from training_accuracy import char_base, recipe as accuracy_recipe, score, task_files  # benchmarks/training_accuracy.py
+from training_baselines import run_seed, run_trl  # benchmarks/training_baselines.py
 from training_memory import Meter, meter_callback  # benchmarks/training_memory.py
+from training_report import VARIANT_NAMES, fmt_mib, ratios_and_goals, render  # benchmarks/training_report.py
 
 RECIPE_VERSION = 2
-VARIANTS = ("qlora", "lora16", "seed")
-VARIANT_NAMES = {
-    "qlora": "(a) this trainer, QLoRA (NF4+DQ, packing)",
-    "lora16": "(b) this trainer, LoRA on 16-bit base",
-    "seed": "(c) seed recipe (HF Trainer, padding, QLoRA)",
-}
+VARIANTS = ("qlora", "lora16", "seed", "trl", "trl_pack")
 PRESETS = {
     # Weights dominate: ~103 M Linear params (in_features multiples of 64 for bitsandbytes' CPU path), vocab 384.
     "cpu": dict(model=dict(vocab_size=384, hidden_size=1024, intermediate_size=2816, num_hidden_layers=8,
                            num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=2048),
-                steps=4, warmup_steps=1, batch_size=4, grad_accum=1, max_seq_len=512, min_words=8, max_words=300),
+                steps=6, warmup_steps=1, batch_size=4, grad_accum=1, max_seq_len=512, min_words=4, max_words=160),
     # Llama-2-7B shapes, random weights (for a GPU).
     "7b": dict(model=dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                           num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096),
@@ -126,17 +138,33 @@ WORDS = ("the a of to and in is it that for on with as was by at be this from or
          "model adapter server token weight gradient memory batch layer rank alpha learning rate quantized").split()
 
 
-def write_dataset(path: Path, n: int, min_words: int, max_words: int, seed: int) -> None:
-    """`n` {"text"} records, word counts log-uniform in [min_words, max_words] (long tail, like chat data)."""
+def write_dataset(path: Path, n: int, min_words: int, max_words: int, seed: int, tok, max_len: int) -> list[int]:
+    """`n` {"prompt", "completion"} records: prompt word counts log-uniform in [min_words, max_words]
+    (most prompts short, a long tail, like chat data), completions 4-24 words; a prompt is
+    shortened until the example fits `max_len` tokens, so no variant truncates or drops one.
+    Returns the examples' token counts (prompt, completion, eos)."""
     rng = random.Random(seed)
-    lines = []
+    words = lambda k: " ".join(rng.choice(WORDS) for _ in range(k))
+    lines, lengths = [], []
     for _ in range(n):
         k = int(round(math.exp(rng.uniform(math.log(min_words), math.log(max_words)))))
-        lines.append(json.dumps({"text": " ".join(rng.choice(WORDS) for _ in range(k))}))
+        completion = " " + words(rng.randint(4, 24))
+        while True:
+            prompt = words(k) + " ="
+            size = len(tok(prompt)["input_ids"]) + len(tok(completion, add_special_tokens=False)["input_ids"]) + 1
+            if size <= max_len or k <= 1:
+                break
+            k = int(k * 0.9)
+        lines.append(json.dumps({"prompt": prompt, "completion": completion}))
+        lengths.append(size)
     path.write_text("\n".join(lines) + "\n")
+    return lengths
 
 
 # --------------------------------------------------------------------------- the variants
+SPEED_RECIPE = dict(learning_rate=2e-4, warmup_ratio=0.0, max_grad_norm=0.3, lora_r=16, lora_alpha=32, lora_dropout=0.05)
+
+
 def compute_dtype_name() -> str:
     import torch
 
@@ -146,8 +174,11 @@ def compute_dtype_name() -> str:
 def train_config(spec: dict, out: Path):
     from qlora_serve.training.config import TrainConfig
 
+    r = spec["recipe"]
     return TrainConfig(base=spec["base"], data=spec["data"], out=str(out), compute_dtype=compute_dtype_name(),
-                       lora_r=16, lora_alpha=32, lora_dropout=0.05, learning_rate=2e-4, warmup_ratio=0.0,
+                       lora_r=r["lora_r"], lora_alpha=r["lora_alpha"], lora_dropout=r["lora_dropout"],
+                       learning_rate=r["learning_rate"], warmup_ratio=r["warmup_ratio"], max_grad_norm=r["max_grad_norm"],
+                       lr_scheduler="cosine", weight_decay=0.0,
                        batch_size=spec["batch_size"], grad_accum=spec["grad_accum"], max_steps=spec["steps"],
                        logging_steps=spec["steps"], save_steps=10**9, max_seq_len=spec["max_seq_len"],
                        progress_bar=False, seed=0, optim="paged_adamw_8bit")
@@ -173,8 +204,13 @@ def run_ours(spec: dict, sixteen_bit: bool) -> dict:
             return model
 
         T.load_quantized_base = load_16bit
+    # train() imports these lazily; the baselines import them before their Meter (~87 MiB RSS on CPU).
+    for module in ("transformers.trainer", "peft", "bitsandbytes.optim"):
+        importlib.import_module(module)
+
     meter = Meter(spec["warmup_steps"], spec["grad_accum"])
     make = T.make_collator
+    padded = [0]
 
     class Recording:
         """The trainer's collator, plus the real-token count of each batch it builds."""
@@ -186,59 +222,17 @@ def run_ours(spec: dict, sixteen_bit: bool) -> dict:
             before = self.counter.tokens
             out = self.inner(features)
             meter.batch_tokens.append(self.counter.tokens - before)
+            padded[0] += int(out["input_ids"].numel())
             return out
 
     T.make_collator = lambda tokenizer, packing: Recording(make(tokenizer, packing))
     with tempfile.TemporaryDirectory() as d, open(os.devnull, "w") as quiet:
-        result = T.train(train_config(spec, Path(d) / "out"), callbacks=[meter_callback(meter)], stream=quiet)
+        out_dir = Path(spec["adapter_out"]) if spec.get("adapter_out") else Path(d) / "out"
+        result = T.train(train_config(spec, out_dir), callbacks=[meter_callback(meter)], stream=quiet)
         out = meter.finish()
         out["trainable_params"] = result.trainable_params
-    return out
-
-
-def run_seed(spec: dict) -> dict:
-    """(c): the plain recipe most QLoRA tutorials use."""
-    import torch
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import (AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig,
-                              DataCollatorForLanguageModeling, Trainer, TrainingArguments)
-
-    from qlora_serve.training.model import device_map
-
-    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    tok = AutoTokenizer.from_pretrained(spec["base"])
-    records = [json.loads(l) for l in Path(spec["data"]).read_text().splitlines() if l.strip()]
-    # Same tokens as our data loader gives a {"text"} record: the text, then eos; truncated alike.
-    data = [{"input_ids": (tok(r["text"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id])[:spec["max_seq_len"]]}
-            for r in records]
-    inner = DataCollatorForLanguageModeling(tok, mlm=False)
-    meter = Meter(spec["warmup_steps"], spec["grad_accum"])
-
-    def collate(features):
-        meter.batch_tokens.append(sum(len(f["input_ids"]) for f in features))  # real tokens; padding is not work
-        return inner(features)
-
-    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                             bnb_4bit_compute_dtype=dtype)
-    model = AutoModelForCausalLM.from_pretrained(spec["base"], quantization_config=bnb, dtype=dtype,
-                                                 device_map=device_map())
-    model = prepare_model_for_kbit_training(model)
-    targets = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
-                      if isinstance(m, torch.nn.Linear) or type(m).__name__ == "Linear4bit"} - {"lm_head"})
-    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=targets,
-                                             bias="none", task_type="CAUSAL_LM"))
-    with tempfile.TemporaryDirectory() as d:
-        args = TrainingArguments(
-            output_dir=d, per_device_train_batch_size=spec["batch_size"], gradient_accumulation_steps=spec["grad_accum"],
-            learning_rate=2e-4, max_steps=spec["steps"], lr_scheduler_type="cosine", optim="paged_adamw_8bit",
-            gradient_checkpointing=True, bf16=dtype == torch.bfloat16, logging_steps=spec["steps"],
-            save_strategy="no", report_to="none", seed=0, data_seed=0, disable_tqdm=True, max_grad_norm=0.3,
-            use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0)
-        trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=collate,
-                          callbacks=[meter_callback(meter)])
-        trainer.train()
-        out = meter.finish()
-    out["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        out["packing"] = result.metadata["hyperparameters"]["packing"]
+        out["pad_fraction"] = 1 - sum(meter.batch_tokens) / padded[0] if padded[0] else None
     return out
 
 
@@ -248,15 +242,21 @@ def worker(variant: str, spec: dict) -> dict:
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
     if variant == "seed":
-        return run_seed(spec)
-    return run_ours(spec, sixteen_bit=variant == "lora16")
+        out = run_seed(spec)
+    elif variant in ("trl", "trl_pack"):
+        out = run_trl(spec, packing=variant == "trl_pack")
+    else:
+        out = run_ours(spec, sixteen_bit=variant == "lora16")
+    if spec.get("adapter_out"):  # accuracy phase: score the adapter it wrote
+        out.update(score(spec["base"], spec["adapter_out"], spec["held_out"], spec["train_sample"]))
+    return out
 
 
 # --------------------------------------------------------------------------- main
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model-preset", choices=sorted(PRESETS), default="cpu",
-                   help="cpu: hidden 1024 x 8 layers (~103 M Linear params, fp32 on disk); 7b: Llama-2-7B shapes "
+                   help="cpu: hidden 1024 x 8 layers (~103 M Linear params, bf16 on disk); 7b: Llama-2-7B shapes "
                         "(random bf16 weights, ~13.5 GB written once to the cache; for a GPU)")
     p.add_argument("--base", default=None, help="benchmark this model directory / hub id instead of a preset's random model")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps per variant (preset default)")
@@ -265,6 +265,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--grad-accum", type=int, default=None)
     p.add_argument("--max-seq-len", type=int, default=None)
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ",".join(VARIANTS))
+    p.add_argument("--accuracy-steps", type=int, default=300, help="optimizer steps of each accuracy run (0: skip that phase)")
+    p.add_argument("--held-out", type=int, default=100, help="held-out words scored in the accuracy phase")
+    p.add_argument("--accuracy-lr", type=float, default=None, help="learning rate of the accuracy runs (default 5e-3; the tests' 1e-2 diverges on some word splits)")
+    p.add_argument("--accuracy-only", action="store_true", help="skip the speed phase")
+    p.add_argument("--quick", action="store_true",
+                   help="~8 min on 2 shared cores: 1 repeat, 3 speed steps, 150 accuracy steps on 40 held-out words")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads in each variant (default: 1 on CPU, where shared cores make multi-threaded "
                         "step times erratic; torch's default on GPU)")
@@ -274,38 +280,41 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default=None, help="JSON path (default bench-results/training-<timestamp>.json)")
     p.add_argument("--_worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--_spec", default=None, help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.repeats = args.repeats or 1
+        args.steps = args.steps or 3
+        args.accuracy_steps = min(args.accuracy_steps, 150)
+        args.held_out = min(args.held_out, 40)
+    return args
 
 
-def fmt_mib(b) -> str:
-    return "-" if b is None else f"{b / 2**20:,.0f}"
+def run_worker(variant: str, spec: dict, threads: int | None, gpu: bool, fixed_mmap: bool) -> dict:
+    """One variant in a fresh child process; its result dict (or {"error"})."""
+    t0 = time.perf_counter()
+    env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
+    if not gpu and fixed_mmap:
+        env["MALLOC_MMAP_THRESHOLD_"] = "65536"
+    proc = subprocess.run([sys.executable, __file__, "--_worker", variant, "--_spec", json.dumps(spec)],
+                          capture_output=True, text=True, env=env)
+    line = next((l for l in proc.stdout.splitlines() if l.startswith("@@RESULT ")), None)
+    run = json.loads(line[len("@@RESULT "):]) if line else {
+        "error": f"worker exited {proc.returncode}", "stderr": proc.stderr[-4000:]}
+    run["wall_s"] = round(time.perf_counter() - t0, 1)
+    if "error" in run:
+        print(f"  {variant} failed: {run['error']}\n{run.get('traceback') or run.get('stderr', '')}", file=sys.stderr)
+    return run
 
 
-def render(result: dict) -> str:
-    m, s, r = result["machine"], result["settings"], result["results"]
-    lines = [f"training benchmark  {result['stamp']}  preset={s['preset']}  base={s['base_label']}",
-             f"machine: {m.get('gpu') or m['cpu_model']} ({m['device']}, {m['cpu_cores']} cores, load {m.get('load_average')})",
-             f"torch {m['torch']}  transformers {m['transformers']}  peft {m['peft']}  bitsandbytes {m['bitsandbytes']}",
-             f"batch {s['batch_size']} x accum {s['grad_accum']}, {s['steps']} steps ({s['warmup_steps']} warm-up), "
-             f"max_seq_len {s['max_seq_len']}, {s['examples']} examples / {s['dataset_tokens']} tokens, compute {s['compute_dtype']}",
-             f"memory: {r[next(iter(r))].get('memory_method', '?') if r else '?'}; peak = training phase incl. the "
-             f"resident model; tokens/s = real tokens, best of {s['repeats']} interleaved run(s), {s['threads'] or 'default'} thread(s)",
-             "",
-             f"{'variant':<46} {'peak MiB':>9} {'load+train':>10} {'model MiB':>9} {'tokens/s':>9} {'loss':>7}"]
-    for v, x in r.items():
-        if "error" in x:
-            lines.append(f"{VARIANT_NAMES[v]:<46} error: {x['error'][:80]}")
-            continue
-        lines.append(f"{VARIANT_NAMES[v]:<46} {fmt_mib(x['peak_train_bytes']):>9} {fmt_mib(x['peak_bytes']):>10} "
-                     f"{fmt_mib(x['model_resident_bytes']):>9} {x['tokens_per_s'] or 0:>9.1f} "
-                     f"{x['final_loss'] if x['final_loss'] is not None else float('nan'):>7.3f}")
-    lines.append("")
-    for k, v in result["ratios"].items():
-        lines.append(f"{k:<44} {v:.3f}" if v is not None else f"{k:<44} -")
-    lines.append("")
-    for k, (ok, text) in result["goals"].items():
-        lines.append(f"goal {k}: {text} -> {'MET' if ok else 'NOT MET'}")
-    return "\n".join(lines)
+def best_of(rs: list[dict]) -> dict:
+    """A variant's figures over its repeats: best tokens/s (noise only slows runs), highest memory."""
+    good = [r for r in rs if "error" not in r]
+    if not good:
+        return {"error": rs[0]["error"], "runs": rs}
+    best = max(good, key=lambda r: r["tokens_per_s"] or 0)
+    return {**best, **{k: max(r[k] for r in good) for k in ("peak_bytes", "peak_train_bytes", "model_resident_bytes")},
+            "tokens_per_s_runs": [r["tokens_per_s"] for r in good],
+            "peak_train_bytes_runs": [r["peak_train_bytes"] for r in good], "runs": len(good)}
 
 
 def main(argv=None) -> int:
@@ -337,78 +346,69 @@ def main(argv=None) -> int:
     work = Path(tempfile.mkdtemp(prefix="bench-train-"))
     data = work / "train.jsonl"
     n_examples = steps * batch * accum
-    write_dataset(data, n_examples, preset["min_words"], preset["max_words"], seed=0)
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(base)
-    lengths = [min(len(tok(json.loads(l)["text"], add_special_tokens=False)["input_ids"]) + 1, max_len)
-               for l in data.read_text().splitlines()]
+    lengths = sorted(write_dataset(data, n_examples, preset["min_words"], preset["max_words"], 0,
+                                   AutoTokenizer.from_pretrained(base), max_len))
     import torch
 
     gpu = torch.cuda.is_available()
     threads = args.threads if args.threads is not None else (None if gpu else 1)
     repeats = args.repeats or (1 if gpu else 2)
+    fixed_mmap = not args.no_fixed_mmap_threshold
     spec = dict(base=base, data=str(data), steps=steps, warmup_steps=warmup, batch_size=batch, grad_accum=accum,
-                max_seq_len=max_len, threads=threads)
+                max_seq_len=max_len, threads=threads, recipe=SPEED_RECIPE)
 
     runs: dict[str, list[dict]] = {v: [] for v in variants}
-    for rep_i in range(repeats):
+    for rep_i in range(0 if args.accuracy_only else repeats):
         for v in variants:
-            t0 = time.perf_counter()
-            print(f"[{rep_i + 1}/{repeats}] running {VARIANT_NAMES[v]} ...", file=sys.stderr, flush=True)
-            env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
-            if not gpu and not args.no_fixed_mmap_threshold:
-                env["MALLOC_MMAP_THRESHOLD_"] = "65536"
-            proc = subprocess.run([sys.executable, __file__, "--_worker", v, "--_spec", json.dumps(spec)],
-                                  capture_output=True, text=True, env=env)
-            line = next((l for l in proc.stdout.splitlines() if l.startswith("@@RESULT ")), None)
-            run = json.loads(line[len("@@RESULT "):]) if line else {
-                "error": f"worker exited {proc.returncode}", "stderr": proc.stderr[-4000:]}
-            run["wall_s"] = round(time.perf_counter() - t0, 1)
-            if "error" in run:
-                print(f"  {v} failed: {run['error']}\n{run.get('traceback') or run.get('stderr', '')}", file=sys.stderr)
-            else:
+            print(f"[{rep_i + 1}/{repeats}] speed: {VARIANT_NAMES[v]} ...", file=sys.stderr, flush=True)
+            run = run_worker(v, spec, threads, gpu, fixed_mmap)
+            if "error" not in run:
                 print(f"  {run['tokens_per_s']:.1f} tok/s, peak {fmt_mib(run['peak_train_bytes'])} MiB "
                       f"({run['wall_s']} s)", file=sys.stderr, flush=True)
             runs[v].append(run)
+    results = {v: best_of(rs) for v, rs in runs.items() if rs}
 
-    results: dict[str, dict] = {}
-    for v, rs in runs.items():
-        good = [r for r in rs if "error" not in r]
-        if not good:
-            results[v] = {"error": rs[0]["error"], "runs": rs}
-            continue
-        best = max(good, key=lambda r: r["tokens_per_s"] or 0)
-        results[v] = {**best, **{k: max(r[k] for r in good) for k in ("peak_bytes", "peak_train_bytes",
-                                                                       "model_resident_bytes")},
-                      "tokens_per_s_runs": [r["tokens_per_s"] for r in good],
-                      "peak_train_bytes_runs": [r["peak_train_bytes"] for r in good], "runs": len(good)}
+    accuracy: dict[str, dict] = {}
+    acc_settings = None
+    if args.accuracy_steps > 0:
+        task = task_files(work, args.held_out)
+        cbase = str(char_base(cache_root()))
+        acc_recipe = accuracy_recipe(args.accuracy_steps, args.accuracy_lr or 5e-3)
+        acc_settings = {**acc_recipe, "held_out": args.held_out, "base": cbase}
+        before = score(cbase, None, task["held_out"], task["train_sample"])
+        accuracy["base"] = {**before, "final_loss": None, "wall_s": 0.0}
+        for v in [v for v in variants if v != "lora16"]:
+            print(f"accuracy: {VARIANT_NAMES[v]} ...", file=sys.stderr, flush=True)
+            aspec = dict(base=cbase, data=task["train"], steps=acc_recipe["steps"], warmup_steps=0,
+                         batch_size=acc_recipe["batch_size"], grad_accum=acc_recipe["grad_accum"], max_seq_len=64,
+                         threads=threads, recipe=acc_recipe, adapter_out=str(work / f"acc-{v}"),
+                         held_out=task["held_out"], train_sample=task["train_sample"])
+            run = run_worker(v, aspec, threads, gpu, fixed_mmap)
+            if "error" not in run:
+                print(f"  held-out {run['held_out_exact']:.3f}, train {run['train_exact']:.3f} ({run['wall_s']} s)",
+                      file=sys.stderr, flush=True)
+            accuracy[v] = run
 
-    ok = {v: x for v, x in results.items() if "error" not in x}
-    ratio = lambda a, b, key: (ok[a][key] / ok[b][key]) if a in ok and b in ok and ok[b][key] else None
-    ratios = {
-        "peak memory (a)/(b)  [goal <= 0.40]": ratio("qlora", "lora16", "peak_train_bytes"),
-        "load+train peak (a)/(b)": ratio("qlora", "lora16", "peak_bytes"),
-        "peak memory (a)/(c)": ratio("qlora", "seed", "peak_train_bytes"),
-        "tokens/s (a)/(c)  [goal >= 1.0]": ratio("qlora", "seed", "tokens_per_s"),
-        "tokens/s (a)/(b)": ratio("qlora", "lora16", "tokens_per_s"),
-    }
-    mem, speed = ratios["peak memory (a)/(b)  [goal <= 0.40]"], ratios["tokens/s (a)/(c)  [goal >= 1.0]"]
-    goals = {"memory": (mem is not None and mem <= 0.40, f"QLoRA peak / 16-bit LoRA peak = {mem if mem is None else round(mem, 3)} (<= 0.40)"),
-             "speed": (speed is not None and speed >= 1.0, f"QLoRA tokens/s / seed recipe tokens/s = {speed if speed is None else round(speed, 3)} (>= 1.0)")}
+    ratios, goals = ratios_and_goals(results, accuracy)
+    import trl
+
     result = {
         "stamp": stamp,
-        "machine": machine_info(),
+        "machine": {**machine_info(), "trl": trl.__version__},
         "settings": {"preset": args.model_preset, "base": base,
                      "base_label": args.base or f"random Llama {preset['model']}", "steps": steps,
                      "warmup_steps": warmup, "batch_size": batch, "grad_accum": accum, "max_seq_len": max_len,
                      "examples": n_examples, "dataset_tokens": sum(lengths),
-                     "example_tokens_min_mean_max": [min(lengths), round(sum(lengths) / len(lengths), 1), max(lengths)],
-                     "compute_dtype": "bfloat16" if torch.cuda.is_available() else "float32",
+                     "example_tokens_min_median_mean_max": [lengths[0], lengths[len(lengths) // 2],
+                                                            round(sum(lengths) / len(lengths), 1), lengths[-1]],
+                     "compute_dtype": "bfloat16" if gpu else "float32", "recipe": SPEED_RECIPE,
                      "lora": {"r": 16, "alpha": 32, "dropout": 0.05, "targets": "every Linear but lm_head"},
-                     "optimizer": "paged_adamw_8bit", "threads": threads, "repeats": repeats,
-                     "malloc_mmap_threshold": None if gpu or args.no_fixed_mmap_threshold else 65536},
+                     "optimizer": "paged_adamw_8bit", "threads": threads, "repeats": repeats, "quick": args.quick,
+                     "malloc_mmap_threshold": None if gpu or not fixed_mmap else 65536, "accuracy": acc_settings},
         "results": results,
+        "accuracy": accuracy,
         "ratios": ratios,
         "goals": goals,
         "wall_s": round(time.perf_counter() - t_start, 1),
