@@ -63,7 +63,7 @@ class JobStore:
                 self._db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {definition}")
 
     def save(self, job) -> None:
-        """Upsert `job` (a training_service.Job)."""
+        """Upsert `job` (a job_manager.Job)."""
         row = (job.id, job.adapter_name, job.owner, int(job.set_default), json.dumps(job.config), str(job.workdir),
                int(job.state), int(job.step), int(job.max_steps), float(job.loss), float(job.eval_loss), job.error,
                job.created_at, job.started_at, job.finished_at, job.adapter.name, int(job.adapter.version),
@@ -89,7 +89,7 @@ class JobStore:
 
 
 def prepare_resume(job, *, resume: bool, base_name: str | None) -> tuple[str, dict]:
-    """What a restarted server does with a job (training_service.Job) the earlier one left
+    """What a restarted server does with a job (job_manager.Job) the earlier one left
     QUEUED or RUNNING: ("resumed" | "requeued", event details) with the job set to run
     again (a RUNNING one from its newest complete checkpoint: `resume = true` in its
     config; an incomplete newer checkpoint, the process having died while saving, is

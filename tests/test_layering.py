@@ -20,7 +20,8 @@ ROOT = Path(__file__).resolve().parent.parent
 # The gRPC server: what `training/` must not reach.
 GRPC_SERVER = ("qlora_serve.server.app", "qlora_serve.server.cli", "qlora_serve.server.interceptors",
                "qlora_serve.server.status", "qlora_serve.server.runtime", "qlora_serve.server.inference_service",
-               "qlora_serve.server.registry_service", "qlora_serve.server.training_service")
+               "qlora_serve.server.registry_service", "qlora_serve.server.training_service",
+               "qlora_serve.server.job_manager")
 
 RULES = {
     "adapters": ("qlora_serve.server", "qlora_serve.training", "grpc"),

@@ -13,7 +13,7 @@ import time
 import pytest
 
 from qlora_serve.server.job_store import JobStore
-from qlora_serve.server.training_service import Job, JobManager
+from qlora_serve.server.job_manager import Job, JobManager
 from qlora_serve.v1 import common_pb2
 from qlora_serve.v1 import training_pb2 as T
 
