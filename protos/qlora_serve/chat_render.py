@@ -35,8 +35,8 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from qlora_serve.errors import InvalidArgument, clip
 
 MAX_RENDER_S = 1.0            # wall-clock seconds one render may run; real templates take ~1 ms
-MAX_VALUE_CHARS = 1 << 20     # characters (or list items, deep) in one value a template builds
-MAX_OUTPUT_CHARS = 1 << 22    # characters of text one render may produce in all (~1M tokens)
+MAX_VALUE_CHARS = 1 << 22     # characters (or list items, deep) in one value a template builds (4x a 256k-token prompt)
+MAX_OUTPUT_CHARS = 1 << 24    # characters of text one render may produce in all
 MAX_INT_BITS = 1 << 16        # bits of an integer `*` or `**` may build
 MAX_JSON_INDENT = 16          # tojson(indent=...) beyond this only pads
 
