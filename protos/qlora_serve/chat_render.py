@@ -45,21 +45,23 @@ class TemplateLimit(InvalidArgument):
     """A chat template exceeded the bounds on time, value size or output of a render."""
 
 
+class _Expired(BaseException):
+    """The render's time ran out (raised by the trace hook; reported as TemplateLimit)."""
+
+
 _state = threading.local()  # the running render's budget (one render per thread at a time)
 
 
 class _Budget:
     def __init__(self, seconds: float) -> None:
         self.deadline = time.monotonic() + seconds
-        self.seconds = seconds
         self.output = 0
         self.lines = 0
 
     def tick(self) -> None:
         self.lines += 1
         if self.lines & 255 == 0 and time.monotonic() > self.deadline:
-            raise TemplateLimit(f"the chat template ran over {self.seconds:g} s for one render "
-                                "(loops too large); make it render in milliseconds")
+            raise _Expired  # Python removes a trace hook that raises: no `except Exception` may swallow it
 
     def add_output(self, n: int) -> None:
         self.output += n
@@ -357,6 +359,9 @@ def render_bounded(template: str, *, seconds: float = MAX_RENDER_S, **context) -
             budget.add_output(0)  # output pieces are counted where the template converts them
             out.append(piece)
         return "".join(out)
+    except _Expired:
+        raise TemplateLimit(f"the chat template ran over {seconds:g} s for one render (loops too large); "
+                            "make it render in milliseconds") from None
     except RecursionError:
         raise TemplateLimit("the chat template recurses too deeply") from None
     except MemoryError:
