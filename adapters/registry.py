@@ -84,6 +84,7 @@ from qlora_serve.adapters.paths import real_roots, resolve_adapter_dir, resolve_
 from qlora_serve.adapters.peft_format import check_fits_base, load_lora_adapter
 from qlora_serve.adapters.records import AdapterRecord, _validate_labels, _validate_owner, validate_name
 from qlora_serve.adapters.store import DIGEST_RE, ContentStore, StagedAdapter
+from qlora_serve.chat_render import check_template_renders
 from qlora_serve.errors import FailedPrecondition, InvalidArgument, NotFound, QloraServeError, ResourceExhausted, clip_repr
 
 log = logging.getLogger(__name__)
@@ -101,9 +102,10 @@ def _check_chat_template_file(path: Path) -> None:
         raise InvalidArgument(f"{path} must hold a chat template of 1 to {MAX_CHAT_TEMPLATE_BYTES} bytes, "
                               f"has {len(raw)}")
     try:
-        raw.decode("utf-8")
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise InvalidArgument(f"{path} is not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start})") from None
+    check_template_renders(text, str(path))
 
 
 class AdapterRegistry(Catalogue, HealthMarks):

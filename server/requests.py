@@ -189,18 +189,31 @@ class GenerateInput:
 
 
 @functools.lru_cache(maxsize=256)
-def _template_of(path: str, digest: str) -> str | None:
-    """The chat template stored with adapter `digest` (its store dir never changes), or None."""
+def _template_of(path: str, digest: str) -> tuple[str | None]:
+    """(The chat template stored with adapter `digest`, or None); its store dir never
+    changes once it exists. FileNotFoundError, never cached, when the dir is not there."""
     try:
-        return (Path(path) / CHAT_TEMPLATE_FILE).read_text(encoding="utf-8")
+        return ((Path(path) / CHAT_TEMPLATE_FILE).read_text(encoding="utf-8"),)
+    except FileNotFoundError:
+        if not Path(path).is_dir():
+            raise  # not fetched yet (a registry follower's cache): a miss must not stick
+        return (None,)
+
+
+def adapter_chat_template(adapter: AdapterHandle, fetch: Callable[[], None] | None = None) -> str | None:
+    """The adapter's own chat template (`chat_template.jinja`, saved by `qlora-serve train
+    --chat-template`), so its chats render as its training data did; None = the base's.
+    fetch: brings the adapter's files here when they are not (a RemoteRegistry's verify)."""
+    try:
+        return _template_of(adapter.path, adapter.digest)[0]
+    except FileNotFoundError:
+        if fetch is None:
+            return None
+    fetch()
+    try:
+        return _template_of(adapter.path, adapter.digest)[0]
     except FileNotFoundError:
         return None
-
-
-def adapter_chat_template(adapter: AdapterHandle) -> str | None:
-    """The adapter's own chat template (`chat_template.jinja`, saved by `qlora-serve train
-    --chat-template`), so its chats render as its training data did; None = the base's."""
-    return _template_of(adapter.path, adapter.digest)
 
 
 class InferenceCore:
@@ -289,7 +302,11 @@ class InferenceCore:
         adapter: AdapterHandle | None = None
         if inp.adapter and inp.messages:  # an adapter trained with its own chat template renders its chats
             adapter = rt.resolve_adapter(inp.adapter, principal)
-        ids, params = self.validate(inp, template=adapter_chat_template(adapter) if adapter else None)
+        template = None
+        if adapter is not None:  # a registry follower fetches the files now, so the FIRST chat uses the template
+            template = adapter_chat_template(
+                adapter, fetch=lambda: rt.registry.verify(rt.registry.get(adapter.name, adapter.version)))
+        ids, params = self.validate(inp, template=template)
         if inp.adapter and adapter is None:
             adapter = rt.resolve_adapter(inp.adapter, principal)
         if is_active is not None and not is_active():

@@ -11,6 +11,7 @@ registry's change stream can make them see a change: these tests fail without it
 
 from __future__ import annotations
 
+import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -93,6 +94,29 @@ def test_register_once_both_engines_serve_it(engines, ops, keys, demo, reference
     # Each engine checks the caller's key against its own key file.
     assert status_of(_generate, engines[0], "", "shared-poet")[0] == Code.UNAUTHENTICATED
     ops.delete("shared-poet")
+
+
+def test_an_adapters_chat_template_renders_its_first_chat_on_both_engines(engines, ops, keys, demo, tmp_path):
+    """An engine read the adapter's chat_template.jinja from its cache before the files were
+    fetched, and kept that miss: chats rendered with the base's template for good."""
+    from transformers import AutoTokenizer
+
+    template = ("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }} {{ m['content'] }}\n{% endfor %}"
+                "{% if add_generation_prompt %}[assistant] {% endif %}")
+    adapter = tmp_path / "templated"
+    shutil.copytree(demo.adapters["poet"], adapter)
+    (adapter / "chat_template.jinja").write_text(template)
+    ops.upload("templated-poet", adapter, owner="acme")
+    msgs = [{"role": "user", "content": "hello there"}]
+    tok = AutoTokenizer.from_pretrained(demo.base)
+    own = tok.apply_chat_template(msgs, chat_template=template, add_generation_prompt=True, tokenize=True,
+                                  return_dict=False)
+    assert len(own) != len(tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=False))
+    for server in engines:
+        with Client(f"127.0.0.1:{server.port}", api_key=keys["acme"], timeout=60) as c:
+            for _ in range(2):  # the first chat, and the one after
+                assert c.chat(msgs, adapter="templated-poet", max_new_tokens=2).prompt_tokens == len(own)
+    ops.delete("templated-poet")
 
 
 def test_alias_move_reaches_both_engines(engines, ops, keys, demo, reference):

@@ -247,6 +247,14 @@ def test_an_adapters_own_chat_template_renders_its_chats(fp32_server, client, de
     assert client.chat(CHAT, adapter="poet", max_new_tokens=4).prompt_tokens == len(base)
     # The template is part of the adapter's identity: the same weights without it are another digest.
     assert info.digest != client.get_adapter("poet").digest
+    # A tenant's template is bounded on every chat: one that explodes on some messages
+    # (the sample chat at registration renders) is refused, without pinning the worker.
+    (adapter / "chat_template.jinja").write_text("{% if messages[-1]['content'] == 'boom' %}{% for i in range(99999) %}"
+                                                 "{% for j in range(99999) %}{% endfor %}{% endfor %}{% endif %}" + template)
+    client.upload("poet-bomb", adapter)
+    code, details = status_of(lambda: client.chat([("user", "boom")], adapter="poet-bomb", max_new_tokens=2))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "exceeds the server's bounds" in details, details
+    assert client.chat(CHAT, adapter="poet-bomb", max_new_tokens=4).prompt_tokens == len(own)
     (adapter / "chat_template.jinja").write_bytes(b"{{ caf\xe9 }}")
     code, details = status_of(lambda: client.upload("poet-latin1", adapter))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "chat_template.jinja is not UTF-8" in details, details

@@ -13,6 +13,7 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
+from qlora_serve.chat_render import render_bounded
 from qlora_serve.errors import InvalidArgument, clip
 
 TEMPLATE_FILE = "chat_template.jinja"
@@ -56,11 +57,16 @@ def read_chat_template(value: str) -> tuple[str, str]:
 def check_chat_template(text: str, tokenizer, source: str) -> None:
     """Render a sample conversation (user, assistant) with `text`, and a user turn with
     the generation prompt; InvalidArgument naming `source` and the Jinja error (with
-    its line) when it fails, or when the output leaves out the messages' content."""
+    its line) when it fails, exceeds the renderer's bounds (time, sizes), or when the
+    output leaves out the messages' content."""
     shown = "(inline text)" if source == "inline" else f"file {clip(source)}"
+    # A tenant's template (a job's runs in the server): rendered within the bounds of
+    # qlora_serve.chat_render, as the adapter's serving will render it.
+    tokens = dict(tokenizer.special_tokens_map)
     try:
-        full = tokenizer.apply_chat_template(_SAMPLE, chat_template=text, tokenize=False)
-        tokenizer.apply_chat_template(_SAMPLE[:1], chat_template=text, tokenize=False, add_generation_prompt=True)
+        full = render_bounded(text, messages=_SAMPLE, tools=None, documents=None, add_generation_prompt=False,
+                              **tokens)
+        render_bounded(text, messages=_SAMPLE[:1], tools=None, documents=None, add_generation_prompt=True, **tokens)
     except Exception as exc:  # noqa: BLE001 - TemplateSyntaxError, UndefinedError, raise_exception(...)
         line = getattr(exc, "lineno", None)
         where = f" (template line {line})" if line else ""
