@@ -404,24 +404,10 @@ class AdapterRegistry(Catalogue, HealthMarks):
 
     # -- adapter health (marks: HealthMarks) ---------------------------------
 
-    def verify(self, record: AdapterRecord) -> None:
-        """Check a record is servable by this server, before loading it: its
-        store files re-hash to its digest and its base fingerprint is the running
-        base's (unless mismatches are allowed). FailedPrecondition otherwise, and
-        the digest is marked unusable; a pass clears the mark."""
-        try:
-            self._verify(record)
-        except FailedPrecondition as exc:
-            self.mark_unusable(record.digest, str(exc))
-            raise
-        self.mark_usable(record.digest)
-
     def _verify(self, record: AdapterRecord) -> None:
-        if record.base_fingerprint != self.base_fingerprint and not self.allow_fingerprint_mismatch:
-            raise FailedPrecondition(
-                f"adapter {record.ref} was registered for base {record.base_fingerprint} but this server runs base "
-                f"{self.base_fingerprint}; start the matching base, or --allow-fingerprint-mismatch"
-            )
+        """For `verify`: the store files re-hash to the record's digest, and its base
+        fingerprint is the running base's."""
+        self.check_base(record)
         try:
             actual = self._store.digest_of(record.path)
             if actual != record.digest and self._store.digest_of(record.path, every_file=True) == record.digest:

@@ -226,21 +226,10 @@ class RemoteRegistry(HealthMarks):
     register_path = register_files = set_alias = delete_alias = delete = _refuse_write
 
     # ---------------------------------------------------------------- files
-    def verify(self, record: AdapterRecord) -> None:
-        """Fetch the record's files when not cached here, and check them as
-        AdapterRegistry.verify does (FailedPrecondition marks the digest unusable)."""
-        try:
-            self._verify(record)
-        except FailedPrecondition as exc:
-            self.mark_unusable(record.digest, str(exc))
-            raise
-        self.mark_usable(record.digest)
-
     def _verify(self, record: AdapterRecord) -> None:
-        if record.base_fingerprint != self.base_fingerprint and not self.allow_fingerprint_mismatch:
-            raise FailedPrecondition(
-                f"adapter {record.ref} was registered for base {record.base_fingerprint} but this server runs base "
-                f"{self.base_fingerprint}; start the matching base, or --allow-fingerprint-mismatch")
+        """For `verify`: fetch the record's files when not cached here, and check them
+        as AdapterRegistry does."""
+        self.check_base(record)
         with self._fetch_lock:
             for attempt in (1, 2):
                 if not record.path.is_dir():
