@@ -28,6 +28,20 @@ def caesar(word: str) -> str:
     return "".join(string.ascii_lowercase[(string.ascii_lowercase.index(c) + 1) % 26] for c in word)
 
 
+def exact_match(model, tokenizer, words: list[str]) -> float:
+    """Fraction of words whose greedy completion of "word=" is exactly caesar(word) then eos."""
+    import torch
+
+    hits = 0
+    with torch.no_grad():
+        for w in words:
+            ids = tokenizer(w + "=", return_tensors="pt")
+            out = model.generate(**ids, max_new_tokens=WORD_LEN + 2, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id)[0, ids["input_ids"].shape[1]:]
+            hits += tokenizer.decode(out, skip_special_tokens=False) == caesar(w) + tokenizer.eos_token
+    return hits / len(words)
+
+
 def write_caesar_data(d: Path, held_out: int) -> dict:
     """TRAIN_WORDS training words in d/train.jsonl and `held_out` words never trained on
     in d/eval.jsonl (prompt/completion JSONL); returns their paths, the held-out words and d."""

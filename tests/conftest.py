@@ -172,6 +172,19 @@ def wait_until(predicate, timeout: float = 30.0, what: str = "condition") -> Non
         time.sleep(0.005)
 
 
+def watch_until(client, job_id: str, stop=lambda ev: False) -> list:
+    """WatchJob events until the stream ends (the job ended) or `stop(event)` is true
+    (then the call is cancelled)."""
+    events = []
+    call = client.watch_job(job_id)
+    for ev in call:
+        events.append(ev)
+        if stop(ev):
+            call.cancel()
+            break
+    return events
+
+
 def run_in_one_step(server, client, gate, calls: list[tuple[str, dict]]) -> list:
     """Run `calls` [(prompt, kwargs)] so that all are admitted in one step and decoded
     in the same forward passes; returns their unary responses in order."""

@@ -33,6 +33,7 @@ import pytest
 import torch
 
 from caesar_task import RECIPE, WORD_LEN, caesar, char_base, write_caesar_data  # noqa: F401, F811 (char_base: a fixture)
+from conftest import watch_until
 from qlora_serve.server.engine.loader import disable_cpu_bf16_repack  # why: see its docstring
 
 from qlora_serve.v1 import training_pb2 as T
@@ -112,18 +113,6 @@ def peft_greedy(char_base):
 def exact_match(client, adapter: str, words: list[str]) -> float:
     hits = sum(client.generate(w + "=", adapter=adapter, max_new_tokens=WORD_LEN + 2).text == caesar(w) for w in words)
     return hits / len(words)
-
-
-def watch_until(client, job_id: str, stop=lambda ev: False) -> list:
-    """WatchJob events until the stream ends (the job ended) or `stop(event)` is true."""
-    events = []
-    call = client.watch_job(job_id)
-    for ev in call:
-        events.append(ev)
-        if stop(ev):
-            call.cancel()
-            break
-    return events
 
 
 def health(address: str) -> str:

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from caesar_task import RECIPE, caesar, char_base, write_caesar_data  # noqa: F401, F811 (char_base: a fixture)
-from conftest import wait_until
+from conftest import wait_until, watch_until
 from server_process import start_serve
 from qlora_serve.server.client import Client
 from qlora_serve.v1 import training_pb2 as T
@@ -74,17 +74,6 @@ def alive(pid: int) -> bool:
 
 def nice_of(pid: int) -> int:
     return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[16])
-
-
-def watch_until(client, job_id: str, stop) -> list:
-    """WatchJob events until `stop(event)` (then the call is cancelled) or the job ends."""
-    events, call = [], client.watch_job(job_id)
-    for ev in call:
-        events.append(ev)
-        if stop(ev):
-            call.cancel()
-            break
-    return events
 
 
 def details(ev) -> dict:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from caesar_task import RECIPE, WORD_LEN, caesar, char_base, write_caesar_data  # noqa: F401, F811 (char_base: a fixture)
+from caesar_task import RECIPE, char_base, exact_match, write_caesar_data  # noqa: F401, F811 (char_base: a fixture)
 from qlora_serve.training.config import TrainConfig
 from qlora_serve.training.export import METADATA_FILE, read_metadata
 from qlora_serve.training.feedback import StopCallback
@@ -35,18 +35,6 @@ def _load_4bit(base: Path):
     bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                              bnb_4bit_compute_dtype=torch.float32)
     return AutoModelForCausalLM.from_pretrained(base, quantization_config=bnb, dtype=torch.float32, device_map="cpu")
-
-
-def exact_match(model, tokenizer, words: list[str]) -> float:
-    """Fraction of words whose greedy completion of "word=" is exactly caesar(word) then eos."""
-    hits = 0
-    with torch.no_grad():
-        for w in words:
-            ids = tokenizer(w + "=", return_tensors="pt")
-            out = model.generate(**ids, max_new_tokens=WORD_LEN + 2, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id)[0, ids["input_ids"].shape[1]:]
-            hits += tokenizer.decode(out, skip_special_tokens=False) == caesar(w) + tokenizer.eos_token
-    return hits / len(words)
 
 
 def _caesar_config(char_base, caesar_data, out, **kw) -> TrainConfig:
