@@ -42,7 +42,7 @@ from pathlib import Path
 from engine_assets import ADAPTER_TARGETS, adapter_rank, build_7b_assets, build_cpu_assets  # benchmarks/engine_assets.py (the script's folder is on sys.path)
 from engine_drivers import engine_closed, engine_poisson, latency_summary, make_prompts, profile_engine, timing_record
 from engine_report import CONFIG_NAMES, CONFIGS, goals, render
-from machine import machine_info  # benchmarks/machine.py (the script's folder is on sys.path)
+from machine import machine_info, results_path  # benchmarks/machine.py (the script's folder is on sys.path)
 from peft_baselines import PeftRunner
 
 BENCH_RECIPE_VERSION = 2  # v2: adapter ranks 8/16/64
@@ -226,8 +226,7 @@ def main(argv=None) -> int:
     device = pick_device(args.device)
     n_max = max(args.n_list + [args.grpc_n])
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    out_path = args.out or Path("bench-results") / f"engine-{stamp}.json"
-    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path = results_path("engine", args.out)
     log = lambda msg: print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)  # noqa: E731
 
     cache = (args.cache_dir or default_cache_dir()) / f"bench-{preset.name}-v{BENCH_RECIPE_VERSION}"

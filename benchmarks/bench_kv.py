@@ -31,16 +31,14 @@ asserts timing. Command: `python benchmarks/bench_kv.py` (see benchmarks/README.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from machine import machine_info  # benchmarks/machine.py (the script's folder is on sys.path)
+from machine import machine_info, write_results  # benchmarks/machine.py (the script's folder is on sys.path)
 
 from qlora_serve.server.engine.kv_batch import PagedKVBatch
 
@@ -272,11 +270,8 @@ def main() -> None:
           f"(transformers CB layout) {ms(alt['packed_sdpa_s']).strip()} ms, FlexAttention eager "
           f"{ms(flex).strip() + ' ms' if isinstance(flex, float) else flex}")
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    out = Path(args.out or f"bench-results/kv-{stamp}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"run": f"kv-{stamp}", "args": vars(args), "row_lengths": lens,
-                               "live_bytes": live_bytes, "results": results, "alternatives": alt,
-                               "machine": machine_info(device)}, indent=2))
+    out = write_results("kv", {"run": f"kv-{stamp}", "args": vars(args), "row_lengths": lens, "live_bytes": live_bytes,
+                               "results": results, "alternatives": alt, "machine": machine_info(device)}, args.out)
     print(f"wrote {out}")
 
 

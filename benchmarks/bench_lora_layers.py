@@ -31,12 +31,11 @@ Prints a table, writes JSON (--out). Never asserts timing.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
-from machine import machine_info  # benchmarks/machine.py
+from machine import machine_info, write_results  # benchmarks/machine.py
 
 import torch
 from torch import nn
@@ -239,9 +238,7 @@ def main(argv=None) -> int:
                     row[f"{phase}_over_base"] = round(tb / t, 3)
                 rows_out.append(row)
                 log(row)
-    out = args.out or Path("bench-results") / f"lora-layers-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2, default=str))
+    out = write_results("lora-layers", result, args.out)
     print(render(result))
     print(f"\nJSON: {out}")
     return 0

@@ -23,7 +23,6 @@ Starts a local Ray head on 127.0.0.1 and stops it at the end.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import socket
@@ -34,6 +33,8 @@ import threading
 import time
 from collections import defaultdict
 from pathlib import Path
+
+from machine import machine_info, write_results  # benchmarks/machine.py (the script's folder is on sys.path)
 
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # keep Ray on loopback (read at import)
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -169,7 +170,7 @@ def main(argv=None) -> int:
                 for i, n in enumerate(names + cold["sequential"] + cold["mixed"])]
     config = ServerConfig(base=str(demo.base), compute_dtype="float32", data_dir=work / "store", adapters=adapters,
                           port=0, metrics_port=None, http_port=None, grace_s=1.0)
-    results: dict = {"machine_cpus": os.cpu_count(), "args": vars(args) | {"out": str(args.out)}}
+    results: dict = {"machine": machine_info(), "machine_cpus": os.cpu_count(), "args": vars(args) | {"out": str(args.out)}}
     direct = QloraServer(config).start().load()
     try:
         stub = _stub(direct.port)
@@ -211,10 +212,7 @@ def main(argv=None) -> int:
         print(f"cold placement, {c['mode']} ({c['burst']} concurrent requests per cold adapter): "
               f"{c['on_several_replicas']} of {c['adapters']} adapters on >1 replica; "
               f"adapters per replica: {c['adapters_per_replica']}")
-    out = args.out or Path("bench-results") / f"ray-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
-    print(f"wrote {out}")
+    print(f"wrote {write_results('ray', results, args.out)}")
     return 0
 
 

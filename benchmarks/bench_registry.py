@@ -28,14 +28,13 @@ bench-results/registry-<timestamp>.json (--out). Never asserts timing.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 import threading
 import time
 from pathlib import Path
 
-from machine import machine_info  # benchmarks/machine.py (the script's folder is on sys.path)
+from machine import machine_info, write_results  # benchmarks/machine.py (the script's folder is on sys.path)
 
 BENCH_RECIPE_VERSION = 1
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -279,10 +278,7 @@ def main(argv=None) -> int:
     print(f"churn: {churned['churn_cycles']} cycles ({churned['churn_cycles_per_s']:.1f}/s), "
           f"{churned['disk_loads']:.0f} disk loads, {churned['device_evictions']:.0f} device evictions, "
           f"stream errors {churned['errors']}, churn refusals {churned['churn_refusals']}")
-    out = args.out or Path("bench-results") / f"registry-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
-    print(f"wrote {out}")
+    print(f"wrote {write_results('registry', results, args.out)}")
     return 0
 
 

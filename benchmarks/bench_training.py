@@ -70,7 +70,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from machine import machine_info  # benchmarks/machine.py (the script's folder is on sys.path)
+from machine import machine_info, write_results  # benchmarks/machine.py (the script's folder is on sys.path)
 from training_accuracy import char_base, recipe as accuracy_recipe, score, task_files  # benchmarks/training_accuracy.py
 from training_baselines import run_seed, run_trl  # benchmarks/training_baselines.py
 from training_memory import Meter, meter_callback  # benchmarks/training_memory.py
@@ -413,9 +413,7 @@ def main(argv=None) -> int:
         "goals": goals,
         "wall_s": round(time.perf_counter() - t_start, 1),
     }
-    out = Path(args.out) if args.out else Path(__file__).resolve().parents[1] / "bench-results" / f"training-{stamp}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2, default=str))
+    out = write_results("training", result, args.out)
     print(render(result))
     print(f"\nJSON: {out}  ({result['wall_s']} s)")
     return 0

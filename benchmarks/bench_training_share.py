@@ -42,7 +42,7 @@ from pathlib import Path
 
 import grpc
 
-from machine import machine_info  # benchmarks/machine.py (the script's folder is on sys.path)
+from machine import machine_info, write_results  # benchmarks/machine.py (the script's folder is on sys.path)
 
 JOB_CONFIG = {"compute_dtype": "float32", "max_steps": 100000, "logging_steps": 2, "save_steps": 100000,
               "batch_size": 4, "grad_accum": 1, "max_seq_len": 128, "lora_r": 8}
@@ -193,11 +193,8 @@ def main(argv=None) -> int:
     for name in dict.fromkeys(r["share"] for r in rows):
         ratios = [r["p50_ratio"] for r in rows if r["share"] == name]
         print(f"share {name}: p50 ratio median {statistics.median(ratios):.2f} over {len(ratios)} round(s)")
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    out = Path(args.out) if args.out else Path(__file__).resolve().parents[1] / "bench-results" / f"training-share-{stamp}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"benchmark": "training_share", "settings": {**vars(args), "job_config": JOB_CONFIG},
-                               "machine": machine_info(), "results": rows}, indent=2))
+    out = write_results("training-share", {"benchmark": "training_share", "settings": {**vars(args), "job_config": JOB_CONFIG},
+                                           "machine": machine_info(), "results": rows}, args.out)
     print(f"\nJSON: {out}")
     return 0
 

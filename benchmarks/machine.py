@@ -45,3 +45,22 @@ def machine_info(device=None) -> dict:
     except (OSError, subprocess.SubprocessError):
         pass
     return info
+
+
+def results_path(name: str, out=None) -> Path:
+    """Where a run's JSON goes: `out` if given, else bench-results/<name>-<timestamp>.json
+    at the repo root (git ignores it); its folder is created."""
+    import time
+
+    path = Path(out) if out else Path(__file__).resolve().parents[1] / "bench-results" / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def write_results(name: str, payload: dict, out=None) -> Path:
+    """Write `payload` as indented JSON to `results_path(name, out)`; returns the path."""
+    import json
+
+    path = results_path(name, out)
+    path.write_text(json.dumps(payload, indent=2, default=str))
+    return path

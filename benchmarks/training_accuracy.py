@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from caesar_task import RECIPE, WORD_LEN, caesar, write_caesar_data  # noqa: E402 (tests/caesar_task.py)
+from caesar_task import RECIPE, exact_match, write_caesar_data  # noqa: E402 (tests/caesar_task.py)
 
 TASK_VERSION = 1
 
@@ -53,20 +53,6 @@ def recipe(steps: int, learning_rate: float | None = None) -> dict:
                 max_grad_norm=RECIPE["max_grad_norm"], lora_r=RECIPE["lora_r"], lora_alpha=RECIPE["lora_alpha"],
                 lora_dropout=RECIPE["lora_dropout"], batch_size=RECIPE["batch_size"], grad_accum=RECIPE["grad_accum"],
                 steps=steps)
-
-
-def exact_match(model, tokenizer, words: list[str]) -> float:
-    """Fraction of words whose greedy completion of "word=" is exactly caesar(word) then eos."""
-    import torch
-
-    hits = 0
-    with torch.no_grad():
-        for w in words:
-            ids = tokenizer(w + "=", return_tensors="pt")
-            out = model.generate(**ids, max_new_tokens=WORD_LEN + 2, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id)[0, ids["input_ids"].shape[1]:]
-            hits += tokenizer.decode(out, skip_special_tokens=False) == caesar(w) + tokenizer.eos_token
-    return hits / len(words)
 
 
 def score(base: str, adapter_dir: str | None, held_out: list[str], train_sample: list[str]) -> dict:
