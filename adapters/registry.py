@@ -84,7 +84,7 @@ from qlora_serve.adapters.paths import real_roots, resolve_adapter_dir, resolve_
 from qlora_serve.adapters.peft_format import check_fits_base, load_lora_adapter
 from qlora_serve.adapters.records import AdapterRecord, _validate_labels, _validate_owner, validate_name
 from qlora_serve.adapters.store import DIGEST_RE, ContentStore, StagedAdapter
-from qlora_serve.chat_render import check_template_renders
+from qlora_serve.chat_render import MAX_TEMPLATE_BYTES, check_template_renders
 from qlora_serve.errors import FailedPrecondition, InvalidArgument, NotFound, QloraServeError, ResourceExhausted, clip_repr
 
 log = logging.getLogger(__name__)
@@ -92,14 +92,11 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_UPLOAD_BYTES = 256 << 20  # 256 MiB
 
 
-MAX_CHAT_TEMPLATE_BYTES = 1 << 20  # real templates are a few KiB
-
-
 def _check_chat_template_file(path: Path) -> None:
     """An adapter's chat template is read as UTF-8 text on chat requests: refuse one that cannot be."""
     raw = path.read_bytes()
-    if len(raw) > MAX_CHAT_TEMPLATE_BYTES or not raw.strip():
-        raise InvalidArgument(f"{path} must hold a chat template of 1 to {MAX_CHAT_TEMPLATE_BYTES} bytes, "
+    if len(raw) > MAX_TEMPLATE_BYTES or not raw.strip():
+        raise InvalidArgument(f"{path} must hold a chat template of 1 to {MAX_TEMPLATE_BYTES} bytes, "
                               f"has {len(raw)}")
     try:
         text = raw.decode("utf-8")

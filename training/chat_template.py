@@ -13,11 +13,10 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
-from qlora_serve.chat_render import render_bounded
+from qlora_serve.chat_render import MAX_TEMPLATE_BYTES, render_bounded
 from qlora_serve.errors import InvalidArgument, clip
 
 TEMPLATE_FILE = "chat_template.jinja"
-MAX_TEMPLATE_BYTES = 1 << 20  # real templates are a few KiB; a larger file is the wrong file
 # Rendered once before training: a template that fails here would fail on every record.
 _SAMPLE = [{"role": "user", "content": "sample question 1"}, {"role": "assistant", "content": "sample answer 2"}]
 

@@ -34,6 +34,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from qlora_serve.errors import InvalidArgument, clip
 
+MAX_TEMPLATE_BYTES = 1 << 20  # a template file or text; real ones are a few KiB, a larger one is the wrong file
 MAX_RENDER_S = 1.0            # wall-clock seconds one render may run; real templates take ~1 ms
 MAX_VALUE_CHARS = 1 << 22     # characters (or list items, deep) in one value a template builds (4x a 256k-token prompt)
 MAX_OUTPUT_CHARS = 1 << 24    # characters of text one render may produce in all
