@@ -39,7 +39,6 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from google.protobuf.message import DecodeError
 from ray import serve
 from ray.serve.config import RequestRouterConfig
 
@@ -48,7 +47,7 @@ from qlora_serve.server.build import build_runtime
 from qlora_serve.server.engine.request import FinalEvent
 from qlora_serve.server.inference_service import input_of, response_of, stream_message
 from qlora_serve.server.ray_router import ROUTING_STATS_PERIOD_S, AdapterRouter
-from qlora_serve.server.ray_services import ReplicaServices, add_services_to_proxy  # noqa: F401 (re-export)
+from qlora_serve.server.ray_services import ReplicaServices, add_services_to_proxy, parse  # noqa: F401 (re-export)
 from qlora_serve.server.registry_forward import RegistryForwarder
 from qlora_serve.server.requests import CallLog, InferenceCore
 from qlora_serve.server.status import code_for, public_message
@@ -141,12 +140,7 @@ class QloraReplica(ReplicaServices):
         field that disagrees with the routing header, UNAUTHENTICATED for a bad key."""
         self._rt.require_ready()
         principal = self._rt.authenticate_metadata(ctx.invocation_metadata())
-        msg = inference_pb2.GenerateRequest()
-        try:
-            msg.ParseFromString(raw if isinstance(raw, bytes) else raw.SerializeToString())
-        except (DecodeError, UnicodeDecodeError) as exc:
-            raise InvalidArgument(f"malformed GenerateRequest: {type(exc).__name__}; send a valid "
-                                  f"qlora_serve.v1.GenerateRequest") from None
+        msg = parse("Generate", raw)  # GenerateStream takes the same GenerateRequest
         header = dict(ctx.invocation_metadata()).get(MODEL_ID_HEADER, "")
         if header and not msg.adapter:
             msg.adapter = header

@@ -31,7 +31,7 @@ from grpc_health.v1 import health_pb2
 
 from qlora_serve.errors import FailedPrecondition, InvalidArgument, NotFound
 from qlora_serve.server.auth import DEFAULT_EXEMPT_METHODS
-from qlora_serve.server.registry_forward import Forwarded
+from qlora_serve.server.registry_forward import Forwarded, raw_bytes
 from qlora_serve.server.registry_service import RegistryService
 from qlora_serve.v1 import inference_pb2, registry_pb2, training_pb2
 
@@ -66,7 +66,7 @@ def parse(method: str, raw):
     m = _METHODS[method]
     msg = GetMessageClass(m.input_type)()
     try:
-        msg.ParseFromString(raw if isinstance(raw, bytes) else raw.SerializeToString())
+        msg.ParseFromString(raw_bytes(raw))
     except (DecodeError, UnicodeDecodeError) as exc:
         raise InvalidArgument(f"malformed {m.input_type.name}: {type(exc).__name__}; send a valid "
                               f"{m.input_type.full_name}") from None

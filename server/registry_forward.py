@@ -56,7 +56,8 @@ def credentials(metadata: Iterable[tuple[str, Any]]) -> tuple[tuple[str, Any], .
     return tuple((k, v) for k, v in metadata if k.lower() in CREDENTIALS)
 
 
-def _raw(msg) -> bytes:
+def raw_bytes(msg) -> bytes:
+    """A request as Ray's proxy hands it over (bytes, or a message) as its wire bytes."""
     return msg if isinstance(msg, bytes) else msg.SerializeToString()
 
 
@@ -91,7 +92,7 @@ class RegistryForwarder:
         if streaming:
             request = self._pull(request, loop, pending)
         else:
-            request = _raw(request)
+            request = raw_bytes(request)
         call = self._calls[method].future(request, metadata=credentials(metadata),
                                           timeout=_UPLOAD_TIMEOUT_S if streaming else _UNARY_TIMEOUT_S)
         done = loop.create_future()
@@ -127,7 +128,7 @@ class RegistryForwarder:
                 msg = fut.result(_UPLOAD_TIMEOUT_S)
             except (StopAsyncIteration, concurrent.futures.CancelledError):
                 return
-            yield _raw(msg)
+            yield raw_bytes(msg)
 
     def _relayed(self, exc: grpc.RpcError) -> Forwarded:
         code, details = exc.code(), exc.details() or ""
@@ -149,4 +150,4 @@ class RegistryForwarder:
                 self._registry.mark_usable(info.digest)  # registered again: its next load verifies it again
 
 
-__all__ = ["CREDENTIALS", "FORWARDED", "Forwarded", "RegistryForwarder", "credentials"]
+__all__ = ["CREDENTIALS", "FORWARDED", "Forwarded", "RegistryForwarder", "credentials", "raw_bytes"]
